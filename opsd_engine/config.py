@@ -1,0 +1,281 @@
+"""The job spec: one validated document for the CLI (`opsd train SPEC`), the SDK and `POST /jobs`.
+
+Top-level fields and groups mirror the HTTP body in DESIGN.md field for field. Defaults are the
+paper's (Sections 4.1 and 8.1): JSD with beta 0.5, teacher = initial policy, 1 rollout per problem
+at temperature 1.2 and up to 2048 new tokens, LoRA r=64/alpha=128 on all projections, AdamW at
+2e-5 with 10% warmup and cosine decay. Bad values fail at load time with the field's dotted path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Method = Literal["opsd", "sft", "grpo"]
+DivergenceName = Literal["jsd", "forward_kl", "reverse_kl", "sampled_token"]
+TeacherMode = Literal["initial", "current"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+AVAILABLE_METHODS: tuple[str, ...] = ("opsd",)
+
+DEFAULT_STUDENT_TEMPLATE = "Problem: {problem}\nAnswer:"
+DEFAULT_TEACHER_TEMPLATE = (
+    "Problem: {problem}\n"
+    "Here is a reference solution:\n{solution}\n"
+    "After understanding the reference solution, please try to solve this problem using your "
+    "own approach below:\nAnswer:"
+)
+DEFAULT_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DatasetFields(_Group):
+    """Which columns of the dataset hold the problem, the reference solution and the answer."""
+
+    problem_field: str = Field("problem", min_length=1)
+    solution_field: str = Field("solution", min_length=1)
+    answer_field: str | None = "answer"
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+
+class GenerationConfig(_Group):
+    """Student sampling (the rollout). Independent of the loss temperature."""
+
+    temperature: float = Field(1.2, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
+    num_generations: int = Field(1, ge=1, le=64)
+
+
+class LoraConfig(_Group):
+    r: int = Field(64, ge=1, le=1024)
+    alpha: float = Field(128.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value or any(not m.strip() for m in value):
+            raise ValueError("must be a non-empty list of module names")
+        return value
+
+
+class OptimConfig(_Group):
+    learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    batch_size: int = Field(1, ge=1, description="Problems per micro-batch per device.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(
+        None, gt=0.0, description="Default 1 epoch when max_steps is unset."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> OptimConfig:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set optim.max_steps or optim.epochs, not both")
+        return self
+
+
+class LossConfig(_Group):
+    temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="Loss temperature (not sampling)."
+    )
+    num_loss_tokens_to_skip: int = Field(0, ge=0)
+    clip: float | None = Field(
+        None, gt=0.0, description="Per-token cap on the loss; off by default."
+    )
+    implementation: Literal["chunked", "naive"] = Field(
+        "chunked", description="chunked: from hidden states, never builds T x V logits."
+    )
+    chunk_size: int | None = Field(None, ge=1, description="Positions per chunk; auto if unset.")
+
+
+class PromptConfig(_Group):
+    student_template: str = DEFAULT_STUDENT_TEMPLATE
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: use the tokenizer's chat template when it has one."
+    )
+    student_thinking: bool | None = Field(
+        None, description="Qwen3 enable_thinking for the student; None leaves the template default."
+    )
+    teacher_thinking: bool | None = None
+    system_prompt: str | None = None
+
+    @field_validator("student_template")
+    @classmethod
+    def _student_has_problem(cls, value: str) -> str:
+        _check_placeholders(value, required={"problem"}, allowed={"problem"})
+        return value
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _teacher_has_problem_and_solution(cls, value: str) -> str:
+        _check_placeholders(
+            value, required={"problem", "solution"}, allowed={"problem", "solution", "answer"}
+        )
+        return value
+
+
+class RuntimeConfig(_Group):
+    dtype: DType = "auto"
+    gradient_checkpointing: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: str | None = None
+
+
+class JobSpec(BaseModel):
+    """A whole training job. The same document is the `POST /jobs` body and `opsd train` spec."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    base_model: str = Field(..., min_length=1, description="Local directory or hub id.")
+    dataset_uri: str = Field(..., min_length=1)
+    method: Method = "opsd"
+    divergence: DivergenceName = "jsd"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    max_new_tokens: int = Field(2048, ge=1, le=131072)
+    teacher: TeacherMode = "initial"
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Optimizer steps between checkpoints."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    dataset: DatasetFields = Field(default_factory=DatasetFields)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _method_available(cls, value: str) -> str:
+        if value not in AVAILABLE_METHODS:
+            raise ValueError(
+                f"method {value!r} is not available in this version; available: "
+                + ", ".join(AVAILABLE_METHODS)
+            )
+        return value
+
+    @field_validator("base_model", "dataset_uri")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+
+class SpecError(ValueError):
+    """A spec that failed validation; `errors` holds (dotted field path, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str | None = None) -> None:
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = [f"{path}: {message}" for path, message in errors]
+        super().__init__(where + "invalid job spec\n  " + "\n  ".join(lines))
+
+    @property
+    def first_field(self) -> str:
+        return self.errors[0][0] if self.errors else ""
+
+
+def _check_placeholders(template: str, *, required: set[str], allowed: set[str]) -> None:
+    import string
+
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(
+            f"malformed template ({exc}); write literal braces as {{{{ and }}}}"
+        ) from exc
+    if missing := required - names:
+        raise ValueError(
+            "template must contain " + ", ".join("{" + m + "}" for m in sorted(missing))
+        )
+    if unknown := names - allowed:
+        raise ValueError(
+            "unknown placeholder(s) "
+            + ", ".join("{" + u + "}" for u in sorted(unknown))
+            + "; allowed: "
+            + ", ".join("{" + a + "}" for a in sorted(allowed))
+        )
+
+
+def _errors_of(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(root)"
+        message = err["msg"].removeprefix("Value error, ")
+        out.append((path, message))
+    return out
+
+
+def parse_spec(data: Any, *, source: str | None = None) -> JobSpec:
+    """Validate a mapping as a JobSpec; raises SpecError naming each bad field."""
+    if not isinstance(data, dict):
+        raise SpecError([("(root)", f"expected a mapping, got {type(data).__name__}")], source)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_errors_of(exc), source) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Load a spec from a YAML (.yaml/.yml) or JSON (.json) file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([("(file)", "not found")], str(path)) from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(
+            [("(file)", f"not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}")], str(path)
+        ) from None
+    spec = parse_spec(data, source=str(path))
+    return _resolve_relative_paths(spec, path.parent)
+
+
+def _resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Local paths in a spec file are relative to the file, like most tools' config files."""
+    updates = {}
+    for name in ("base_model", "dataset_uri"):
+        value = getattr(spec, name)
+        if "://" in value or Path(value).is_absolute() or value.startswith("~"):
+            continue
+        candidate = base / value
+        if candidate.exists():
+            updates[name] = str(candidate.resolve())
+    return spec.model_copy(update=updates) if updates else spec
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    """The whole spec with defaults filled in, JSON-serialisable (logged at the start of a run)."""
+    return spec.model_dump(mode="json")

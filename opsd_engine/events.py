@@ -1,0 +1,64 @@
+"""The callback protocol through which a trainer reports to whoever runs it.
+
+The CLI writes these reports to files and a progress bar; the worker writes them to the job
+store. The trainer knows nothing about either. `should_stop` is polled between optimizer steps
+so a cancellation takes effect within one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class TrainerCallbacks(Protocol):
+    def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """A lifecycle event: started, resumed, checkpoint, finished, cancelled, warning..."""
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics of one completed optimizer step."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """A complete checkpoint directory now exists at `path`."""
+
+    def should_stop(self) -> bool:
+        """True when the run must stop (cancellation) at the next step boundary."""
+
+
+class NullCallbacks:
+    """Ignores every report; never asks to stop."""
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        return None
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        return None
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class CallbackList:
+    """Fans every report out to several callbacks; stops when any of them asks."""
+
+    def __init__(self, callbacks: Sequence[TrainerCallbacks]) -> None:
+        self.callbacks = list(callbacks)
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        for callback in self.callbacks:
+            callback.on_event(kind, message, data)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for callback in self.callbacks:
+            callback.on_metrics(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        for callback in self.callbacks:
+            callback.on_checkpoint(step, path)
+
+    def should_stop(self) -> bool:
+        return any(callback.should_stop() for callback in self.callbacks)

@@ -1,0 +1,139 @@
+"""A local training run in an output directory: metrics/events files and a progress bar.
+
+`DIR/metrics.jsonl` gets one JSON object per optimizer step (`step` plus the metrics),
+`DIR/events.jsonl` the lifecycle events, `DIR/spec.json` the resolved spec, `DIR/checkpoints/`
+the atomic checkpoints and `DIR/adapter/` the final PEFT adapter. On resume, metric rows past the
+checkpoint being resumed are dropped first: those steps are recomputed (bit-exactly on the CPU),
+so every step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from opsd_engine import checkpoint as ckpt
+from opsd_engine.config import JobSpec, spec_to_dict
+from opsd_engine.events import CallbackList, TrainerCallbacks
+from opsd_engine.trainers import TrainResult, run_training
+
+METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+
+
+class RunDirectoryError(ValueError):
+    pass
+
+
+class JsonlRecorder:
+    """Appends metrics and events of a run to JSONL files in its output directory."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.metrics_path = output_dir / METRICS_FILE
+        self.events_path = output_dir / EVENTS_FILE
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        row = {"time": time.time(), "kind": kind, "message": message, "data": data or {}}
+        _append(self.events_path, row)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        _append(self.metrics_path, {"step": step, **metrics})
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.on_event("checkpoint", f"checkpoint at step {step}", {"step": step, "path": str(path)})
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class ProgressBar:
+    """A tqdm bar over optimizer steps showing loss, divergence and generated tokens."""
+
+    def __init__(self, *, disable: bool = False) -> None:
+        self.disable = disable
+        self.bar: Any = None
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        data = data or {}
+        if kind == "started" and self.bar is None:
+            self.bar = tqdm(
+                total=data.get("total_steps"),
+                initial=data.get("start_step", 0),
+                desc="opsd train",
+                unit="step",
+                disable=self.disable,
+                dynamic_ncols=True,
+            )
+        elif kind in ("finished", "cancelled") and self.bar is not None:
+            self.bar.close()
+        elif self.bar is not None and kind != "checkpoint":
+            self.bar.write(message)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            div=f"{metrics['divergence']:.4f}",
+            tok=int(metrics["generated_tokens_total"]),
+            refresh=False,
+        )
+        self.bar.update(step - self.bar.n)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        if self.bar is not None:
+            self.bar.write(f"checkpoint: {path}")
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(output_dir: Path, keep_through_step: int) -> None:
+    rows = [row for row in read_metrics(output_dir) if row["step"] <= keep_through_step]
+    path = output_dir / METRICS_FILE
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
+
+
+def run_local(
+    spec: JobSpec,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    extra_callbacks: list[TrainerCallbacks] | None = None,
+) -> TrainResult:
+    """Train `spec` into `output_dir` (or continue it with `resume`)."""
+    output_dir = Path(output_dir)
+    latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
+    if not resume and (latest is not None or (output_dir / METRICS_FILE).exists()):
+        raise RunDirectoryError(
+            f"{output_dir} already holds a run; pass --resume to continue it "
+            "or choose another --out"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        truncate_metrics(output_dir, ckpt.read_state(latest).step if latest else 0)
+    (output_dir / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2))
+    callbacks = CallbackList(
+        [JsonlRecorder(output_dir), ProgressBar(disable=not progress), *(extra_callbacks or [])]
+    )
+    return run_training(spec, output_dir, callbacks=callbacks, resume=resume)

@@ -1,0 +1,479 @@
+"""The OPSD trainer: paper Algorithm 1 with LoRA, read top to bottom.
+
+Per optimizer step:
+1. take the step's problems from the seeded example stream (this rank's share);
+2. the student samples its rollouts (token ids) from the problem-only prompt;
+3. count the loss tokens of the whole step, summed over data-parallel ranks: every micro-batch's
+   loss is divided by that one number, so gradient accumulation and DDP give exactly the mean
+   over all valid tokens of the step;
+4. per micro-batch: teacher hidden states (problem + reference solution + transition prompt +
+   rollout) under no_grad with the adapter disabled (`teacher: initial`); student hidden states
+   with grad; the per-token divergence at the rollout positions; backward;
+5. clip, AdamW step, LR schedule; metrics, events and (atomic) checkpoints through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from opsd_engine import checkpoint as ckpt
+from opsd_engine.chunked_loss import rollout_loss_from_hidden
+from opsd_engine.config import JobSpec, spec_to_dict
+from opsd_engine.data import Example, load_examples
+from opsd_engine.events import NullCallbacks, TrainerCallbacks
+from opsd_engine.losses import RolloutLoss, rollout_loss_from_logits
+from opsd_engine.modeling import PolicyModel, load_policy
+from opsd_engine.prompts import (
+    PromptPair,
+    assemble_scoring_batch,
+    build_prompt_pair,
+    rollout_targets,
+)
+from opsd_engine.rollout import Rollout, SamplingParams, TransformersRolloutBackend
+
+# Fields that do not change what training computes; a resume may differ in them.
+_RESUME_NEUTRAL_FIELDS = ("metadata", "checkpoint_every")
+
+
+@dataclass
+class TrainResult:
+    status: str  # "succeeded" | "cancelled"
+    step: int
+    total_steps: int
+    adapter_dir: Path | None
+    last_checkpoint: Path | None
+
+
+class ExampleStream:
+    """An endless, resumable stream of example indices: a fresh seeded permutation per epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        if size <= 0:
+            raise ValueError("the dataset has no examples")
+        self.size, self.seed = size, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator)
+        return self._perm
+
+    def take(self, start: int, count: int) -> list[int]:
+        out = []
+        for position in range(start, start + count):
+            epoch, offset = divmod(position, self.size)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+
+def spec_fingerprint(spec: JobSpec) -> str:
+    data = spec_to_dict(spec)
+    for name in _RESUME_NEUTRAL_FIELDS:
+        data.pop(name, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def total_optimizer_steps(spec: JobSpec, dataset_size: int, world_size: int) -> int:
+    if spec.optim.max_steps is not None:
+        return spec.optim.max_steps
+    per_step = spec.optim.batch_size * spec.optim.grad_accum * world_size
+    return max(1, math.ceil((spec.optim.epochs or 1.0) * dataset_size / per_step))
+
+
+class OPSDTrainer:
+    """Holds the model, optimizer and data for one run; `train()` runs it to the end or a stop."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        output_dir: str | Path,
+        *,
+        callbacks: TrainerCallbacks | None = None,
+        examples: Sequence[Example] | None = None,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.spec = spec
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.callbacks = callbacks or NullCallbacks()
+        self.accelerator = accelerator or _make_accelerator(spec)
+        set_seed(spec.seed)
+        self.examples = (
+            list(examples)
+            if examples is not None
+            else load_examples(
+                spec.dataset_uri,
+                problem_field=spec.dataset.problem_field,
+                solution_field=spec.dataset.solution_field,
+                answer_field=spec.dataset.answer_field,
+                require_solution=True,
+                limit=spec.dataset.limit,
+            )
+        )
+        self.policy: PolicyModel = load_policy(spec, device=self.accelerator.device)
+        self.tokenizer = self.policy.tokenizer
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        optim = spec.optim
+        optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(),
+            lr=optim.learning_rate,
+            betas=(optim.adam_beta1, optim.adam_beta2),
+            eps=optim.adam_epsilon,
+            weight_decay=optim.weight_decay,
+        )
+        world = self.accelerator.num_processes
+        self.total_steps = total_optimizer_steps(spec, len(self.examples), world)
+        scheduler = get_scheduler(
+            optim.lr_schedule if optim.lr_schedule != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=math.ceil(optim.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        # The scheduler is not handed to accelerate: it would step it once per process, while
+        # total_steps above already counts optimizer steps of the whole data-parallel group.
+        self.scheduler = scheduler
+        self.scorer, self.optimizer = self.accelerator.prepare(
+            _HiddenStateScorer(self.policy), optimizer
+        )
+        self.rollouts = TransformersRolloutBackend(
+            self.policy.peft_model,
+            pad_id=self.pad_id,
+            stop_ids=self.policy.stop_token_ids,
+            device=self.accelerator.device,
+            batch_size=max(optim.batch_size * spec.generation.num_generations, 1),
+        )
+        self.stream = ExampleStream(len(self.examples), spec.seed)
+        self.state = ckpt.TrainerState(
+            total_steps=self.total_steps, spec_fingerprint=spec_fingerprint(spec)
+        )
+        self._prompt_cache: dict[int, PromptPair] = {}
+
+    # ----------------------------------------------------------------- resume / checkpoints
+    def resume_from(self, checkpoint: Path) -> None:
+        saved = ckpt.read_state(checkpoint)
+        if saved.spec_fingerprint != self.state.spec_fingerprint:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written by a different spec (fingerprint "
+                f"{saved.spec_fingerprint} != {self.state.spec_fingerprint}); "
+                "resume needs the same spec"
+            )
+        self.state = ckpt.load_checkpoint(
+            checkpoint,
+            peft_model=self.policy.peft_model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+        self.callbacks.on_event(
+            "resumed", f"resumed from {checkpoint.name}", {"step": self.state.step}
+        )
+
+    def save_checkpoint(self) -> Path | None:
+        path = None
+        if self.accelerator.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.checkpoint_dir,
+                peft_model=self.policy.peft_model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state=self.state,
+            )
+            self.callbacks.on_checkpoint(self.state.step, path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # ----------------------------------------------------------------------------- training
+    def train(self) -> TrainResult:
+        spec = self.spec
+        self.callbacks.on_event(
+            "started",
+            f"OPSD training: {self.total_steps} steps on {len(self.examples)} examples",
+            {
+                "spec": spec_to_dict(spec),
+                "total_steps": self.total_steps,
+                "start_step": self.state.step,
+            },
+        )
+        last_checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir)
+        while self.state.step < self.total_steps:
+            if self.callbacks.should_stop():
+                last_checkpoint = self.save_checkpoint() or last_checkpoint
+                self.callbacks.on_event(
+                    "cancelled", f"stopped after step {self.state.step}", {"step": self.state.step}
+                )
+                return TrainResult(
+                    "cancelled", self.state.step, self.total_steps, None, last_checkpoint
+                )
+            metrics = self.train_step()
+            self.callbacks.on_metrics(self.state.step, metrics)
+            every = spec.checkpoint_every
+            if every and self.state.step % every == 0 and self.state.step < self.total_steps:
+                last_checkpoint = self.save_checkpoint() or last_checkpoint
+        last_checkpoint = self.save_checkpoint() or last_checkpoint
+        adapter_dir = None
+        if self.accelerator.is_main_process:
+            adapter_dir = ckpt.save_adapter(self.policy.peft_model, self.output_dir / "adapter")
+        self.callbacks.on_event(
+            "finished",
+            f"finished {self.state.step} steps",
+            {"adapter_dir": str(adapter_dir) if adapter_dir else None},
+        )
+        return TrainResult(
+            "succeeded", self.state.step, self.total_steps, adapter_dir, last_checkpoint
+        )
+
+    def _prompt_pair(self, index: int) -> PromptPair:
+        if index not in self._prompt_cache:
+            example = self.examples[index]
+            assert example.solution is not None
+            self._prompt_cache[index] = build_prompt_pair(
+                self.tokenizer,
+                problem=example.problem,
+                solution=example.solution,
+                answer=example.answer,
+                prompts=self.spec.prompts,
+            )
+        return self._prompt_cache[index]
+
+    def _step_micro_batches(self) -> list[list[int]]:
+        """This rank's example indices for the next step, split into micro-batches."""
+        optim, acc = self.spec.optim, self.accelerator
+        global_batch = optim.batch_size * optim.grad_accum * acc.num_processes
+        indices = self.stream.take(self.state.examples_consumed, global_batch)
+        mine = indices[acc.process_index :: acc.num_processes]
+        return [mine[i : i + optim.batch_size] for i in range(0, len(mine), optim.batch_size)]
+
+    def train_step(self) -> dict[str, float]:
+        spec, acc = self.spec, self.accelerator
+        step_start = time.perf_counter()
+        micro_batches = self._step_micro_batches()
+        params = SamplingParams(
+            max_new_tokens=spec.max_new_tokens,
+            temperature=spec.generation.temperature,
+            top_p=spec.generation.top_p,
+            top_k=spec.generation.top_k,
+            num_generations=spec.generation.num_generations,
+        )
+
+        # 1-2. Student rollouts for every micro-batch of the step.
+        t0 = time.perf_counter()
+        sampled: list[tuple[list[PromptPair], list[Rollout]]] = []
+        for batch in micro_batches:
+            pairs = [self._prompt_pair(i) for i in batch]
+            rollouts = self.rollouts.generate([p.student_ids for p in pairs], params)
+            sampled.append(([pairs[r.prompt_index] for r in rollouts], rollouts))
+        time_generation = time.perf_counter() - t0
+
+        # 3. One normalizer for the whole step, across accumulation and ranks.
+        skip = spec.loss.num_loss_tokens_to_skip
+        local_tokens = sum(max(len(r.token_ids) - skip, 0) for _, rs in sampled for r in rs)
+        step_tokens = int(
+            acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item()
+        )
+        # DDP averages gradients over ranks; multiplying by world size turns that into a sum.
+        normalizer = max(step_tokens, 1) / acc.num_processes
+
+        # 4. Teacher scoring, student forward/backward per micro-batch.
+        totals = {"loss": 0.0, "div": 0.0, "h_s": 0.0, "h_t": 0.0, "clipped": 0.0}
+        time_teacher = time_student = 0.0
+        lr = float(self.scheduler.get_last_lr()[0])
+        for position, (pairs, rollouts) in enumerate(sampled):
+            is_last = position == len(sampled) - 1
+            result, t_teacher, t_student = self._score_and_backward(
+                pairs, rollouts, normalizer, sync=is_last
+            )
+            time_teacher += t_teacher
+            time_student += t_student
+            totals["loss"] += float(result.loss.detach())
+            totals["div"] += float(result.divergence_sum)
+            totals["h_s"] += float(result.student_entropy_sum)
+            totals["h_t"] += float(result.teacher_entropy_sum)
+            totals["clipped"] += float(result.clipped_tokens)
+
+        # 5. Optimizer step.
+        t0 = time.perf_counter()
+        grad_norm = float("nan")
+        if spec.optim.max_grad_norm is not None:
+            grad_norm = float(
+                acc.clip_grad_norm_(self.policy.trainable_parameters(), spec.optim.max_grad_norm)
+            )
+        else:
+            grad_norm = float(_grad_norm(self.policy.trainable_parameters()))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        time_optimizer = time.perf_counter() - t0
+
+        reduced = acc.reduce(
+            torch.tensor(
+                [totals["div"], totals["h_s"], totals["h_t"], totals["clipped"], totals["loss"]],
+                dtype=torch.float64,
+                device=acc.device,
+            ),
+            reduction="sum",
+        ).tolist()
+        lengths = [len(r.token_ids) for _, rs in sampled for r in rs]
+        finished = [r.finished for _, rs in sampled for r in rs]
+        generated = int(
+            acc.reduce(torch.tensor(sum(lengths), device=acc.device), reduction="sum").item()
+        )
+        self.state.step += 1
+        self.state.examples_consumed += (
+            spec.optim.batch_size * spec.optim.grad_accum * acc.num_processes
+        )
+        self.state.generated_tokens_total += generated
+        self.state.loss_tokens_total += step_tokens
+        step_time = time.perf_counter() - step_start
+        denominator = max(step_tokens, 1)
+        metrics = {
+            "loss": reduced[4] / acc.num_processes,
+            "divergence": reduced[0] / denominator,
+            "student_entropy": reduced[1] / denominator,
+            "teacher_entropy": reduced[2] / denominator,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "rollout_len_mean": sum(lengths) / max(len(lengths), 1),
+            "rollout_len_max": float(max(lengths, default=0)),
+            "rollout_finished_frac": sum(finished) / max(len(finished), 1),
+            "generated_tokens": float(generated),
+            "generated_tokens_total": float(self.state.generated_tokens_total),
+            "loss_tokens": float(step_tokens),
+            "epoch": self.state.examples_consumed / len(self.examples),
+            "time_generation_s": time_generation,
+            "time_teacher_s": time_teacher,
+            "time_student_s": time_student,
+            "time_optimizer_s": time_optimizer,
+            "time_step_s": step_time,
+            "tokens_per_s": generated / step_time if step_time > 0 else 0.0,
+        }
+        if spec.loss.clip is not None:
+            metrics["clip_frac"] = reduced[3] / denominator
+        return metrics
+
+    def _score_and_backward(
+        self, pairs: list[PromptPair], rollouts: list[Rollout], normalizer: float, *, sync: bool
+    ) -> tuple[RolloutLoss, float, float]:
+        spec, acc, policy = self.spec, self.accelerator, self.policy
+        ids = [r.token_ids for r in rollouts]
+        width = max(max((len(x) for x in ids), default=0), 1)
+        targets, mask = rollout_targets(
+            ids, width, pad_id=self.pad_id, skip_first=spec.loss.num_loss_tokens_to_skip
+        )
+        targets, mask = targets.to(acc.device), mask.to(acc.device)
+        teacher_batch = assemble_scoring_batch(
+            [p.teacher_ids for p in pairs], ids, pad_id=self.pad_id, rollout_width=width
+        )
+        student_batch = assemble_scoring_batch(
+            [p.student_ids for p in pairs], ids, pad_id=self.pad_id, rollout_width=width
+        )
+
+        t0 = time.perf_counter()
+        with policy.teacher_view(spec.teacher), acc.autocast():
+            teacher_hidden = policy.hidden_states(
+                teacher_batch.input_ids, teacher_batch.attention_mask, teacher_batch.position_ids
+            )[:, teacher_batch.rollout_slice].contiguous()
+        t1 = time.perf_counter()
+
+        context = acc.no_sync(self.scorer) if not sync else contextlib.nullcontext()
+        with context:
+            with acc.autocast():
+                student_hidden = self.scorer(
+                    student_batch.input_ids,
+                    student_batch.attention_mask,
+                    student_batch.position_ids,
+                )[:, student_batch.rollout_slice]
+                result = self._loss(student_hidden, teacher_hidden, targets, mask, normalizer)
+            acc.backward(result.loss)
+        t2 = time.perf_counter()
+        return result, t1 - t0, t2 - t1
+
+    def _loss(
+        self,
+        student_hidden: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        normalizer: float,
+    ) -> RolloutLoss:
+        spec = self.spec
+        head = self.policy.output_embeddings
+        common: dict[str, Any] = {
+            "loss": spec.divergence,
+            "beta": spec.beta,
+            "temperature": spec.loss.temperature,
+            "clip": spec.loss.clip,
+            "normalizer": normalizer,
+        }
+        if spec.loss.implementation == "chunked":
+            return rollout_loss_from_hidden(
+                student_hidden,
+                teacher_hidden,
+                head.weight,
+                getattr(head, "bias", None),
+                targets,
+                mask,
+                chunk_size=spec.loss.chunk_size,
+                **common,
+            )
+        student_logits = head(student_hidden)
+        with torch.no_grad():
+            teacher_logits = head(teacher_hidden)
+        return rollout_loss_from_logits(student_logits, teacher_logits, targets, mask, **common)
+
+
+class _HiddenStateScorer(torch.nn.Module):
+    """What `accelerator.prepare` wraps (DDP/FSDP): the student's forward to final hidden states."""
+
+    def __init__(self, policy: PolicyModel) -> None:
+        super().__init__()
+        self.peft_model = policy.peft_model
+        self._policy = [policy]  # a list, so nn.Module does not register it twice
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self._policy[0].hidden_states(input_ids, attention_mask, position_ids)
+
+
+def _grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+def _make_accelerator(spec: JobSpec) -> Accelerator:
+    from opsd_engine.modeling import resolve_device, resolve_dtype
+
+    device = resolve_device(spec.runtime.device)
+    dtype = resolve_dtype(spec.runtime.dtype, device)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return Accelerator(
+        cpu=device.type == "cpu", mixed_precision=mixed if device.type == "cuda" else "no"
+    )
+
+
+def train(
+    spec: JobSpec,
+    output_dir: str | Path,
+    *,
+    callbacks: TrainerCallbacks | None = None,
+    resume: bool = False,
+    examples: Sequence[Example] | None = None,
+) -> TrainResult:
+    """Run (or, with `resume`, continue from the latest complete checkpoint) an OPSD job."""
+    trainer = OPSDTrainer(spec, output_dir, callbacks=callbacks, examples=examples)
+    if resume and (latest := ckpt.latest_checkpoint(trainer.checkpoint_dir)) is not None:
+        trainer.resume_from(latest)
+    return trainer.train()
