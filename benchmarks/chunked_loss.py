@@ -150,10 +150,14 @@ def _run_child(args: argparse.Namespace) -> dict[str, Any]:
     else:
         exact_reset = _reset_peak_rss()
         baseline = _proc_status_mb("VmRSS")
-    start = time.perf_counter()
-    loss_value = step(*inputs)
-    sync()
-    seconds = time.perf_counter() - start
+    seconds = cpu_seconds = math.inf
+    for _ in range(args.repeat):
+        inputs[0].grad = None
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss_value = step(*inputs)
+        sync()
+        seconds = min(seconds, time.perf_counter() - start)
+        cpu_seconds = min(cpu_seconds, time.process_time() - cpu_start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -166,6 +170,7 @@ def _run_child(args: argparse.Namespace) -> dict[str, Any]:
         "T": args.T,
         "peak_mb": peak - baseline,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "loss": loss_value,
         "chunk_size": chunk,
         "exact_peak_reset": exact_reset,
@@ -194,6 +199,7 @@ def _child_command(args: argparse.Namespace, method: str, n_tokens: int) -> list
         "--beta",
         str(args.beta),
     ]
+    command += ["--repeat", str(args.repeat)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.chunk_size is not None:
@@ -236,9 +242,9 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def _table(rows: list[dict[str, Any]], t_values: list[int]) -> str:
     by_key = {(row["method"], row["T"]): row for row in rows}
     lines = [
-        "| method | T | peak memory (MB) | fwd+bwd (s) | memory vs naive | time vs naive "
-        "| memory vs TRL | time vs TRL | chunk |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | T | peak memory (MB) | fwd+bwd (s) | CPU (s) | memory vs naive "
+        "| time vs naive | memory vs TRL | time vs TRL | chunk |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n_tokens in t_values:
         naive = by_key.get(("naive", n_tokens), {})
@@ -248,7 +254,7 @@ def _table(rows: list[dict[str, Any]], t_values: list[int]) -> str:
             if row is None:
                 continue
             if "skipped" in row:
-                lines.append(f"| {method} | {n_tokens} | skipped: {row['skipped']} |||||||")
+                lines.append(f"| {method} | {n_tokens} | skipped: {row['skipped']} ||||||||")
                 continue
 
             def ratio(ref: dict[str, Any], key: str, row: dict[str, Any] = row) -> str:
@@ -258,6 +264,7 @@ def _table(rows: list[dict[str, Any]], t_values: list[int]) -> str:
 
             lines.append(
                 f"| {method} | {n_tokens} | {_fmt(row['peak_mb'])} | {_fmt(row['seconds'], 2)} "
+                f"| {_fmt(row.get('cpu_seconds'), 1)} "
                 f"| {ratio(naive, 'peak_mb')} | {ratio(naive, 'seconds')} "
                 f"| {ratio(trl, 'peak_mb')} | {ratio(trl, 'seconds')} "
                 f"| {row.get('chunk_size') or '-'} |"
@@ -291,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--chunk-size", type=int, default=None, help="default: auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="timed steps per child; the fastest is reported"
+    )
     parser.add_argument("--max-naive-gb", type=float, default=18.0)
     parser.add_argument("--child-timeout", type=float, default=900.0)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -306,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         # TRL's kernel selects the divergence through beta only (0: forward, 1: reverse KL).
         args.beta = {"forward_kl": 0.0, "reverse_kl": 1.0}[args.loss]
     t_values = sorted(args.T)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     trl_missing = _trl_status() if "trl" in args.methods else None
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -344,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{trl_version}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, threads {args.threads or torch.get_num_threads()}; "
         f"device {args.device}, dtype {args.dtype}, V={args.vocab:,}, H={args.hidden:,}, "
-        f"loss {args.loss} (beta {args.beta}); total {time.perf_counter() - started:.0f} s\n"
+        f"loss {args.loss} (beta {args.beta}); repeat {args.repeat}; total "
+        f"{time.perf_counter() - started:.0f} s; 1-min load average {load_before:.1f} at start, "
+        f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else math.nan:.1f} at end\n"
     )
     print(_table(rows, t_values))
     print()

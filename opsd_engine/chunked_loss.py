@@ -9,13 +9,15 @@ beta, ``forward_kl``, ``reverse_kl``, ``sampled_token``), without ever building 
 tensor. :func:`auto_chunk_size` picks the chunk length from the memory available.
 
 How: only the valid (masked-in) positions are gathered, then :class:`_ChunkedRolloutLoss` walks
-them ``chunk_size`` at a time. Per chunk it projects both hidden states to float32 logits
-``[chunk, V]``, computes the per-token loss, the statistics and the exact analytic gradient of the
-loss with respect to the student logits, and immediately maps that gradient back to the student
-hidden states (``dlogits @ W``). The backward pass then only scales the stored ``[N_valid, H]``
-gradient by the incoming one. Peak memory is a few ``[chunk, V]`` float32 buffers (reused across
-chunks) plus ``O(N_valid * H)``, independent of ``T * V``; each position costs three matmuls with
-the output projection, the same as the naive path and fewer than recomputation-based schemes.
+them ``chunk_size`` at a time. Per chunk it projects the student and teacher hidden states to
+float32 logits with one matmul (``[2 * chunk, V]``), computes the per-token loss, the statistics
+and the exact analytic gradient of the loss with respect to the student logits, and immediately
+maps that gradient back to the student hidden states (``dlogits @ W``). The backward pass then
+only scales the stored ``[N_valid, H]`` gradient by the incoming one. Peak memory is five
+``[chunk, V]`` float32 buffers (reused across chunks) plus ``O(N_valid * H)``, independent of
+``T * V``. Each position costs the naive path's three vector-matrix products with the output
+projection (fewer than schemes that recompute the logits in backward), in two passes over the
+weight per chunk.
 
 The output projection is a frozen constant here: it is detached inside, so it never receives a
 gradient from this loss, even when it is tied to (and shares ``requires_grad=True`` with) the
@@ -41,12 +43,12 @@ from opsd_engine.losses import LossKind, RolloutLoss, compute_dtype, validate_lo
 
 __all__ = ["auto_chunk_size", "rollout_loss_from_hidden"]
 
-# Float [chunk, V] buffers alive at once per chunk: student and teacher log-probabilities,
-# their probabilities and one scratch buffer.
+# Float [chunk, V] buffers alive at once per chunk: student and teacher logits (turned into
+# log-probabilities in place), their probabilities and one scratch buffer.
 _BUFFERS_PER_ROW = 5
 # Upper bound on the bytes of those buffers, per device type: past this, larger chunks no longer
 # speed anything up, they only hold memory the model could use.
-_DEFAULT_MAX_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}
+_DEFAULT_MAX_BYTES = {"cpu": 512 * 2**20, "cuda": 1024 * 2**20}
 _FALLBACK_MAX_BYTES = 512 * 2**20
 # Vocabulary tile of a low-precision weight that is upcast at once (bytes of the float copy).
 _WEIGHT_TILE_BYTES = 64 * 2**20
@@ -89,7 +91,7 @@ def auto_chunk_size(
 
     The chunk's working set (``5`` float ``[chunk, vocab_size]`` buffers plus a few
     ``[chunk, hidden_size]`` rows) is kept under ``memory_fraction`` of the memory available on
-    ``device`` right now, and under ``max_bytes`` (default 256 MiB on CPU, 1 GiB on CUDA: enough
+    ``device`` right now, and under ``max_bytes`` (default 512 MiB on CPU, 1 GiB on CUDA: enough
     for full matmul efficiency). The result is at least 1, a multiple of 8 when 8 or more, and at
     most ``max_chunk``.
 
@@ -322,9 +324,11 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
         vocab = weight.shape[0]
         want_grad = bool(ctx.needs_input_grad[0])  # type: ignore[attr-defined]
         rows = min(chunk_size, n_valid)
-        ls, lt, ps, pt, scratch = (
-            torch.empty((rows, vocab), device=device, dtype=dtype) for _ in range(5)
-        )
+        # Student rows then teacher rows of a chunk share one buffer, so that both are projected
+        # by a single matmul: one pass over the weight instead of two.
+        pair_logits = torch.empty((2 * rows, vocab), device=device, dtype=dtype)
+        ps, pt, scratch = (torch.empty((rows, vocab), device=device, dtype=dtype) for _ in range(3))
+        matmul_dtype = weight.dtype if _fast_low_precision(weight, dtype) else dtype
         grad_hidden = (
             torch.empty((n_valid, student_hidden.shape[1]), device=device, dtype=dtype)
             if want_grad
@@ -341,14 +345,22 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
             for start in range(0, n_valid, chunk_size):
                 end = min(start + chunk_size, n_valid)
                 n = end - start
-                bufs = ls[:n], lt[:n], ps[:n], pt[:n], scratch[:n]
-                _project(student_hidden[start:end], weight, bias, bufs[0])
-                _project(teacher_hidden[start:end], weight, bias, bufs[1])
+                pair = pair_logits[: 2 * n]
+                hidden_pair = torch.cat(
+                    (
+                        student_hidden[start:end].to(matmul_dtype),
+                        teacher_hidden[start:end].to(matmul_dtype),
+                    )
+                )
+                _project(hidden_pair, weight, bias, pair)
                 if temperature != 1.0:
-                    bufs[0].div_(temperature)
-                    bufs[1].div_(temperature)
+                    pair.div_(temperature)
                 grad_logits = _chunk_loss(
-                    *bufs,
+                    pair[:n],
+                    pair[n:],
+                    ps[:n],
+                    pt[:n],
+                    scratch[:n],
                     sampled_ids[start:end],
                     loss=loss,
                     beta=beta,

@@ -26,6 +26,14 @@ app.add_typer(dev_app, name="dev")
 EXIT_USER_ERROR = 2
 
 
+def register(parent: typer.Typer) -> None:
+    """Mount the engine's commands on the top-level `opsd` command."""
+    parent.command("train")(train)
+    parent.command("report")(report)
+    parent.add_typer(spec_app, name="spec")
+    parent.add_typer(dev_app, name="dev")
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(EXIT_USER_ERROR)

@@ -1,0 +1,59 @@
+"""The OPSD service's state: tables, sessions, queries and the job state machine.
+
+Public surface: :class:`Store` (every query), the records, states and exceptions of
+:mod:`jobstore.records`, and :func:`upgrade` / :func:`current_revision` (Alembic migrations in
+``migrations/``). Works on PostgreSQL (``postgresql+psycopg://…``) and SQLite files
+(``sqlite:///path``). Imports neither fastapi, celery nor torch.
+"""
+
+from jobstore.migrate import current_revision, head_revision, upgrade
+from jobstore.records import (
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    JOB_STATUSES,
+    LIVE_STATUSES,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL_STATUSES,
+    TRANSITIONS,
+    CheckpointRecord,
+    EventRecord,
+    IdempotencyConflict,
+    InvalidCursor,
+    JobError,
+    JobNotFound,
+    JobRecord,
+    StoreError,
+    TenantNotFound,
+    TenantRecord,
+)
+from jobstore.store import Store
+
+__all__ = [
+    "CANCELLED",
+    "CANCELLING",
+    "FAILED",
+    "JOB_STATUSES",
+    "LIVE_STATUSES",
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "TERMINAL_STATUSES",
+    "TRANSITIONS",
+    "CheckpointRecord",
+    "EventRecord",
+    "IdempotencyConflict",
+    "InvalidCursor",
+    "JobError",
+    "JobNotFound",
+    "JobRecord",
+    "Store",
+    "StoreError",
+    "TenantNotFound",
+    "TenantRecord",
+    "current_revision",
+    "head_revision",
+    "upgrade",
+]

@@ -1,0 +1,112 @@
+"""Engines and session factories for the store, with the per-dialect settings it relies on.
+
+PostgreSQL (``postgresql+psycopg://…``): a pooled engine with ``pool_pre_ping``.
+
+SQLite (``sqlite:///path``): a file database shared by several processes (the API and a worker):
+
+* every connection sets ``journal_mode=WAL`` (readers never block the writer),
+  ``foreign_keys=ON``, ``busy_timeout`` (a writer waits for the lock instead of failing at once)
+  and ``synchronous=NORMAL`` (durable in WAL mode except for the last commits on power loss);
+* the driver's own transaction handling is switched off and SQLAlchemy emits ``BEGIN`` itself, so
+  that write transactions can start with ``BEGIN IMMEDIATE``: they take the write lock up front
+  and wait for it under the busy timeout, instead of failing with "database is locked" when a
+  read transaction tries to upgrade to a write while another process writes.
+
+Use :func:`write_engine` for sessions that write; plain engines begin deferred (read)
+transactions. In-memory SQLite is refused: it cannot be shared between processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import Pool
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SQLITE_BEGIN_OPTION = "jobstore_sqlite_begin"
+
+
+def backend_name(database_url: str | URL) -> str:
+    """``"postgresql"`` or ``"sqlite"``; ``ValueError`` for any other backend."""
+    backend = make_url(database_url).get_backend_name()
+    if backend not in ("postgresql", "sqlite"):
+        raise ValueError(
+            f"unsupported database {backend!r}: use postgresql+psycopg:// or sqlite://"
+        )
+    return backend
+
+
+def sqlite_path(database_url: str | URL) -> Path:
+    """The file behind a ``sqlite:///path`` URL (``ValueError`` for an in-memory database)."""
+    url = make_url(database_url)
+    database = url.database
+    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+        raise ValueError("the store needs a SQLite *file* (sqlite:///path/to/opsd.db)")
+    if database.startswith("file:"):
+        raise ValueError("SQLite URI filenames are not supported; use sqlite:///path/to/opsd.db")
+    return Path(database)
+
+
+def create_engine(
+    database_url: str | URL, *, echo: bool = False, poolclass: type[Pool] | None = None
+) -> Engine:
+    """An engine for the store's database, configured for its dialect (see the module doc)."""
+    url = make_url(database_url)
+    kwargs: dict[str, Any] = {"echo": echo}
+    if poolclass is not None:
+        kwargs["poolclass"] = poolclass
+    if backend_name(url) == "sqlite":
+        path = sqlite_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {
+            "check_same_thread": False,  # pooled connections move between threads
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+        }
+        engine = sa.create_engine(url, **kwargs)
+        _install_sqlite_hooks(engine)
+        return engine
+    kwargs["pool_pre_ping"] = True
+    return sa.create_engine(url, **kwargs)
+
+
+def write_engine(engine: Engine) -> Engine:
+    """A view of ``engine`` (same pool) whose transactions are write transactions.
+
+    On SQLite they begin with ``BEGIN IMMEDIATE``; on PostgreSQL nothing changes.
+    """
+    return engine.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+
+
+def use_immediate_transactions(connection: Connection) -> None:
+    """Make the transactions of this SQLite ``connection`` begin with ``BEGIN IMMEDIATE``."""
+    connection.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that return plain values after commit (no expiry, no autoflush)."""
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Autocommit at the driver level: SQLAlchemy's "begin" hook below emits BEGIN itself.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(_SQLITE_BEGIN_OPTION, "")
+        connection.exec_driver_sql(f"BEGIN {mode}".strip())

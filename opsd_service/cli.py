@@ -1,0 +1,212 @@
+"""The service commands of `opsd`: up, api, worker, migrate, keys.
+
+`opsd up` is the embedded deployment in one command: it creates the home directory, applies the
+migrations, makes a first API key when there is none (printed once and saved with mode 0600),
+then runs the API and one worker as supervised child processes until Ctrl-C or SIGTERM. The
+other commands run one part each, as the compose services do. Every command reads its settings
+from `OPSD_*` environment variables (see `opsd_service.settings`); imports stay lazy so
+`opsd --help` loads neither torch nor the web stack.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from opsd_service.settings import (
+    ServiceSettings,
+    api_key_file,
+    ensure_home,
+    get_settings,
+    logs_dir,
+    sqlite_path,
+)
+
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+
+DEFAULT_TENANT = "default"
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the service commands on the top-level `opsd` command."""
+    app.command("up")(up)
+    app.command("api")(api)
+    app.command("worker")(worker)
+    app.command("migrate")(migrate)
+    app.add_typer(keys_app, name="keys")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _open_store(settings: ServiceSettings) -> Any:
+    from jobstore import Store
+
+    return Store(settings.database_url)
+
+
+def _close(store: Any) -> None:
+    close = getattr(store, "close", None)
+    if callable(close):
+        close()
+
+
+def _upgrade(settings: ServiceSettings) -> None:
+    from jobstore.migrate import upgrade
+
+    if (path := sqlite_path(settings.database_url)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+
+
+def migrate() -> None:
+    """Apply the database migrations (alembic upgrade head)."""
+    settings = get_settings()
+    _upgrade(settings)
+    typer.echo(f"database at the latest revision: {_redact(settings.database_url)}")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="Tenant name (created if new)."),
+    label: str | None = typer.Option(None, "--label", help="A note to recognise the key by."),
+) -> None:
+    """Create an API key; the key is printed once, alone on the last line."""
+    store = _open_store(get_settings())
+    try:
+        key = store.create_api_key(tenant, label=label)
+    finally:
+        _close(store)
+    typer.echo(f"created an API key for tenant {tenant!r}; it is shown only once:")
+    typer.echo(key)
+
+
+def api(
+    host: str | None = typer.Option(None, "--host", help="Bind address (OPSD_API_HOST)."),
+    port: int | None = typer.Option(None, "--port", help="Port (OPSD_API_PORT)."),
+) -> None:
+    """Serve the HTTP API (uvicorn, `api.app:create_app`)."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port if port is not None else settings.api_port,
+        proxy_headers=True,
+        log_level="info",
+    )
+
+
+def worker(
+    loglevel: str = typer.Option("INFO", "--loglevel", help="Celery log level."),
+) -> None:
+    """Run a training worker: one job at a time on this machine's accelerator."""
+    from worker.main import run_worker
+
+    run_worker(loglevel=loglevel)
+
+
+def _save_key(path: Path, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    os.chmod(path, 0o600)
+
+
+def _first_key(settings: ServiceSettings) -> None:
+    store = _open_store(settings)
+    try:
+        if store.count_api_keys() > 0:
+            saved = api_key_file(settings)
+            where = f" (the first one is in {saved})" if saved.exists() else ""
+            typer.echo(f"API keys already exist{where}")
+            return
+        key = store.create_api_key(DEFAULT_TENANT, label="opsd up")
+    finally:
+        _close(store)
+    path = api_key_file(settings)
+    _save_key(path, key)
+    typer.echo(f"created an API key for tenant {DEFAULT_TENANT!r} (saved in {path}):")
+    typer.echo(f"  {key}")
+
+
+def _wait_healthy(url: str, supervisor: Any, timeout: float) -> bool:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not supervisor.stopping.is_set():
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        supervisor.check()
+        time.sleep(0.3)
+    return False
+
+
+def up(
+    host: str | None = typer.Option(None, "--host", help="API bind address."),
+    port: int | None = typer.Option(None, "--port", help="API port."),
+    home: Path | None = typer.Option(None, "--home", help="State directory (OPSD_HOME)."),
+    grace: float = typer.Option(30.0, "--grace", help="Seconds children get to stop."),
+) -> None:
+    """Run the whole service on this machine: migrations, a first key, the API and a worker."""
+    from opsd_service.supervisor import ChildSpec, Supervisor
+
+    overrides: dict[str, Any] = {}
+    if home is not None:
+        overrides["home"] = home
+    if host is not None:
+        overrides["api_host"] = host
+    if port is not None:
+        overrides["api_port"] = port
+    settings = get_settings(**overrides)
+    ensure_home(settings)
+    _upgrade(settings)
+    typer.echo(f"home: {settings.home}")
+    _first_key(settings)
+
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    python = [sys.executable, "-m", "opsd_service"]
+    logs = logs_dir(settings)
+    supervisor = Supervisor(
+        [
+            ChildSpec(
+                "api",
+                [*python, "api", "--host", settings.api_host, "--port", str(settings.api_port)],
+                env,
+                logs / "api.log",
+            ),
+            ChildSpec("worker", [*python, "worker"], env, logs / "worker.log"),
+        ],
+        grace_seconds=grace,
+        say=lambda line: typer.echo(line),
+    )
+    supervisor.install_signal_handlers()
+    supervisor.start()
+    shown_host = "127.0.0.1" if settings.api_host in {"0.0.0.0", "::"} else settings.api_host
+    url = f"http://{shown_host}:{settings.api_port}"
+    typer.echo(f"logs: {logs}")
+    typer.echo(f"API: {url}  (docs: {url}/docs)")
+    if _wait_healthy(url, supervisor, timeout=120.0):
+        typer.echo("ready; press Ctrl-C to stop")
+    elif not supervisor.stopping.is_set():
+        typer.echo(f"the API did not answer {url}/healthz yet; see {logs / 'api.log'}")
+    code = supervisor.run()
+    typer.echo("stopped")
+    raise typer.Exit(code)

@@ -1,0 +1,130 @@
+"""Service settings: one `ServiceSettings` read from `OPSD_*` environment variables.
+
+Every deployment shape is a set of environment variables. With none set, everything lives under
+one home directory (`OPSD_HOME`, default `~/.opsd`): a SQLite database, a durable file-backed
+Celery broker (kombu's `filesystem://` transport, messages are files that survive restarts) and
+the artifacts. The compose stack points `OPSD_DATABASE_URL` at Postgres, `OPSD_BROKER_URL` at
+Redis and `OPSD_ARTIFACTS_URI` at a shared volume (or any fsspec URI such as `s3://bucket/x`).
+
+Values left empty are derived from `home` when the settings are built, so a resolved
+`ServiceSettings` always holds concrete URLs; `to_env()` hands them to child processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "OPSD_"
+FILESYSTEM_BROKER_SCHEME = "filesystem"
+
+
+def _default_home() -> Path:
+    return Path("~/.opsd")
+
+
+class ServiceSettings(BaseSettings):
+    """Everything a service process needs; each field is read from `OPSD_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="Root of the embedded state.")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite under home.")
+    broker_url: str = Field("", description="Celery broker URL; default file-backed under home.")
+    artifacts_uri: str = Field("", description="Local path or fsspec URI for checkpoints/adapters.")
+    lease_seconds: float = Field(30.0, gt=0, description="A running job's lease length.")
+    heartbeat_seconds: float = Field(0.0, ge=0, description="Lease renewal period; 0 = lease/3.")
+    max_attempts: int = Field(3, ge=1, description="Runs of a job before a lost worker fails it.")
+    reaper_interval_seconds: float = Field(10.0, gt=0, description="Expired-lease sweep period.")
+    queue: str = Field("opsd", min_length=1, description="Celery queue the jobs go to.")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(1024 * 1024, ge=1)
+    max_lora_rank: int = Field(256, ge=1)
+    inference_url: str | None = Field(None, description="OpenAI-compatible server for adapters.")
+    broker_visibility_timeout_seconds: float = Field(
+        3600.0, gt=0, description="Redis: an unacked message is redelivered after this long."
+    )
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> ServiceSettings:
+        home = Path(os.path.expandvars(str(self.home))).expanduser().absolute()
+        self.home = home
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'opsd.db'}"
+        if not self.broker_url:
+            self.broker_url = f"{FILESYSTEM_BROKER_SCHEME}://{home / 'broker'}"
+        if not self.artifacts_uri:
+            self.artifacts_uri = str(home / "artifacts")
+        if not self.heartbeat_seconds:
+            self.heartbeat_seconds = self.lease_seconds / 3
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """The resolved settings as `OPSD_*` variables, for child processes to inherit."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+
+def get_settings(**overrides: Any) -> ServiceSettings:
+    """Settings from the environment (fresh each call), with keyword overrides on top."""
+    return ServiceSettings(**overrides)
+
+
+# ------------------------------------------------------------------------- derived locations
+def runs_dir(settings: ServiceSettings) -> Path:
+    """Local scratch space for job runs when artifacts live remotely."""
+    return settings.home / "runs"
+
+
+def api_key_file(settings: ServiceSettings) -> Path:
+    """Where `opsd up` saves the first API key (mode 0600)."""
+    return settings.home / "api_key"
+
+
+def logs_dir(settings: ServiceSettings) -> Path:
+    return settings.home / "logs"
+
+
+def is_filesystem_broker(broker_url: str) -> bool:
+    return urlsplit(broker_url).scheme == FILESYSTEM_BROKER_SCHEME
+
+
+def filesystem_broker_root(settings: ServiceSettings) -> Path:
+    """The folder of a `filesystem://PATH` broker (`{home}/broker` when the URL has no path)."""
+    parts = urlsplit(settings.broker_url)
+    path = unquote(parts.netloc + parts.path)
+    return Path(path).expanduser() if path else settings.home / "broker"
+
+
+def sqlite_path(database_url: str) -> Path | None:
+    """The database file of a `sqlite:///FILE` URL (None for other databases and `:memory:`)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+def ensure_home(settings: ServiceSettings) -> None:
+    """Create the home and every local folder the settings point at."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if (db := sqlite_path(settings.database_url)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    if is_filesystem_broker(settings.broker_url):
+        root = filesystem_broker_root(settings)
+        for sub in ("data", "processed", "control"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+    if "://" not in settings.artifacts_uri or settings.artifacts_uri.startswith("file://"):
+        Path(settings.artifacts_uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)

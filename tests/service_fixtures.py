@@ -1,0 +1,103 @@
+"""Database helpers shared by the service's test suites (jobstore, API, worker).
+
+Owns how tests get a database: :func:`fresh_postgres_url` creates a throw-away PostgreSQL
+database (``opsd_test_<random>``) on the server named by ``OPSD_TEST_POSTGRES_ADMIN_URL``
+(default ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``), migrated to head unless
+asked not to, and returns it with a function that drops it; :func:`sqlite_url` names a SQLite
+file. PostgreSQL is required: when the server cannot be reached these helpers raise
+:class:`PostgresUnavailable` (tests then fail; they never skip).
+
+Usage from any test package::
+
+    from tests.service_fixtures import fresh_postgres_url
+
+    @pytest.fixture(scope="session")
+    def pg_url():
+        url, drop = fresh_postgres_url()
+        yield url
+        drop()
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+DEFAULT_POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+ADMIN_URL_ENV = "OPSD_TEST_POSTGRES_ADMIN_URL"
+
+
+class PostgresUnavailable(RuntimeError):
+    """The tests' PostgreSQL server cannot be reached or refused to create a database."""
+
+
+def postgres_admin_url() -> str:
+    """URL of a database on the test server with the right to CREATE/DROP DATABASE."""
+    return os.environ.get(ADMIN_URL_ENV) or DEFAULT_POSTGRES_ADMIN_URL
+
+
+def _admin_engine(admin_url: str) -> sa.Engine:
+    return sa.create_engine(
+        admin_url,
+        isolation_level="AUTOCOMMIT",
+        poolclass=NullPool,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def fresh_postgres_url(*, migrate: bool = True) -> tuple[str, Callable[[], None]]:
+    """A new empty database ``opsd_test_<random>`` (migrated to head if ``migrate``).
+
+    Returns ``(url, drop)``; ``drop()`` removes the database (closing any connection still
+    open to it) and may be called more than once.
+    """
+    admin_url = postgres_admin_url()
+    admin = make_url(admin_url)
+    name = f"opsd_test_{secrets.token_hex(6)}"
+    engine = _admin_engine(admin_url)
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            # Test data need not survive a crash: commits skip the WAL flush (much faster).
+            connection.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
+    except sa.exc.SQLAlchemyError as exc:
+        engine.dispose()
+        shown = admin.render_as_string(hide_password=True)
+        raise PostgresUnavailable(
+            f"these tests need PostgreSQL: could not create a database through {shown} "
+            f"({type(exc.orig or exc).__name__}: {exc.orig or exc}). Start PostgreSQL on "
+            f"127.0.0.1:5432 (user postgres, trust auth) or set {ADMIN_URL_ENV} to a URL that "
+            "may CREATE DATABASE."
+        ) from exc
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    dropped = False
+
+    def drop() -> None:
+        nonlocal dropped
+        if dropped:
+            return
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        engine.dispose()
+        dropped = True
+
+    if migrate:
+        from jobstore.migrate import upgrade
+
+        try:
+            upgrade(url)
+        except BaseException:
+            drop()
+            raise
+    return url, drop
+
+
+def sqlite_url(path: str | os.PathLike[str]) -> str:
+    """``sqlite:///<absolute path>`` for a database file (not created here; see ``upgrade``)."""
+    return f"sqlite:///{Path(path).resolve()}"

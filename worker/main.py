@@ -1,0 +1,34 @@
+"""Starting a worker process: one job at a time (`solo` pool, concurrency 1, one GPU per worker).
+
+`run_worker()` is what `opsd worker` calls; the settings come from the environment, like
+`celery -A worker.celery_app worker`, which this is equivalent to with the flags below.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from opsd_service.settings import ServiceSettings, get_settings
+
+
+def worker_argv(settings: ServiceSettings, *, loglevel: str = "INFO") -> list[str]:
+    """The Celery worker command line for these settings."""
+    return [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        f"--queues={settings.queue}",
+        f"--hostname=opsd-{os.getpid()}@{socket.gethostname()}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+def run_worker(*, loglevel: str = "INFO") -> None:
+    """Run a worker in this process until it is told to stop (SIGTERM/SIGINT: warm shutdown)."""
+    from worker.celery_app import app
+
+    app.worker_main(argv=worker_argv(get_settings(), loglevel=loglevel))

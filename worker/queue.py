@@ -1,0 +1,82 @@
+"""The Celery application factory and the one message this service sends (no torch here).
+
+Delivery is at-least-once and the job row is the source of truth: a message carries only the job
+id, the worker claims the row with a lease before doing anything, and a duplicate delivery of a
+job that is no longer `queued` is acknowledged and skipped. Safe-delivery settings: late acks,
+prefetch 1, reject (requeue) when the worker process dies, JSON only, no result backend.
+
+Two brokers are supported: Redis (compose/scale-out) and kombu's `filesystem://PATH` transport
+for the embedded shape, whose messages are files under `PATH/data` that survive restarts. That
+transport has no broadcast queues worth keeping, so remote control and events are off for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery
+
+from opsd_service.settings import ServiceSettings, filesystem_broker_root, is_filesystem_broker
+
+RUN_JOB_TASK = "opsd.run_job"
+
+
+def filesystem_transport_options(settings: ServiceSettings) -> dict[str, Any]:
+    """Folders of the file-backed broker (created here): producer and consumer share `data`."""
+    root = filesystem_broker_root(settings)
+    data = root / "data"
+    for folder in (data, root / "processed", root / "control"):
+        folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(data),
+        "data_folder_out": str(data),
+        "store_processed": True,  # rename within one filesystem: atomic between consumers
+        "processed_folder": str(root / "processed"),
+        "control_folder": str(root / "control"),
+        "polling_interval": 0.5,
+    }
+
+
+def make_celery(settings: ServiceSettings) -> Celery:
+    """A Celery app for these settings (both the API, to send, and the worker, to consume)."""
+    app = Celery("opsd", broker=settings.broker_url, set_as_current=False)
+    conf: dict[str, Any] = {
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue}},
+        "broker_connection_retry_on_startup": True,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "enable_utc": True,
+    }
+    scheme = urlsplit(settings.broker_url).scheme
+    if is_filesystem_broker(settings.broker_url):
+        conf["broker_transport_options"] = filesystem_transport_options(settings)
+        conf["worker_enable_remote_control"] = False
+    elif scheme in {"redis", "rediss"}:
+        conf["broker_transport_options"] = {
+            "visibility_timeout": settings.broker_visibility_timeout_seconds,
+        }
+    app.conf.update(conf)
+    return app
+
+
+def enqueue_job(celery: Celery, job_id: str) -> str:
+    """Send `opsd.run_job(job_id)` (the id only); returns the message id."""
+    result = celery.send_task(
+        RUN_JOB_TASK,
+        args=[str(job_id)],
+        queue=celery.conf.task_default_queue,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        ignore_result=True,
+    )
+    return str(result.id)

@@ -1,0 +1,86 @@
+"""The expired-lease reaper: puts jobs of lost workers back on the queue.
+
+A worker that dies mid-run stops renewing its lease. `reap_once` asks the store to requeue every
+job whose lease expired (attempt + 1, or `failed` with `worker_lost` when attempts are used up)
+and sends a fresh message for each requeued job; the job then resumes from its last checkpoint
+on whichever worker claims it. Every worker process runs `Reaper` in a background thread; the
+store's conditional UPDATEs make concurrent reapers harmless, and a duplicate message is skipped
+by the claim. The same loop prunes old processed-message files of the file-backed broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from worker.queue import enqueue_job
+
+log = logging.getLogger("opsd.reaper")
+
+PROCESSED_MESSAGE_MAX_AGE_SECONDS = 24 * 3600.0
+
+
+def reap_once(store: Any, celery: Celery) -> list[str]:
+    """Requeue jobs with expired leases and re-enqueue each; returns their ids."""
+    job_ids = list(store.requeue_expired())
+    for job_id in job_ids:
+        enqueue_job(celery, job_id)
+        log.warning("job %s: its worker was lost; requeued", job_id)
+    return job_ids
+
+
+def prune_processed(folder: str | Path | None, *, max_age_seconds: float) -> int:
+    """Delete processed broker message files older than `max_age_seconds`; returns the count."""
+    if folder is None:
+        return 0
+    folder, cutoff, removed = Path(folder), time.time() - max_age_seconds, 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.glob("*.msg"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+class Reaper:
+    """Runs `reap_once` every `interval` seconds in a daemon thread until `stop()`."""
+
+    def __init__(
+        self,
+        store: Any,
+        celery: Celery,
+        *,
+        interval: float,
+        processed_folder: str | Path | None = None,
+    ) -> None:
+        self.store, self.celery, self.interval = store, celery, interval
+        self.processed_folder = processed_folder
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="opsd-reaper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                reap_once(self.store, self.celery)
+                prune_processed(
+                    self.processed_folder, max_age_seconds=PROCESSED_MESSAGE_MAX_AGE_SECONDS
+                )
+            except Exception:  # the database or broker is away: try again next round
+                log.exception("reaper round failed")

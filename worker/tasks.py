@@ -1,0 +1,62 @@
+"""The Celery task `opsd.run_job(job_id)`: as thin as a web view.
+
+It opens (once per process) the store named by the settings and hands the id to
+`worker.runner.run_job`, which owns every decision. Only a failure to even look at the job (the
+database is away) leaves the task; it is then retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import shared_task
+
+from opsd_service.settings import get_settings
+from worker.queue import RUN_JOB_TASK
+
+log = logging.getLogger("opsd.worker")
+
+MAX_TASK_RETRIES = 8
+_lock = threading.Lock()
+_stores: dict[str, Any] = {}
+_worker_id: list[str] = []
+
+
+def process_store(database_url: str) -> Any:
+    """One `jobstore.Store` per database URL per process (its engine holds the pool)."""
+    with _lock:
+        if database_url not in _stores:
+            from jobstore import Store
+
+            _stores[database_url] = Store(database_url)
+        return _stores[database_url]
+
+
+def process_worker_id() -> str:
+    """This process's lease owner id, made once (`hostname:pid:random`)."""
+    from worker.runner import new_worker_id
+
+    with _lock:
+        if not _worker_id:
+            _worker_id.append(new_worker_id())
+        return _worker_id[0]
+
+
+@shared_task(name=RUN_JOB_TASK, bind=True, max_retries=MAX_TASK_RETRIES, ignore_result=True)
+def run_job_task(self: Any, job_id: str) -> str:
+    """Run one job by id (see `worker.runner.run_job`)."""
+    from worker.runner import run_job
+
+    settings = get_settings()
+    try:
+        store = process_store(settings.database_url)
+        outcome = run_job(
+            str(job_id), store=store, settings=settings, worker_id=process_worker_id()
+        )
+    except Exception as exc:
+        log.warning("job %s: could not be started (%s); retrying", job_id, exc)
+        raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc
+    log.info("job %s: %s", job_id, outcome)
+    return outcome
