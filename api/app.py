@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.deps import KeyCache
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 
@@ -64,6 +65,7 @@ def create_app(
     app.state.store = store
     app.state.enqueue = enqueue
     app.state.broker_ping = broker_ping
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.build_router(JobSpec))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -26,10 +28,50 @@ async def get_tenant(request: Request, store: Annotated[Any, Depends(get_store)]
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "invalid_api_key", "the Authorization header must be 'Bearer <key>'")
-    tenant = await run_in_threadpool(store.authenticate, key.strip())
+    cache: KeyCache = request.app.state.key_cache
+    key = key.strip()
+    tenant = cache.get(key)
     if tenant is None:
-        raise APIError(401, "invalid_api_key", "the API key is not valid")
+        tenant = await run_in_threadpool(store.authenticate, key)
+        if tenant is None:
+            raise APIError(401, "invalid_api_key", "the API key is not valid")
+        cache.put(key, tenant)
     return tenant
+
+
+class KeyCache:
+    """Tenants of recently verified keys, so most requests skip the key lookup.
+
+    Entries live `ttl` seconds (a revoked key keeps working at most that long in this process)
+    and are keyed by the key's SHA-256, never by the key itself. Failed lookups are not cached.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, Any]] = {}
+
+    @staticmethod
+    def _digest(key: str) -> bytes:
+        return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+    def get(self, key: str) -> Any | None:
+        if self.ttl <= 0:
+            return None
+        entry = self._entries.get(self._digest(key))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: str, tenant: Any) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            now = time.monotonic()
+            self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+        self._entries[self._digest(key)] = (time.monotonic() + self.ttl, tenant)
 
 
 Store = Annotated[Any, Depends(get_store)]

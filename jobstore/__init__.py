@@ -6,6 +6,7 @@ Public surface: :class:`Store` (every query), the records, states and exceptions
 (``sqlite:///path``). Imports neither fastapi, celery nor torch.
 """
 
+from jobstore.evals import EVAL_STATUSES, EVAL_TERMINAL_STATUSES, EvalRecord
 from jobstore.migrate import current_revision, head_revision, upgrade
 from jobstore.records import (
     CANCELLED,
@@ -34,6 +35,8 @@ from jobstore.store import Store
 __all__ = [
     "CANCELLED",
     "CANCELLING",
+    "EVAL_STATUSES",
+    "EVAL_TERMINAL_STATUSES",
     "FAILED",
     "JOB_STATUSES",
     "LIVE_STATUSES",
@@ -43,6 +46,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "TRANSITIONS",
     "CheckpointRecord",
+    "EvalRecord",
     "EventRecord",
     "IdempotencyConflict",
     "InvalidCursor",

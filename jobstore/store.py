@@ -5,8 +5,9 @@ records (events, metrics, checkpoints). It talks to PostgreSQL or a SQLite file 
 transactions and returns the plain records of :mod:`jobstore.records`, never ORM objects.
 
 State machine (``jobstore.records.TRANSITIONS``): every status change is ONE conditional
-``UPDATE … WHERE id = :id AND status IN (…) [AND lease_owner = :worker]`` whose row count decides,
-plus an event row in the same transaction. Terminal states are never in any ``IN (…)`` list, so
+``UPDATE … WHERE id = :id AND status IN (…) [AND lease_owner = :worker] RETURNING …`` whose
+matched row decides (none: the transition is refused), plus an event row in the same
+transaction. Terminal states are never in any ``IN (…)`` list, so
 they never change. Transition events are named after the new status (``queued``, ``running``,
 ``cancelling``, ``cancelled``, ``succeeded``, ``failed``) except ``requeued`` (a lost worker's job
 going back to ``queued``).
@@ -31,7 +32,7 @@ import hashlib
 import hmac
 import math
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,6 +46,7 @@ from sqlalchemy.orm import Session
 from jobstore import metric_queries
 from jobstore.cursor import decode_cursor, encode_cursor
 from jobstore.db import create_engine, session_factory, write_engine
+from jobstore.evals import EvalQueries
 from jobstore.ids import new_api_key_id, new_job_id, new_tenant_id
 from jobstore.records import (
     CANCELLED,
@@ -98,6 +100,17 @@ def _parse_api_key(api_key: object) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+def _failure_values(error: JobError, now: datetime) -> dict[str, Any]:
+    """The columns a transition to ``failed`` sets."""
+    return {
+        "error_code": error.code,
+        "error_message": error.message,
+        "error_category": error.category,
+        "finished_at": now,
+        "lease_expires_at": None,
+    }
+
+
 def _tenant_record(row: Row[Any]) -> TenantRecord:
     m = row._mapping
     return TenantRecord(id=m["id"], name=m["name"], created_at=m["created_at"])
@@ -146,7 +159,7 @@ def _event_record(row: Row[Any]) -> EventRecord:
     )
 
 
-class Store:
+class Store(EvalQueries):
     """The service's state on PostgreSQL (``postgresql+psycopg://…``) or SQLite (``sqlite:///…``).
 
     Thread-safe: every method opens its own short transaction from a pool. The schema must have
@@ -196,11 +209,9 @@ class Store:
     def _insert(self, table: sa.Table) -> Any:
         """The dialect's INSERT (it has ``on_conflict_do_nothing`` / ``on_conflict_do_update``).
 
-        ``preserve_rowcount``: SQLAlchemy only reports an INSERT's row count when asked; ours
-        tells whether ``ON CONFLICT DO NOTHING`` inserted.
+        With ``ON CONFLICT DO NOTHING … RETURNING``, a returned row means "inserted".
         """
-        insert = postgresql.insert(table) if self._dialect == "postgresql" else sqlite.insert(table)
-        return insert.execution_options(preserve_rowcount=True)
+        return postgresql.insert(table) if self._dialect == "postgresql" else sqlite.insert(table)
 
     # -- tenants and API keys -----------------------------------------------------------------
 
@@ -248,8 +259,9 @@ class Store:
                         created_at=_now(),
                     )
                     .on_conflict_do_nothing(index_elements=["prefix"])
-                ).rowcount
-            if inserted == 1:
+                    .returning(api_keys.c.id)
+                ).first()
+            if inserted is not None:
                 return f"{API_KEY_PREFIX}_{prefix}_{secret}"
         raise StoreError("could not allocate a unique API key prefix")  # pragma: no cover
 
@@ -360,6 +372,7 @@ class Store:
                 updated_at=now,
             )
             .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+            .returning(*jobs.c)
         )
         with self._write() as session:
             if idempotency_key is not None:
@@ -367,12 +380,12 @@ class Store:
                 if existing is not None:
                     return self._replayed(existing, idempotency_key, request_hash)
             try:
-                inserted = session.execute(insert).rowcount == 1
+                row = session.execute(insert).first()
             except IntegrityError as exc:  # the only other constraint that can fail: the tenant
                 raise TenantNotFound(f"tenant {tenant_id!r} does not exist") from exc
-            if inserted:
+            if row is not None:
                 self._insert_event(session, job_id, QUEUED, "job queued", {"attempt": 1}, now)
-                return self._select_job(session, job_id), True
+                return _job_record(row), True
         # Another transaction inserted this key between our check and our insert (PostgreSQL
         # made ours wait for it to commit); it is visible now.
         assert idempotency_key is not None
@@ -398,10 +411,6 @@ class Store:
                 jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key == idempotency_key
             )
         ).first()
-
-    @staticmethod
-    def _select_job(session: Session, job_id: str) -> JobRecord:
-        return _job_record(session.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
 
     def get_job(self, job_id: str, *, tenant_id: str | None = None) -> JobRecord | None:
         """The job, or ``None`` if it does not exist (or belongs to another tenant)."""
@@ -488,17 +497,17 @@ class Store:
         from_statuses: tuple[str, ...],
         to_status: str,
         now: datetime,
-        message: str,
+        message: str | Callable[[JobRecord], str],
         *,
         worker_id: str | None = None,
         values: dict[str, Any] | None = None,
         extra_where: list[sa.ColumnElement[bool]] | None = None,
         event_kind: str | None = None,
-        event_data: dict[str, Any] | None = None,
-        emit_event: bool = True,
+        event_data: dict[str, Any] | Callable[[JobRecord], dict[str, Any]] | None = None,
     ) -> JobRecord | None:
         """One conditional UPDATE plus an event row; the job after it, or None if it matched
-        nothing (wrong status, not the lease owner, …).
+        nothing (wrong status, not the lease owner, …). ``message`` and ``event_data`` may be
+        functions of the updated job.
         """
         if any(to_status not in TRANSITIONS[s] for s in from_statuses):
             raise AssertionError(f"transition {from_statuses} -> {to_status} is not allowed")
@@ -513,38 +522,32 @@ class Store:
         ).first()
         if row is None:
             return None
-        if emit_event:
-            self._insert_event(session, job_id, event_kind or to_status, message, event_data, now)
-        return _job_record(row)
+        job = _job_record(row)
+        text = message(job) if callable(message) else message
+        data = event_data(job) if callable(event_data) else event_data
+        self._insert_event(session, job_id, event_kind or to_status, text, data, now)
+        return job
 
     def claim_job(self, job_id: str, worker_id: str, *, lease_seconds: float) -> JobRecord | None:
         """queued -> running for ``worker_id`` with a lease; ``None`` if the job is not queued."""
         now = _now()
         with self._write() as session:
-            job = self._transition(
+            return self._transition(
                 session,
                 job_id,
                 (QUEUED,),
                 RUNNING,
                 now,
-                "",
+                lambda job: (
+                    f"claimed by worker {worker_id} (attempt {job.attempt} of {job.max_attempts})"
+                ),
                 values={
                     "lease_owner": worker_id,
                     "lease_expires_at": now + timedelta(seconds=lease_seconds),
                     "started_at": sa.func.coalesce(jobs.c.started_at, _ts(now)),
                 },
-                emit_event=False,
+                event_data=lambda job: {"worker_id": worker_id, "attempt": job.attempt},
             )
-            if job is not None:
-                self._insert_event(
-                    session,
-                    job_id,
-                    RUNNING,
-                    f"claimed by worker {worker_id} (attempt {job.attempt} of {job.max_attempts})",
-                    {"worker_id": worker_id, "attempt": job.attempt},
-                    now,
-                )
-        return job
 
     def heartbeat(self, job_id: str, worker_id: str, *, lease_seconds: float) -> str | None:
         """Extend the lease if ``worker_id`` still holds it on a running/cancelling job.
@@ -616,13 +619,7 @@ class Store:
                 now,
                 f"{error.code}: {error.message}",
                 worker_id=worker_id,
-                values={
-                    "error_code": error.code,
-                    "error_message": error.message,
-                    "error_category": error.category,
-                    "finished_at": now,
-                    "lease_expires_at": None,
-                },
+                values=_failure_values(error, now),
                 event_data={"error": error.to_dict()},
             )
         return job is not None
@@ -721,13 +718,7 @@ class Store:
                         now,
                         f"{error.code}: {error.message}",
                         extra_where=same,
-                        values={
-                            "error_code": error.code,
-                            "error_message": error.message,
-                            "error_category": error.category,
-                            "finished_at": now,
-                            "lease_expires_at": None,
-                        },
+                        values=_failure_values(error, now),
                         event_data={"error": error.to_dict()},
                     )
         return requeued
@@ -743,6 +734,14 @@ class Store:
         data: dict[str, Any] | None,
         now: datetime,
     ) -> int:
+        if self._dialect == "postgresql":
+            # Serialize the job's event writers until commit, so that its event ids become
+            # visible in increasing order: a reader resuming ``after_id`` never skips an event
+            # whose (smaller) id was taken by a transaction that committed later. (SQLite
+            # write transactions are serialized already.)
+            session.execute(
+                sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(job_id, 0)))
+            )
         return session.execute(
             sa.insert(job_events)
             .values(job_id=job_id, kind=kind, message=message, data=data or {}, created_at=now)
@@ -779,7 +778,9 @@ class Store:
     ) -> list[EventRecord]:
         """The job's events with ``id > after_id``, ascending, at most ``limit``.
 
-        With ``tenant_id``, another tenant's job has no events (``[]``).
+        Ids of one job's events become visible in increasing order, so polling with the last
+        id seen (an SSE ``Last-Event-ID``) misses nothing. With ``tenant_id``, another tenant's
+        job has no events (``[]``).
         """
         query = (
             sa.select(job_events)

@@ -19,7 +19,7 @@ Method = Literal["opsd", "sft", "grpo"]
 DivergenceName = Literal["jsd", "forward_kl", "reverse_kl", "sampled_token"]
 TeacherMode = Literal["initial", "current"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-AVAILABLE_METHODS: tuple[str, ...] = ("opsd",)
+AVAILABLE_METHODS: tuple[str, ...] = ("opsd", "sft", "grpo")
 
 DEFAULT_STUDENT_TEMPLATE = "Problem: {problem}\nAnswer:"
 DEFAULT_TEACHER_TEMPLATE = (
@@ -139,6 +139,46 @@ class PromptConfig(_Group):
         return value
 
 
+class GRPOConfig(_Group):
+    """The GRPO baseline (paper Eq. 4-5): group-normalised binary rewards, clipped surrogate.
+
+    The group size is `generation.num_generations` (8 for `method: grpo` unless set).
+    """
+
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clip range of the importance ratio.")
+    kl_beta: float = Field(
+        0.0, ge=0.0, description="KL penalty to the initial policy (Table 6: 0)."
+    )
+    scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std.")
+    loss_normalization: Literal["sequence", "token"] = Field(
+        "sequence",
+        description="sequence: Eq. 5's 1/|o_i| per completion, then the mean over completions; "
+        "token: the mean over every completion token of the step (DAPO / Dr. GRPO).",
+    )
+
+
+class EvalSpec(_Group):
+    """Evaluation during/after training: avg@n and pass@k on a benchmark (problem/answer)."""
+
+    dataset_uri: str | None = Field(None, description="Benchmark file; no eval when unset.")
+    problem_field: str = Field("problem", min_length=1)
+    answer_field: str = Field("answer", min_length=1)
+    limit: int | None = Field(None, ge=1)
+    n: int = Field(16, ge=1, le=256, description="Samples per problem (paper: 16).")
+    max_new_tokens: int = Field(2048, ge=1, le=131072)
+    temperature: float = Field(0.6, ge=0.0, le=10.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k (paper Table 5: -1).")
+    thinking: bool | None = Field(
+        None, description="Qwen3 enable_thinking; None: template default."
+    )
+    every_steps: int | None = Field(
+        None, ge=1, description="Also evaluate every N optimizer steps."
+    )
+    at_end: bool = True
+    include_base: bool = Field(False, description="Also evaluate the base model (adapter off).")
+
+
 class RuntimeConfig(_Group):
     dtype: DType = "auto"
     gradient_checkpointing: bool = True
@@ -171,6 +211,15 @@ class JobSpec(BaseModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> JobSpec:
+        # GRPO samples a group per problem (paper: 8); OPSD one rollout. An explicit value wins.
+        if self.method == "grpo" and "num_generations" not in self.generation.model_fields_set:
+            self.generation = self.generation.model_copy(update={"num_generations": 8})
+        return self
 
     @field_validator("method")
     @classmethod
@@ -265,14 +314,19 @@ def load_spec(path: str | Path) -> JobSpec:
 
 def _resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
     """Local paths in a spec file are relative to the file, like most tools' config files."""
-    updates = {}
-    for name in ("base_model", "dataset_uri"):
-        value = getattr(spec, name)
-        if "://" in value or Path(value).is_absolute() or value.startswith("~"):
-            continue
+
+    def resolved(value: str | None) -> str | None:
+        if not value or "://" in value or Path(value).is_absolute() or value.startswith("~"):
+            return None
         candidate = base / value
-        if candidate.exists():
-            updates[name] = str(candidate.resolve())
+        return str(candidate.resolve()) if candidate.exists() else None
+
+    updates: dict[str, Any] = {}
+    for name in ("base_model", "dataset_uri"):
+        if (path := resolved(getattr(spec, name))) is not None:
+            updates[name] = path
+    if (path := resolved(spec.eval.dataset_uri)) is not None:
+        updates["eval"] = spec.eval.model_copy(update={"dataset_uri": path})
     return spec.model_copy(update=updates) if updates else spec
 
 

@@ -95,6 +95,7 @@ def keys_create(
 def api(
     host: str | None = typer.Option(None, "--host", help="Bind address (OPSD_API_HOST)."),
     port: int | None = typer.Option(None, "--port", help="Port (OPSD_API_PORT)."),
+    workers: int | None = typer.Option(None, "--workers", help="Processes (OPSD_API_WORKERS)."),
 ) -> None:
     """Serve the HTTP API (uvicorn, `api.app:create_app`)."""
     import uvicorn
@@ -105,6 +106,7 @@ def api(
         factory=True,
         host=host or settings.api_host,
         port=port if port is not None else settings.api_port,
+        workers=workers or settings.api_workers,
         proxy_headers=True,
         log_level="info",
     )

@@ -44,6 +44,10 @@ class ServiceSettings(BaseSettings):
     queue: str = Field("opsd", min_length=1, description="Celery queue the jobs go to.")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
+    api_workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes of `opsd api`.")
+    auth_cache_seconds: float = Field(
+        30.0, ge=0.0, description="How long the API trusts a checked key (revocation delay)."
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1)
     max_lora_rank: int = Field(256, ge=1)
     inference_url: str | None = Field(None, description="OpenAI-compatible server for adapters.")

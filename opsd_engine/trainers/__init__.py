@@ -1,4 +1,10 @@
-"""Trainers, one module per method; `run_training` picks the one a spec asks for."""
+"""Trainers, one module per method; `run_training` picks the one a spec's `method` asks for.
+
+`opsd` (on-policy self-distillation), `sft` (supervised fine-tuning on the reference solutions)
+and `grpo` (group-relative policy optimisation with a verifiable 0/1 reward). All three take the
+same job spec, report through the same callbacks, write the same checkpoints and count
+`generated_tokens` (sampled tokens per step) and `generated_tokens_total` the same way.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from pathlib import Path
 from opsd_engine.config import JobSpec
 from opsd_engine.data import Example
 from opsd_engine.events import TrainerCallbacks
-from opsd_engine.trainers.opsd import TrainResult
+from opsd_engine.trainers.common import TrainResult
 
 
 def run_training(
@@ -23,6 +29,14 @@ def run_training(
         from opsd_engine.trainers import opsd
 
         return opsd.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
+    if spec.method == "sft":
+        from opsd_engine.trainers import sft
+
+        return sft.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
+    if spec.method == "grpo":
+        from opsd_engine.trainers import grpo
+
+        return grpo.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
     raise ValueError(f"method {spec.method!r} has no trainer in this version")
 
 

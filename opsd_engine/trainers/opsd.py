@@ -15,12 +15,9 @@ Per optimizer step:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,55 +40,17 @@ from opsd_engine.prompts import (
     rollout_targets,
 )
 from opsd_engine.rollout import Rollout, SamplingParams, TransformersRolloutBackend
+from opsd_engine.trainers.common import (
+    ExampleStream,
+    HiddenStateScorer,
+    TrainResult,
+    make_accelerator,
+    spec_fingerprint,
+    total_optimizer_steps,
+)
+from opsd_engine.trainers.common import grad_norm as _grad_norm
 
-# Fields that do not change what training computes; a resume may differ in them.
-_RESUME_NEUTRAL_FIELDS = ("metadata", "checkpoint_every")
-
-
-@dataclass
-class TrainResult:
-    status: str  # "succeeded" | "cancelled"
-    step: int
-    total_steps: int
-    adapter_dir: Path | None
-    last_checkpoint: Path | None
-
-
-class ExampleStream:
-    """An endless, resumable stream of example indices: a fresh seeded permutation per epoch."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        if size <= 0:
-            raise ValueError("the dataset has no examples")
-        self.size, self.seed = size, seed
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator)
-        return self._perm
-
-    def take(self, start: int, count: int) -> list[int]:
-        out = []
-        for position in range(start, start + count):
-            epoch, offset = divmod(position, self.size)
-            out.append(int(self._permutation(epoch)[offset]))
-        return out
-
-
-def spec_fingerprint(spec: JobSpec) -> str:
-    data = spec_to_dict(spec)
-    for name in _RESUME_NEUTRAL_FIELDS:
-        data.pop(name, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def total_optimizer_steps(spec: JobSpec, dataset_size: int, world_size: int) -> int:
-    if spec.optim.max_steps is not None:
-        return spec.optim.max_steps
-    per_step = spec.optim.batch_size * spec.optim.grad_accum * world_size
-    return max(1, math.ceil((spec.optim.epochs or 1.0) * dataset_size / per_step))
+__all__ = ["ExampleStream", "OPSDTrainer", "TrainResult", "train"]
 
 
 class OPSDTrainer:
@@ -110,7 +69,7 @@ class OPSDTrainer:
         self.output_dir = Path(output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.callbacks = callbacks or NullCallbacks()
-        self.accelerator = accelerator or _make_accelerator(spec)
+        self.accelerator = accelerator or make_accelerator(spec)
         set_seed(spec.seed)
         self.examples = (
             list(examples)
@@ -147,7 +106,7 @@ class OPSDTrainer:
         # total_steps above already counts optimizer steps of the whole data-parallel group.
         self.scheduler = scheduler
         self.scorer, self.optimizer = self.accelerator.prepare(
-            _HiddenStateScorer(self.policy), optimizer
+            HiddenStateScorer(self.policy), optimizer
         )
         self.rollouts = TransformersRolloutBackend(
             self.policy.peft_model,
@@ -432,36 +391,6 @@ class OPSDTrainer:
         with torch.no_grad():
             teacher_logits = head(teacher_hidden)
         return rollout_loss_from_logits(student_logits, teacher_logits, targets, mask, **common)
-
-
-class _HiddenStateScorer(torch.nn.Module):
-    """What `accelerator.prepare` wraps (DDP/FSDP): the student's forward to final hidden states."""
-
-    def __init__(self, policy: PolicyModel) -> None:
-        super().__init__()
-        self.peft_model = policy.peft_model
-        self._policy = [policy]  # a list, so nn.Module does not register it twice
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
-        return self._policy[0].hidden_states(input_ids, attention_mask, position_ids)
-
-
-def _grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
-
-
-def _make_accelerator(spec: JobSpec) -> Accelerator:
-    from opsd_engine.modeling import resolve_device, resolve_dtype
-
-    device = resolve_device(spec.runtime.device)
-    dtype = resolve_dtype(spec.runtime.dtype, device)
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    return Accelerator(
-        cpu=device.type == "cpu", mixed_precision=mixed if device.type == "cuda" else "no"
-    )
 
 
 def train(

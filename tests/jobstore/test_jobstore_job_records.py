@@ -4,6 +4,7 @@ downsampled in SQL), checkpoints (upserted per step), each scoped to its tenant.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -31,6 +32,42 @@ def test_events_are_ordered_and_resumable(store: Store, make_job: Callable[..., 
     assert store.list_events(job.id)[-1].data == {}
     with pytest.raises(JobNotFound):
         store.add_event("job_missing", "log", "x")
+
+
+def test_polling_after_the_last_seen_id_misses_no_event(
+    store: Store, make_job: Callable[..., JobRecord]
+) -> None:
+    """Writers race; a reader that only ever asks for ``id > last seen`` still sees them all."""
+    job = make_job()
+    writers, per_writer = 4, 40
+    done = threading.Event()
+    seen: list[int] = []
+
+    def write(w: int) -> None:
+        for i in range(per_writer):
+            store.add_event(job.id, "log", f"{w}-{i}")
+
+    def read() -> None:
+        last = 0
+        while True:
+            finished = done.is_set()
+            batch = store.list_events(job.id, after_id=last)
+            seen.extend(e.id for e in batch)
+            last = batch[-1].id if batch else last
+            if finished and not batch:
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    reader.join()
+    assert seen == [e.id for e in store.list_events(job.id)]
+    assert len(seen) == 1 + writers * per_writer
 
 
 def test_per_job_records_are_tenant_scoped(

@@ -24,7 +24,7 @@ from jobstore.tables import metadata
 from tests.service_fixtures import fresh_postgres_url, sqlite_url
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"tenants", "api_keys", "jobs", "job_events", "metrics", "checkpoints"}
+TABLES = {"tenants", "api_keys", "jobs", "job_events", "metrics", "checkpoints", "evals"}
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +202,18 @@ def test_in_memory_sqlite_and_other_backends_are_refused() -> None:
         jobstore.Store("sqlite://")
     with pytest.raises(ValueError, match="unsupported"):
         jobstore.Store("mysql://u@h/db")
+
+
+def test_jobstore_imports_neither_web_nor_queue_nor_ml_frameworks() -> None:
+    code = (
+        "import sys, jobstore, jobstore.migrate; "
+        "print(sorted(m for m in ('fastapi', 'celery', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_nothing_outside_tests_creates_tables_without_migrations() -> None:

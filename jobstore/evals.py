@@ -1,0 +1,242 @@
+"""Eval runs in the store: the ``evals`` table, its record and the queries (a :class:`Store` mixin).
+
+An eval scores a finished job's adapter (the final one or a checkpoint's) on a benchmark; its row
+holds the request (``config``), the outcome (``results``: the benchmark summaries) and its state:
+``queued -> running -> succeeded | failed`` (``queued -> failed`` when it cannot even be
+enqueued). Each change is one conditional UPDATE, like the jobs' state machine. A worker holds a
+running eval under a lease (``lease_owner``, ``lease_expires_at``); a redelivered message may
+take over an eval whose lease ran out (its worker died), so a lost worker never leaves an eval
+``running`` for ever.
+
+The table is defined on :data:`jobstore.tables.metadata` (the migrations create it: revision
+``0002_evals``). Rows are deleted with their job (``ON DELETE CASCADE``).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+
+from jobstore.ids import new_id
+from jobstore.records import FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobNotFound
+from jobstore.tables import JSONDoc, UTCDateTime, metadata
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+EVAL_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+EVAL_TERMINAL_STATUSES: frozenset[str] = frozenset({SUCCEEDED, FAILED})
+
+_eval_status_list = ", ".join(f"'{s}'" for s in EVAL_STATUSES)
+
+evals = sa.Table(
+    "evals",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant_id", sa.String(40), sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column(
+        "job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("config", JSONDoc, nullable=False),
+    sa.Column("results", JSONDoc, nullable=True),
+    sa.Column("error_code", sa.String(64), nullable=True),
+    sa.Column("error_message", sa.Text(), nullable=True),
+    sa.Column("error_category", sa.String(16), nullable=True),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=True),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.CheckConstraint(f"status IN ({_eval_status_list})", name="status"),
+    sa.Index(None, "job_id", "created_at"),
+    sa.Index(None, "tenant_id", "created_at"),
+)
+
+
+def new_eval_id() -> str:
+    return new_id("eval")
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    id: str
+    tenant_id: str
+    job_id: str
+    status: str
+    config: dict[str, Any]
+    results: dict[str, Any] | None
+    error: JobError | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in EVAL_TERMINAL_STATUSES
+
+
+def _eval_record(row: Row[Any]) -> EvalRecord:
+    m = row._mapping
+    error = None
+    if m["error_code"] is not None:
+        error = JobError(
+            code=m["error_code"],
+            message=m["error_message"] or "",
+            category=m["error_category"] or "system",
+        )
+    return EvalRecord(
+        id=m["id"],
+        tenant_id=m["tenant_id"],
+        job_id=m["job_id"],
+        status=m["status"],
+        config=dict(m["config"] or {}),
+        results=dict(m["results"]) if m["results"] is not None else None,
+        error=error,
+        lease_owner=m["lease_owner"],
+        lease_expires_at=m["lease_expires_at"],
+        created_at=m["created_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class EvalQueries:
+    """The eval queries of :class:`jobstore.Store` (mixed in; uses its sessions)."""
+
+    if TYPE_CHECKING:
+
+        def _read(self) -> AbstractContextManager[Session]: ...
+
+        def _write(self) -> AbstractContextManager[Session]: ...
+
+    def create_eval(self, tenant_id: str, job_id: str, *, config: dict[str, Any]) -> EvalRecord:
+        """A new ``queued`` eval of ``job_id``; :class:`JobNotFound` if the job does not exist."""
+        insert = (
+            sa.insert(evals)
+            .values(
+                id=new_eval_id(),
+                tenant_id=tenant_id,
+                job_id=job_id,
+                status=QUEUED,
+                config=config,
+                created_at=_now(),
+            )
+            .returning(*evals.c)
+        )
+        try:
+            with self._write() as session:
+                return _eval_record(session.execute(insert).one())
+        except IntegrityError as exc:
+            raise JobNotFound(job_id) from exc
+
+    def get_eval(self, eval_id: str, tenant_id: str | None = None) -> EvalRecord | None:
+        """The eval, or ``None`` if it does not exist (or belongs to another tenant)."""
+        query = sa.select(evals).where(evals.c.id == eval_id)
+        if tenant_id is not None:
+            query = query.where(evals.c.tenant_id == tenant_id)
+        with self._read() as session:
+            row = session.execute(query).first()
+        return None if row is None else _eval_record(row)
+
+    def list_evals(self, job_id: str, *, tenant_id: str | None = None) -> list[EvalRecord]:
+        """The job's evals, oldest first."""
+        query = sa.select(evals).where(evals.c.job_id == job_id)
+        if tenant_id is not None:
+            query = query.where(evals.c.tenant_id == tenant_id)
+        query = query.order_by(evals.c.created_at, evals.c.id)
+        with self._read() as session:
+            return [_eval_record(row) for row in session.execute(query)]
+
+    def claim_eval(
+        self, eval_id: str, worker_id: str, *, lease_seconds: float = 300.0
+    ) -> EvalRecord | None:
+        """queued -> running for ``worker_id``, or take over a running eval whose lease expired.
+
+        ``None`` when the eval is finished, or running under a live lease of another worker.
+        """
+        now = _now()
+        claimable = sa.or_(
+            evals.c.status == QUEUED,
+            sa.and_(
+                evals.c.status == RUNNING,
+                evals.c.lease_expires_at < sa.literal(now, UTCDateTime()),
+            ),
+        )
+        with self._write() as session:
+            row = session.execute(
+                sa.update(evals)
+                .where(evals.c.id == eval_id, claimable)
+                .values(
+                    status=RUNNING,
+                    lease_owner=worker_id,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    started_at=sa.func.coalesce(evals.c.started_at, sa.literal(now, UTCDateTime())),
+                )
+                .returning(*evals.c)
+            ).first()
+        return None if row is None else _eval_record(row)
+
+    def renew_eval_lease(self, eval_id: str, worker_id: str, *, lease_seconds: float) -> bool:
+        """Extend the lease of a running eval held by ``worker_id``; False if it lost it."""
+        with self._write() as session:
+            result = session.execute(
+                sa.update(evals)
+                .where(
+                    evals.c.id == eval_id,
+                    evals.c.status == RUNNING,
+                    evals.c.lease_owner == worker_id,
+                )
+                .values(lease_expires_at=_now() + timedelta(seconds=lease_seconds))
+                .returning(evals.c.id)
+            ).first()
+        return result is not None
+
+    def finish_eval(
+        self, eval_id: str, *, results: dict[str, Any], worker_id: str | None = None
+    ) -> bool:
+        """running -> succeeded with ``results`` (only for the lease owner if ``worker_id``)."""
+        where = [evals.c.id == eval_id, evals.c.status == RUNNING]
+        if worker_id is not None:
+            where.append(evals.c.lease_owner == worker_id)
+        return self._set_eval(
+            where,
+            status=SUCCEEDED,
+            results=results,
+            finished_at=_now(),
+            lease_expires_at=None,
+        )
+
+    def fail_eval(self, eval_id: str, *, error: JobError, worker_id: str | None = None) -> bool:
+        """queued|running -> failed with ``error`` (only for the lease owner if ``worker_id``)."""
+        where = [evals.c.id == eval_id, evals.c.status.in_((QUEUED, RUNNING))]
+        if worker_id is not None:
+            where.append(evals.c.lease_owner == worker_id)
+        return self._set_eval(
+            where,
+            status=FAILED,
+            error_code=error.code,
+            error_message=error.message,
+            error_category=error.category,
+            finished_at=_now(),
+            lease_expires_at=None,
+        )
+
+    def _set_eval(self, where: list[sa.ColumnElement[bool]], **values: Any) -> bool:
+        with self._write() as session:
+            row = session.execute(
+                sa.update(evals).where(*where).values(**values).returning(evals.c.id)
+            ).first()
+        return row is not None

@@ -1,0 +1,200 @@
+"""Pieces every trainer shares: the run result, the resumable example stream, step accounting.
+
+Each trainer module (`opsd`, `sft`, `grpo`) is its own recipe, readable top to bottom; what lives
+here is only what would otherwise be copied verbatim between them and must stay identical for
+checkpoints and token accounting to mean the same thing across methods:
+
+* :class:`TrainResult`, :class:`ExampleStream` (a fresh seeded permutation per epoch, resumable
+  from a position), :func:`spec_fingerprint` (resume refuses a different spec) and
+  :func:`total_optimizer_steps`;
+* :func:`make_accelerator`, :class:`HiddenStateScorer` (what `accelerator.prepare` wraps) and
+  :func:`grad_norm`;
+* :func:`token_logprobs_from_hidden`: log-probabilities of given tokens from final hidden states,
+  a chunk of positions at a time (recomputed in backward), so memory never holds ``[T, V]``
+  logits. SFT's cross-entropy and GRPO's policy ratio both need exactly this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from opsd_engine.config import JobSpec, spec_to_dict
+from opsd_engine.modeling import PolicyModel
+
+# Fields that do not change what training computes; a resume may differ in them.
+RESUME_NEUTRAL_FIELDS = ("metadata", "checkpoint_every")
+
+__all__ = [
+    "RESUME_NEUTRAL_FIELDS",
+    "ExampleStream",
+    "HiddenStateScorer",
+    "TokenLogprobs",
+    "TrainResult",
+    "grad_norm",
+    "make_accelerator",
+    "spec_fingerprint",
+    "token_logprobs_from_hidden",
+    "total_optimizer_steps",
+]
+
+
+@dataclass
+class TrainResult:
+    status: str  # "succeeded" | "cancelled"
+    step: int
+    total_steps: int
+    adapter_dir: Path | None
+    last_checkpoint: Path | None
+
+
+class ExampleStream:
+    """An endless, resumable stream of example indices: a fresh seeded permutation per epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        if size <= 0:
+            raise ValueError("the dataset has no examples")
+        self.size, self.seed = size, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator)
+        return self._perm
+
+    def take(self, start: int, count: int) -> list[int]:
+        out = []
+        for position in range(start, start + count):
+            epoch, offset = divmod(position, self.size)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+
+def spec_fingerprint(spec: JobSpec) -> str:
+    data = spec_to_dict(spec)
+    for name in RESUME_NEUTRAL_FIELDS:
+        data.pop(name, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def total_optimizer_steps(spec: JobSpec, dataset_size: int, world_size: int) -> int:
+    if spec.optim.max_steps is not None:
+        return spec.optim.max_steps
+    per_step = spec.optim.batch_size * spec.optim.grad_accum * world_size
+    return max(1, math.ceil((spec.optim.epochs or 1.0) * dataset_size / per_step))
+
+
+class HiddenStateScorer(torch.nn.Module):
+    """What `accelerator.prepare` wraps (DDP/FSDP): the policy's forward to final hidden states."""
+
+    def __init__(self, policy: PolicyModel) -> None:
+        super().__init__()
+        self.peft_model = policy.peft_model
+        self._policy = [policy]  # a list, so nn.Module does not register it twice
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self._policy[0].hidden_states(input_ids, attention_mask, position_ids)
+
+
+def grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+def make_accelerator(spec: JobSpec) -> Accelerator:
+    from opsd_engine.modeling import resolve_device, resolve_dtype
+
+    device = resolve_device(spec.runtime.device)
+    dtype = resolve_dtype(spec.runtime.dtype, device)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return Accelerator(
+        cpu=device.type == "cpu", mixed_precision=mixed if device.type == "cuda" else "no"
+    )
+
+
+# ------------------------------------------------------------------ log-probs of given tokens
+@dataclass
+class TokenLogprobs:
+    """Per-position results of :func:`token_logprobs_from_hidden`, each ``[B, T]`` float32.
+
+    Masked-out positions hold 0. Only ``logprobs`` carries a gradient (to the hidden states).
+    """
+
+    logprobs: Tensor
+    entropy: Tensor  # detached: entropy of the full next-token distribution
+    argmax_hit: Tensor  # detached: 1.0 where the most likely token is the target
+
+
+def _chunk_logprobs(
+    rows: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    logits = F.linear(rows.float(), weight.float(), None if bias is None else bias.float())
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_p = F.log_softmax(logits, dim=-1)
+    picked = log_p.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        hit = (log_p.argmax(-1) == ids).float()
+    return picked, entropy, hit
+
+
+def token_logprobs_from_hidden(
+    hidden: Tensor,
+    output_weight: Tensor,
+    output_bias: Tensor | None,
+    target_ids: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> TokenLogprobs:
+    """``log softmax(hidden @ W.T + b)[target]`` at the masked-in positions, chunk by chunk.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states; position ``t`` predicts ``target_ids[:, t]``.
+        output_weight: ``[V, H]`` output projection; frozen (detached), as LoRA never trains it.
+        output_bias: ``[V]`` or ``None``.
+        target_ids: ``[B, T]`` token ids whose log-probabilities are wanted.
+        mask: ``[B, T]`` bool; only these positions are computed (others give 0).
+        temperature: logits are divided by it before the softmax (1 = the model's distribution).
+        chunk_size: positions per chunk. Each chunk's ``[chunk, V]`` logits are recomputed in the
+            backward pass instead of being stored, so peak memory is one chunk's logits.
+    """
+    if hidden.shape[:-1] != mask.shape or target_ids.shape != mask.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, target_ids {tuple(target_ids.shape)} and mask "
+            f"{tuple(mask.shape)} do not line up"
+        )
+    size = hidden.shape[-1]
+    index = mask.reshape(-1).bool().nonzero().squeeze(1)
+    rows = hidden.reshape(-1, size).index_select(0, index)
+    ids = target_ids.reshape(-1).to(hidden.device).index_select(0, index).long()
+    weight = output_weight.detach()
+    bias = output_bias.detach() if output_bias is not None else None
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    for start in range(0, rows.shape[0], chunk_size):
+        args = (rows[start : start + chunk_size], weight, bias, ids[start : start + chunk_size])
+        if rows.requires_grad:
+            parts.append(checkpoint(_chunk_logprobs, *args, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*args, temperature))
+    empty = rows.new_zeros(0, dtype=torch.float32)
+    flat = [torch.cat(p) for p in zip(*parts, strict=True)] if parts else [empty] * 3
+    out = []
+    for values in flat:
+        full = torch.zeros(mask.numel(), dtype=torch.float32, device=hidden.device)
+        out.append(full.index_put((index,), values).reshape(mask.shape))
+    return TokenLogprobs(logprobs=out[0], entropy=out[1].detach(), argmax_hit=out[2].detach())
