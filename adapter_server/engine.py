@@ -289,12 +289,15 @@ class AdapterEngine:
                     f"({len(prompt)} in the messages, {sampling.max_tokens} in the completion).",
                     param="max_tokens",
                 )
+        # Greedy decoding gives one answer per prompt: sample it once and repeat it n times.
+        greedy = sampling.temperature == 0
+        per_prompt = 1 if greedy else sampling.n
         params = SamplingParams(
             max_new_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=max(sampling.top_k, 0),
-            num_generations=sampling.n,
+            num_generations=per_prompt,
         )
         with self._lock, self._selected(model) as runnable, self._rng(sampling.seed):
             backend = TransformersRolloutBackend(
@@ -302,7 +305,7 @@ class AdapterEngine:
                 pad_id=int(self.tokenizer.pad_token_id),
                 stop_ids=self.stop_ids,
                 device=self.device,
-                batch_size=max(1, self.max_batch_sequences // sampling.n),
+                batch_size=max(1, self.max_batch_sequences // per_prompt),
             )
             rollouts = backend.generate([list(map(int, p)) for p in prompts], params)
         out: list[list[Sample]] = [[] for _ in prompts]
@@ -312,7 +315,8 @@ class AdapterEngine:
             cut = _cut_at_stop_strings(text, sampling.stop)
             if cut is not None:
                 text, reason = cut, "stop"
-            out[rollout.prompt_index].append(Sample(text, len(rollout.token_ids), reason))
+            sample = Sample(text, len(rollout.token_ids), reason)
+            out[rollout.prompt_index].extend([sample] * (sampling.n if greedy else 1))
         return out
 
     @contextlib.contextmanager

@@ -96,9 +96,7 @@ class BaseClient:
     def _should_retry_exception(self, exc: Exception, *, idempotent: bool, attempt: int) -> bool:
         if attempt >= self.max_retries:
             return False
-        return isinstance(exc, _NOT_SENT) or (
-            idempotent and isinstance(exc, httpx.TransportError)
-        )
+        return isinstance(exc, _NOT_SENT) or (idempotent and isinstance(exc, httpx.TransportError))
 
     def _should_retry_status(self, status: int, *, idempotent: bool, attempt: int) -> bool:
         return attempt < self.max_retries and idempotent and status in RETRY_STATUSES

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from opsd_client.models import Eval, Job
+    from opsd_client.models import AsyncEval, AsyncJob, Eval, Job
 
 __all__ = [
     "APIConnectionError",
@@ -98,7 +98,8 @@ class APIStatusError(APIError):
         return f"{self.status} {self.code}: {self.message}{where}"
 
     def __reduce__(self) -> Any:  # picklable without the httpx response
-        return (_rebuild_status_error, (type(self), self.message, self.status, self.code, self.param))
+        args = (type(self), self.message, self.status, self.code, self.param)
+        return (_rebuild_status_error, args)
 
 
 def _rebuild_status_error(
@@ -186,7 +187,7 @@ def error_for_response(response: httpx.Response) -> APIStatusError:
 class JobFailedError(OPSDError):
     """The job ended `failed`; `code`, `message`, `category` are the server's reason."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job | AsyncJob) -> None:
         error = job.error
         self.job = job
         self.code = error.code if error else "failed"
@@ -198,7 +199,7 @@ class JobFailedError(OPSDError):
 class JobCancelledError(OPSDError):
     """The job ended `cancelled`; `reason` is the server's account of it."""
 
-    def __init__(self, job: Job, reason: str | None = None) -> None:
+    def __init__(self, job: Job | AsyncJob, reason: str | None = None) -> None:
         self.job = job
         self.reason = reason or "the job was cancelled"
         super().__init__(f"job {job.id} was cancelled: {self.reason}")
@@ -207,7 +208,7 @@ class JobCancelledError(OPSDError):
 class EvalFailedError(OPSDError):
     """The evaluation ended `failed`; `reason` is the server's message."""
 
-    def __init__(self, evaluation: Eval) -> None:
+    def __init__(self, evaluation: Eval | AsyncEval) -> None:
         self.eval = evaluation
         error = evaluation.error
         if isinstance(error, str):

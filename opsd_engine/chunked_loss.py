@@ -298,10 +298,13 @@ def _chunk_loss(
 class _ChunkedRolloutLoss(torch.autograd.Function):
     """Sum of per-token losses over ``N`` valid positions, gradient to the student hidden only.
 
-    Inputs: ``student_hidden [N, H]``, ``teacher_hidden [N, H]`` (detached), ``weight [V, H]`` and
-    ``bias [V] | None`` (detached), ``sampled_ids [N]``. Outputs, all 0-d: the loss sum (the only
+    Inputs: ``student_hidden [..., H]``, ``teacher_hidden [..., H]`` (detached), ``positions
+    [N, ndim - 1]`` (coordinates of the valid positions), ``weight [V, H]`` and ``bias [V] | None``
+    (detached),
+    ``sampled_ids [N]`` (of the valid positions). Outputs, all 0-d: the loss sum (the only
     differentiable output), divergence sum, student and teacher entropy sums, clipped count.
-    The hidden-state gradient is computed during the forward pass, chunk by chunk.
+    Valid rows are gathered one chunk at a time (no ``[N, H]`` copies); the hidden-state gradient
+    is computed during the forward pass, chunk by chunk, and scattered back in ``backward``.
     """
 
     @staticmethod
@@ -309,6 +312,7 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
         ctx: FunctionCtx,
         student_hidden: Tensor,
         teacher_hidden: Tensor,
+        positions: Tensor,
         weight: Tensor,
         bias: Tensor | None,
         sampled_ids: Tensor,
@@ -320,7 +324,7 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         dtype = compute_dtype(student_hidden, teacher_hidden, weight)
         device = student_hidden.device
-        n_valid = student_hidden.shape[0]
+        n_valid = positions.shape[0]
         vocab = weight.shape[0]
         want_grad = bool(ctx.needs_input_grad[0])  # type: ignore[attr-defined]
         rows = min(chunk_size, n_valid)
@@ -330,7 +334,7 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
         ps, pt, scratch = (torch.empty((rows, vocab), device=device, dtype=dtype) for _ in range(3))
         matmul_dtype = weight.dtype if _fast_low_precision(weight, dtype) else dtype
         grad_hidden = (
-            torch.empty((n_valid, student_hidden.shape[1]), device=device, dtype=dtype)
+            torch.empty((n_valid, student_hidden.shape[-1]), device=device, dtype=dtype)
             if want_grad
             else None
         )
@@ -346,11 +350,9 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
                 end = min(start + chunk_size, n_valid)
                 n = end - start
                 pair = pair_logits[: 2 * n]
+                where = tuple(positions[start:end].unbind(1))
                 hidden_pair = torch.cat(
-                    (
-                        student_hidden[start:end].to(matmul_dtype),
-                        teacher_hidden[start:end].to(matmul_dtype),
-                    )
+                    (student_hidden[where].to(matmul_dtype), teacher_hidden[where].to(matmul_dtype))
                 )
                 _project(hidden_pair, weight, bias, pair)
                 if temperature != 1.0:
@@ -370,7 +372,8 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
                 )
                 if grad_hidden is not None:
                     _back_project(grad_logits, weight, grad_hidden[start:end])
-        ctx.save_for_backward(grad_hidden)
+        ctx.save_for_backward(grad_hidden, positions)
+        ctx.hidden_shape = student_hidden.shape  # type: ignore[attr-defined]
         ctx.hidden_dtype = student_hidden.dtype  # type: ignore[attr-defined]
         outputs = (
             stats.loss,
@@ -387,11 +390,13 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_loss: Tensor, *_unused: Tensor
     ) -> tuple[Tensor | None, ...]:
-        (grad_hidden,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_hidden, positions = ctx.saved_tensors  # type: ignore[attr-defined]
         grad = None
         if grad_hidden is not None:
-            grad = (grad_hidden * grad_loss.to(grad_hidden.dtype)).to(ctx.hidden_dtype)  # type: ignore[attr-defined]
-        return grad, None, None, None, None, None, None, None, None, None
+            rows = (grad_hidden * grad_loss.to(grad_hidden.dtype)).to(ctx.hidden_dtype)  # type: ignore[attr-defined]
+            grad = rows.new_zeros(ctx.hidden_shape)  # type: ignore[attr-defined]
+            grad.index_put_(tuple(positions.unbind(1)), rows)
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def rollout_loss_from_hidden(
@@ -463,16 +468,15 @@ def rollout_loss_from_hidden(
     if chunk_size is None:
         chunk_size = auto_chunk_size(vocab, hidden_size, student_hidden.device, dtype=dtype)
 
-    valid = mask.reshape(-1).bool()
-    index = valid.nonzero().squeeze(1)
-    student_rows = student_hidden.reshape(-1, hidden_size).index_select(0, index)
-    teacher_rows = teacher_hidden.detach().reshape(-1, hidden_size).index_select(0, index)
-    ids = sampled_ids.reshape(-1).index_select(0, index).long()
+    valid = mask.bool()
+    positions = valid.nonzero()  # [N, ndim - 1]: the valid positions, in row-major order
+    ids = sampled_ids[valid].long()
     bias = output_bias.detach() if output_bias is not None else None
 
     loss_sum, divergence_sum, student_entropy, teacher_entropy, clipped = _ChunkedRolloutLoss.apply(
-        student_rows,
-        teacher_rows,
+        student_hidden,
+        teacher_hidden.detach(),
+        positions,
         output_weight.detach(),
         bias,
         ids,

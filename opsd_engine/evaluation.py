@@ -239,7 +239,9 @@ def evaluate_model(
         student_prompt_ids(tokenizer, example.problem, prompts, thinking=thinking)
         for example in examples
     ]
-    per_call = max(1, settings.batch_size // settings.n)
+    # Greedy decoding (temperature 0) has one answer per problem: sample it once, repeat it n times.
+    per_problem = 1 if settings.temperature == 0 else settings.n
+    per_call = max(1, settings.batch_size // per_problem)
     backend = TransformersRolloutBackend(
         model,
         pad_id=int(tokenizer.pad_token_id),
@@ -252,7 +254,7 @@ def evaluate_model(
         temperature=settings.temperature,
         top_p=settings.top_p,
         top_k=settings.top_k,
-        num_generations=settings.n,
+        num_generations=per_problem,
     )
     texts: list[list[str]] = [[] for _ in examples]
     lengths: list[list[int]] = [[] for _ in examples]
@@ -266,8 +268,10 @@ def evaluate_model(
         chunk = prompt_ids[start : start + per_call]
         for rollout in backend.generate(chunk, params):
             index = start + rollout.prompt_index
-            texts[index].append(tokenizer.decode(rollout.token_ids, skip_special_tokens=True))
-            lengths[index].append(len(rollout.token_ids))
+            copies = settings.n // per_problem
+            text = tokenizer.decode(rollout.token_ids, skip_special_tokens=True)
+            texts[index].extend([text] * copies)
+            lengths[index].extend([len(rollout.token_ids)] * copies)
     logger.info(
         "evaluated %d problems x %d samples (%d tokens)",
         len(examples),

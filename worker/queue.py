@@ -20,6 +20,7 @@ from celery import Celery
 from opsd_service.settings import ServiceSettings, filesystem_broker_root, is_filesystem_broker
 
 RUN_JOB_TASK = "opsd.run_job"
+RUN_EVAL_TASK = "opsd.run_eval"
 
 
 def filesystem_transport_options(settings: ServiceSettings) -> dict[str, Any]:
@@ -51,7 +52,10 @@ def make_celery(settings: ServiceSettings) -> Celery:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.queue,
-        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue}},
+        "task_routes": {
+            RUN_JOB_TASK: {"queue": settings.queue},
+            RUN_EVAL_TASK: {"queue": settings.queue},
+        },
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": False,
         "task_send_sent_event": False,
@@ -74,6 +78,19 @@ def enqueue_job(celery: Celery, job_id: str) -> str:
     result = celery.send_task(
         RUN_JOB_TASK,
         args=[str(job_id)],
+        queue=celery.conf.task_default_queue,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        ignore_result=True,
+    )
+    return str(result.id)
+
+
+def enqueue_eval(celery: Celery, eval_id: str) -> str:
+    """Send `opsd.run_eval(eval_id)` (the id only); returns the message id."""
+    result = celery.send_task(
+        RUN_EVAL_TASK,
+        args=[str(eval_id)],
         queue=celery.conf.task_default_queue,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},

@@ -1,7 +1,7 @@
-"""The Celery task `opsd.run_job(job_id)`: as thin as a web view.
+"""The Celery tasks `opsd.run_job(job_id)` and `opsd.run_eval(eval_id)`: as thin as web views.
 
-It opens (once per process) the store named by the settings and hands the id to
-`worker.runner.run_job`, which owns every decision. Only a failure to even look at the job (the
+Each opens (once per process) the store named by the settings and hands the id to
+`worker.runner.run_job` / `worker.evals.run_eval`, which own every decision. Only a failure to even look at the job (the
 database is away) leaves the task; it is then retried with backoff.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 from celery import shared_task
 
 from opsd_service.settings import get_settings
-from worker.queue import RUN_JOB_TASK
+from worker.queue import RUN_EVAL_TASK, RUN_JOB_TASK
 
 log = logging.getLogger("opsd.worker")
 
@@ -59,4 +59,22 @@ def run_job_task(self: Any, job_id: str) -> str:
         log.warning("job %s: could not be started (%s); retrying", job_id, exc)
         raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc
     log.info("job %s: %s", job_id, outcome)
+    return outcome
+
+
+@shared_task(name=RUN_EVAL_TASK, bind=True, max_retries=MAX_TASK_RETRIES, ignore_result=True)
+def run_eval_task(self: Any, eval_id: str) -> str:
+    """Run one eval by id (see `worker.evals.run_eval`)."""
+    from worker.evals import run_eval
+
+    settings = get_settings()
+    try:
+        store = process_store(settings.database_url)
+        outcome = run_eval(
+            str(eval_id), store=store, settings=settings, worker_id=process_worker_id()
+        )
+    except Exception as exc:
+        log.warning("eval %s: could not be started (%s); retrying", eval_id, exc)
+        raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc
+    log.info("eval %s: %s", eval_id, outcome)
     return outcome

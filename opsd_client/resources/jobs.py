@@ -331,7 +331,7 @@ class Jobs:
         Returns the folder or archive written. Raises `ConflictError` before the job succeeded.
         """
         target = Path(path).expanduser()
-        with _download_target(target, job_id, extract) as archive:
+        with _download_target(target, job_id, extract) as (archive, final):
             response = self._client._http_api.request(
                 "GET",
                 job_path(job_id, "/adapter"),
@@ -345,7 +345,9 @@ class Jobs:
                         out.write(chunk)
             finally:
                 response.close()
-            return extract_adapter(archive, target) if extract else archive
+            if extract:
+                extract_adapter(archive, target)
+        return final
 
     def wait(
         self,
@@ -463,9 +465,7 @@ class AsyncJobs:
         return self._job(await self._client._http_api.request("GET", job_path(job_id)))
 
     async def cancel(self, job_id: str) -> AsyncJob:
-        return self._job(
-            await self._client._http_api.request("POST", job_path(job_id, "/cancel"))
-        )
+        return self._job(await self._client._http_api.request("POST", job_path(job_id, "/cancel")))
 
     async def metrics(
         self,
@@ -568,7 +568,7 @@ class AsyncJobs:
     ) -> Path:
         """Download the adapter; see `Jobs.download_adapter`."""
         target = Path(path).expanduser()
-        with _download_target(target, job_id, extract) as archive:
+        with _download_target(target, job_id, extract) as (archive, final):
             response = await self._client._http_api.request(
                 "GET",
                 job_path(job_id, "/adapter"),
@@ -582,9 +582,9 @@ class AsyncJobs:
                         out.write(chunk)
             finally:
                 await response.aclose()
-            if not extract:
-                return archive
-            return await asyncio.to_thread(extract_adapter, archive, target)
+            if extract:
+                await asyncio.to_thread(extract_adapter, archive, target)
+        return final
 
     async def wait(
         self,
@@ -605,10 +605,10 @@ class AsyncJobs:
             if job.status == "succeeded":
                 return job
             if job.status == "failed":
-                raise JobFailedError(job)  # type: ignore[arg-type]
+                raise JobFailedError(job)
             if job.status == "cancelled":
                 reason = cancel_reason(await self.events(job_id))
-                raise JobCancelledError(job, reason)  # type: ignore[arg-type]
+                raise JobCancelledError(job, reason)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -625,14 +625,16 @@ def _as_api_error(exc: Exception) -> APIConnectionError:
 
 
 @contextlib.contextmanager
-def _download_target(target: Path, job_id: str, extract: bool) -> Iterator[Path]:
-    """The file the archive is streamed into: a temporary one when it is to be extracted."""
+def _download_target(target: Path, job_id: str, extract: bool) -> Iterator[tuple[Path, Path]]:
+    """(file to stream the archive into, path to return). Without `extract` the archive is
+    written beside its destination and renamed into place once complete; with it, the archive
+    is a temporary file and the destination is the (empty or new) folder."""
     if not extract:
         destination = archive_path(target, job_id)
         destination.parent.mkdir(parents=True, exist_ok=True)
         partial = destination.with_name(destination.name + ".partial")
         try:
-            yield partial
+            yield partial, destination
             partial.replace(destination)
         finally:
             partial.unlink(missing_ok=True)
@@ -640,4 +642,4 @@ def _download_target(target: Path, job_id: str, extract: bool) -> Iterator[Path]
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not an empty folder")
     with tempfile.TemporaryDirectory(prefix="opsd-adapter-") as tmp:
-        yield Path(tmp) / f"{job_id}-adapter.tar.gz"
+        yield Path(tmp) / f"{job_id}-adapter.tar.gz", target

@@ -161,6 +161,44 @@ def test_twenty_valid_positions_in_chunks_of_seven() -> None:
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
 
 
+def test_non_contiguous_hidden_slices_and_other_leading_shapes() -> None:
+    # The trainer passes the rollout slice of [B, L, H] hidden states: a non-contiguous view.
+    inputs = _inputs(batch=3, length=8, hidden=10, vocab=33, dtype=torch.float64, seed=17)
+    expected, expected_grad = _naive(inputs, normalizer=11)
+    full = torch.randn(3, 13, 10, dtype=torch.float64).requires_grad_(True)
+    with torch.no_grad():
+        full[:, 2:10] = inputs["student_hidden"]
+    student = full[:, 2:10]
+    assert not student.is_contiguous()
+    teacher_full = torch.zeros(3, 11, 10, dtype=torch.float64)
+    teacher_full[:, 3:] = inputs["teacher_hidden"]
+    got = rollout_loss_from_hidden(
+        student,
+        teacher_full[:, 3:],
+        inputs["output_weight"],
+        None,
+        inputs["sampled_ids"],
+        inputs["mask"],
+        normalizer=11,
+        chunk_size=4,
+    )
+    got.loss.backward()
+    _assert_same(got, expected, rtol=1e-10, atol=1e-12)
+    assert full.grad is not None
+    torch.testing.assert_close(full.grad[:, 2:10], expected_grad, rtol=1e-9, atol=1e-13)
+    assert (full.grad[:, :2] == 0).all() and (full.grad[:, 10:] == 0).all()
+    # One sequence without a batch dimension: [T, H] hidden, [T] mask.
+    per_position = ("student_hidden", "teacher_hidden", "sampled_ids", "mask")
+    flat, flat_grad = _chunked(
+        {**inputs, **{key: inputs[key][0] for key in per_position}}, normalizer=11, chunk_size=3
+    )
+    single, single_grad = _naive(
+        {**inputs, **{key: inputs[key][:1] for key in per_position}}, normalizer=11
+    )
+    _assert_same(flat, single, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_grad, single_grad[0], rtol=1e-9, atol=1e-13)
+
+
 @pytest.mark.parametrize(("loss", "beta"), LOSS_CASES[:-1])
 def test_gradient_matches_finite_differences(loss: str, beta: float) -> None:
     # (Not for sampled_token: its gradient treats the advantage as a constant, so it is

@@ -1,0 +1,217 @@
+"""Eval routes: `POST /jobs/{id}/evals`, `GET /jobs/{id}/evals`, `GET /evals/{id}`.
+
+An eval scores a job's trained adapter (the final one, or a checkpoint's with
+``checkpoint_step``) on a benchmark file with ``problem``/``answer`` fields: ``n`` samples per
+problem, avg@n, pass@k for every k in 1..n, majority vote, per-problem rows, optionally the base
+model (adapter off) in the same run. The worker runs it (`opsd.run_eval`) against the inference
+server (`OPSD_INFERENCE_URL`) or in-process. Routes are thin; another tenant's job or eval is a
+404, like a missing one.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Settings, Store, Tenant
+from api.errors import APIError
+from api.schemas import ErrorResponse, JobErrorOut
+
+EvalStatus = Literal["queued", "running", "succeeded", "failed"]
+_JOB_ID = re.compile(r"job_[A-Za-z0-9]{1,64}")
+_EVAL_ID = re.compile(r"eval_[A-Za-z0-9]{1,64}")
+
+EXAMPLE = {
+    "dataset_uri": "s3://my-bucket/benchmarks/aime24.jsonl",
+    "n": 16,
+    "max_new_tokens": 2048,
+    "temperature": 0.6,
+    "top_p": 0.95,
+    "thinking": True,
+    "include_base": True,
+}
+
+
+class EvalRequest(BaseModel):
+    """The body of `POST /jobs/{id}/evals` (paper Table 5 sampling by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_uri: str = Field(..., min_length=1, description="Benchmark file (JSONL, CSV, ...).")
+    problem_field: str = Field("problem", min_length=1)
+    answer_field: str = Field(
+        "answer", min_length=1, description="Rows without it use the solution's last \\boxed{}."
+    )
+    limit: int | None = Field(None, ge=1, description="Only the first N problems.")
+    n: int = Field(16, ge=1, le=256, description="Samples per problem.")
+    max_new_tokens: int = Field(2048, ge=1, le=131072)
+    temperature: float = Field(0.6, ge=0.0, le=10.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    thinking: bool | None = Field(None, description="enable_thinking; null: as in training.")
+    include_base: bool = Field(False, description="Also evaluate the base model (no adapter).")
+    checkpoint_step: int | None = Field(
+        None, ge=0, description="Evaluate this checkpoint's adapter; null: the final adapter."
+    )
+
+    @field_validator("dataset_uri", "problem_field", "answer_field")
+    @classmethod
+    def _clean(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("NUL characters are not allowed")
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+
+class EvalOut(BaseModel):
+    id: str = Field(examples=["eval_01JD3Y7K8Q2T4V6X8Z0B2D4F6H"])
+    object: Literal["eval"] = "eval"
+    job_id: str
+    status: EvalStatus
+    config: dict[str, Any]
+    results: dict[str, Any] | None = Field(
+        None,
+        description='{"adapter": summary, "base": summary | null}; a summary has n_problems, '
+        "n_samples, avg_at_n, pass_at_k {k: value}, majority_vote and per-problem rows.",
+    )
+    error: JobErrorOut | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class EvalList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EvalOut]
+
+
+def eval_out(record: Any) -> EvalOut:
+    return EvalOut(
+        id=record.id,
+        job_id=record.job_id,
+        status=record.status,
+        config=record.config,
+        results=record.results,
+        error=JobErrorOut(**record.error.to_dict()) if record.error else None,
+        created_at=record.created_at,
+        finished_at=record.finished_at,
+    )
+
+
+def _enqueue_eval(request: Request, eval_id: str) -> None:
+    """Send `opsd.run_eval`; the app may carry its own sender (`app.state.enqueue_eval`)."""
+    state = request.app.state
+    send = getattr(state, "enqueue_eval", None)
+    if send is None:
+        from worker.queue import enqueue_eval, make_celery
+
+        celery = make_celery(state.settings)
+        state.enqueue_eval = send = lambda eval_id: enqueue_eval(celery, eval_id)
+    send(eval_id)
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(
+        tags=["evals"],
+        responses={
+            401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+            404: {"model": ErrorResponse, "description": "No such job or eval for this tenant"},
+        },
+    )
+
+    async def _job(store: Any, tenant: Any, job_id: str) -> Any:
+        job = None
+        if _JOB_ID.fullmatch(job_id):
+            job = await run_in_threadpool(lambda: store.get_job(job_id, tenant_id=tenant.id))
+        if job is None:
+            raise APIError(404, "job_not_found", f"no job {job_id!r}", "job_id")
+        return job
+
+    @router.post(
+        "/jobs/{job_id}/evals",
+        status_code=201,
+        response_model=EvalOut,
+        summary="Evaluate a job's adapter on a benchmark",
+        responses={
+            409: {"model": ErrorResponse, "description": "No adapter (yet) or no such checkpoint"},
+            422: {"model": ErrorResponse, "description": "Invalid body; `param` names the field"},
+            503: {"model": ErrorResponse, "description": "Queue unavailable"},
+        },
+    )
+    async def create_eval(
+        job_id: str,
+        request: Request,
+        store: Store,
+        tenant: Tenant,
+        settings: Settings,
+        body: Annotated[
+            EvalRequest, Body(openapi_examples={"paper": {"summary": "avg@16", "value": EXAMPLE}})
+        ],
+    ) -> Any:
+        """Queue an eval of the final adapter (the job must have succeeded) or of the checkpoint
+        at `checkpoint_step`. Poll `GET /evals/{id}` for avg@n, pass@k and per-problem rows."""
+        from opsd_engine.data import DatasetError, check_uri_scheme
+
+        job = await _job(store, tenant, job_id)
+        try:
+            check_uri_scheme(body.dataset_uri)
+        except DatasetError as exc:
+            raise APIError(422, "invalid_request", f"dataset_uri: {exc}", "dataset_uri") from None
+        if body.checkpoint_step is None:
+            if job.status != "succeeded" or not job.adapter_uri:
+                raise APIError(
+                    409,
+                    "adapter_not_ready",
+                    f"job is {job.status}; its final adapter exists once it succeeded "
+                    "(or evaluate a checkpoint with checkpoint_step)",
+                    "job_id",
+                )
+        else:
+            checkpoints = await run_in_threadpool(store.list_checkpoints, job_id)
+            if not any(c.step == body.checkpoint_step for c in checkpoints):
+                steps = [c.step for c in checkpoints]
+                raise APIError(
+                    409,
+                    "checkpoint_not_found",
+                    f"job has no checkpoint at step {body.checkpoint_step} (it has {steps})",
+                    "checkpoint_step",
+                )
+        config = body.model_dump(mode="json")
+        record = await run_in_threadpool(
+            lambda: store.create_eval(tenant.id, job_id, config=config)
+        )
+        try:
+            await run_in_threadpool(_enqueue_eval, request, record.id)
+        except Exception as exc:  # broker down: fail the eval visibly instead of leaving it stuck
+            from jobstore import JobError
+
+            error = JobError("queue_unavailable", f"could not enqueue: {exc}"[:2000], "system")
+            await run_in_threadpool(lambda: store.fail_eval(record.id, error=error))
+            raise APIError(
+                503, "queue_unavailable", "the job queue is unavailable; retry later"
+            ) from None
+        return eval_out(record)
+
+    @router.get(
+        "/jobs/{job_id}/evals", response_model=EvalList, summary="A job's evals, oldest first"
+    )
+    async def list_evals(job_id: str, store: Store, tenant: Tenant) -> Any:
+        await _job(store, tenant, job_id)
+        records = await run_in_threadpool(lambda: store.list_evals(job_id, tenant_id=tenant.id))
+        return EvalList(data=[eval_out(r) for r in records])
+
+    @router.get("/evals/{eval_id}", response_model=EvalOut, summary="Get an eval")
+    async def get_eval(eval_id: str, store: Store, tenant: Tenant) -> Any:
+        record = None
+        if _EVAL_ID.fullmatch(eval_id):
+            record = await run_in_threadpool(lambda: store.get_eval(eval_id, tenant_id=tenant.id))
+        if record is None:
+            raise APIError(404, "eval_not_found", f"no eval {eval_id!r}", "eval_id")
+        return eval_out(record)
+
+    return router

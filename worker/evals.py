@@ -1,0 +1,363 @@
+"""Running one eval on this worker: claim, sample, grade, store (no Celery in here).
+
+`run_eval(eval_id, ...)` is what the Celery task `opsd.run_eval` calls and what the tests call
+directly. It claims the eval row under a lease (renewed from a thread), then:
+
+1. resolves the adapter: the job's final adapter, or the adapter of the checkpoint at
+   ``config.checkpoint_step``; its name on the inference server is ``<job_id>-step<N>``
+   (immutable: one name, one set of weights);
+2. loads the benchmark (``problem``/``answer`` fields; a row without an answer uses the last
+   ``\\boxed{}`` of its solution) and builds the student prompt of training for each problem
+   (the job's prompt templates and chat template, thinking mode per the eval's config);
+3. samples ``n`` completions per problem:
+
+   * with ``settings.inference_url`` (vLLM, or `opsd serve-adapters`): over HTTP -- the adapter
+     is loaded if ``/v1/models`` does not list it, the prompts go to ``/v1/completions`` as token
+     ids, the base model (adapter off) answers under the server's base model name;
+   * without one (the embedded default): in-process with
+     :func:`opsd_engine.evaluation.evaluate_model` on the base model + PEFT adapter (base runs
+     under ``disable_adapter()``);
+
+4. grades (:func:`opsd_engine.evaluation.evaluate_texts`, or inside ``evaluate_model``) and stores
+   ``{"adapter": summary, "base": summary | None, ...}``: each summary is
+   ``BenchmarkSummary.to_dict()`` whose ``problems`` rows also carry the problem, the reference
+   answer and every sample (extracted answer, correctness, text cut to
+   :data:`MAX_SAMPLE_TEXT` characters).
+
+It ends in exactly one terminal write (``finish_eval`` or ``fail_eval`` with a readable error),
+unless the lease was lost to another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobstore.records import SUCCEEDED, JobError
+from opsd_service.settings import ServiceSettings
+
+log = logging.getLogger("opsd.worker")
+
+SKIPPED = "skipped"
+LEASE_LOST = "lease_lost"
+EVAL_LEASE_SECONDS = 300.0
+MAX_SAMPLE_TEXT = 2000
+MAX_PROBLEM_TEXT = 1000
+SEQUENCES_PER_REQUEST = 256  # prompts per /v1/completions call = max(1, this // n)
+IN_PROCESS_SEED = 0
+
+
+class EvalSetupError(RuntimeError):
+    """The eval cannot run as asked (job or adapter gone, ...): a user-facing error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    step: int
+    uri: str
+    name: str  # immutable name on the inference server
+
+
+# ------------------------------------------------------------------------------------ lease
+class _EvalLease:
+    """Renews the eval's lease from a daemon thread; `lost` is set when another worker took it."""
+
+    def __init__(self, store: Any, eval_id: str, worker_id: str, lease_seconds: float) -> None:
+        self.store, self.eval_id, self.worker_id = store, eval_id, worker_id
+        self.lease_seconds = lease_seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="eval-lease", daemon=True)
+
+    def __enter__(self) -> _EvalLease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                owned = self.store.renew_eval_lease(
+                    self.eval_id, self.worker_id, lease_seconds=self.lease_seconds
+                )
+            except Exception as exc:  # the database is away for a moment: try again later
+                log.warning("eval %s: lease renewal failed: %s", self.eval_id, exc)
+                continue
+            if not owned:
+                self.lost.set()
+                return
+
+
+# ----------------------------------------------------------------------------------- runner
+def run_eval(
+    eval_id: str,
+    *,
+    store: Any,
+    settings: ServiceSettings,
+    worker_id: str,
+    lease_seconds: float = EVAL_LEASE_SECONDS,
+) -> str:
+    """Claim and run one eval; returns ``succeeded``, ``failed``, ``skipped`` or ``lease_lost``."""
+    record = store.claim_eval(eval_id, worker_id, lease_seconds=lease_seconds)
+    if record is None:
+        log.info("eval %s not claimable; skipping", eval_id)
+        return SKIPPED
+    log.info("eval %s of job %s claimed by %s", eval_id, record.job_id, worker_id)
+    with _EvalLease(store, eval_id, worker_id, lease_seconds) as lease:
+        try:
+            results = compute_eval(record, store=store, settings=settings)
+        except Exception as exc:
+            if lease.lost.is_set():
+                return LEASE_LOST
+            error = classify_eval_error(exc)
+            log.log(
+                logging.ERROR if error.category == "system" else logging.INFO,
+                "eval %s failed: %s",
+                eval_id,
+                error.message,
+                exc_info=error.category == "system",
+            )
+            store.fail_eval(eval_id, error=error, worker_id=worker_id)
+            return "failed"
+    if lease.lost.is_set():
+        return LEASE_LOST
+    if not store.finish_eval(eval_id, results=results, worker_id=worker_id):
+        return LEASE_LOST
+    return "succeeded"
+
+
+def classify_eval_error(exc: BaseException) -> JobError:
+    from opsd_engine.evaluation import EvalDataError
+    from worker.inference_client import InferenceError
+    from worker.runner import _clip, classify_error
+
+    if isinstance(exc, EvalSetupError):
+        return JobError(exc.code, _clip(str(exc)), "user")
+    if isinstance(exc, EvalDataError):
+        return JobError("dataset_error", _clip(str(exc)), "user")
+    if isinstance(exc, InferenceError):
+        return JobError("inference_error", _clip(str(exc)), "system")
+    return classify_error(exc)
+
+
+def resolve_adapter(store: Any, job: Any, checkpoint_step: int | None) -> AdapterRef:
+    """The adapter an eval scores: the final one, or the one of checkpoint ``checkpoint_step``."""
+    if checkpoint_step is None:
+        if job.status != SUCCEEDED or not job.adapter_uri:
+            raise EvalSetupError(
+                "adapter_not_ready", f"job {job.id} is {job.status}; it has no final adapter"
+            )
+        step = int(job.progress_step)
+        return AdapterRef(step, job.adapter_uri, f"{job.id}-step{step}")
+    for checkpoint in store.list_checkpoints(job.id):
+        if checkpoint.step == checkpoint_step:
+            from opsd_engine.checkpoint import ADAPTER_DIR
+
+            uri = f"{checkpoint.uri.rstrip('/')}/{ADAPTER_DIR}"
+            return AdapterRef(checkpoint.step, uri, f"{job.id}-step{checkpoint.step}")
+    raise EvalSetupError(
+        "checkpoint_not_found", f"job {job.id} has no checkpoint at step {checkpoint_step}"
+    )
+
+
+def compute_eval(record: Any, *, store: Any, settings: ServiceSettings) -> dict[str, Any]:
+    """Sample and grade the eval described by ``record``; the results document it stores."""
+    from opsd_engine.config import parse_spec
+    from opsd_engine.data import load_examples
+    from opsd_engine.evaluation import EvalSettings, reference_answers
+
+    config = record.config
+    job = store.get_job(record.job_id)
+    if job is None:
+        raise EvalSetupError("job_not_found", f"job {record.job_id} no longer exists")
+    adapter = resolve_adapter(store, job, config.get("checkpoint_step"))
+    spec = parse_spec(job.spec, source=f"job {job.id}")
+    examples = load_examples(
+        config["dataset_uri"],
+        problem_field=config.get("problem_field", "problem"),
+        solution_field="solution",
+        answer_field=config.get("answer_field", "answer"),
+        require_solution=False,
+        limit=config.get("limit"),
+    )
+    answers = reference_answers(examples)
+    eval_settings = EvalSettings(
+        n=int(config.get("n", 16)),
+        max_new_tokens=int(config.get("max_new_tokens", 2048)),
+        temperature=float(config.get("temperature", 0.6)),
+        top_p=float(config.get("top_p", 0.95)),
+        top_k=int(config.get("top_k", 0)),
+        thinking=config.get("thinking"),
+    )
+    include_base = bool(config.get("include_base", False))
+    if settings.inference_url:
+        runs = _sample_over_http(
+            settings.inference_url, spec, adapter, examples, answers, eval_settings, include_base
+        )
+    else:
+        runs = _sample_in_process(spec, adapter, examples, eval_settings, include_base)
+    out: dict[str, Any] = {"adapter": None, "base": None}
+    for role, result in runs.items():
+        out[role] = _summary_document(result, examples, answers)
+    out["step"] = adapter.step
+    out["adapter_uri"] = adapter.uri
+    out["backend"] = "http" if settings.inference_url else "in_process"
+    return out
+
+
+def _summary_document(result: Any, examples: list[Any], answers: list[str]) -> dict[str, Any]:
+    """``BenchmarkSummary.to_dict()`` with the problem, answer and samples in each problem row."""
+    document = result.summary.to_dict()
+    by_problem: dict[int, list[dict[str, Any]]] = {}
+    for sample in result.samples:
+        by_problem.setdefault(sample.problem_index, []).append(
+            {
+                "index": sample.sample_index,
+                "extracted": sample.extracted,
+                "correct": sample.correct,
+                "decided_by": sample.decided_by,
+                "num_tokens": sample.num_tokens,
+                "text": _cut(sample.text, MAX_SAMPLE_TEXT),
+            }
+        )
+    for row in document["problems"]:
+        index = row["index"]
+        row["problem"] = _cut(examples[index].problem, MAX_PROBLEM_TEXT)
+        row["answer"] = answers[index]
+        row["samples"] = by_problem.get(index, [])
+    return document
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------- sampling
+Runs = dict[str, Any]  # "adapter" / "base" -> opsd_engine.evaluation.EvalResult
+
+
+def _prompt_ids(tokenizer: Any, spec: Any, examples: list[Any], settings: Any) -> list[list[int]]:
+    from opsd_engine.evaluation import student_prompt_ids
+
+    thinking = settings.thinking if settings.thinking is not None else spec.prompts.student_thinking
+    return [
+        student_prompt_ids(tokenizer, example.problem, spec.prompts, thinking=thinking)
+        for example in examples
+    ]
+
+
+def _sample_over_http(
+    url: str,
+    spec: Any,
+    adapter: AdapterRef,
+    examples: list[Any],
+    answers: list[str],
+    settings: Any,
+    include_base: bool,
+) -> Runs:
+    from opsd_engine.evaluation import evaluate_texts
+    from opsd_engine.modeling import load_tokenizer
+    from worker.inference_client import InferenceClient
+
+    tokenizer = load_tokenizer(spec.base_model)
+    prompts = _prompt_ids(tokenizer, spec, examples, settings)
+    per_request = max(1, SEQUENCES_PER_REQUEST // settings.n)
+    runs: Runs = {}
+    with InferenceClient(url) as client:
+        base_name = client.base_model(expected=spec.base_model)
+        client.ensure_adapter(adapter.name, adapter.uri)
+        models = {"adapter": adapter.name}
+        if include_base:
+            models["base"] = base_name
+        for role, model in models.items():
+            texts: list[list[str]] = []
+            for start in range(0, len(prompts), per_request):
+                texts.extend(
+                    client.completions(
+                        model=model,
+                        prompts=prompts[start : start + per_request],
+                        n=settings.n,
+                        max_tokens=settings.max_new_tokens,
+                        temperature=settings.temperature,
+                        top_p=settings.top_p,
+                        top_k=settings.top_k,
+                    )
+                )
+            # The protocol returns text only; re-encoding counts the completion's tokens
+            # (without the stop token) closely enough for length statistics.
+            lengths = [
+                [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in row]
+                for row in texts
+            ]
+            runs[role] = evaluate_texts(
+                texts, answers, strip_thinking=settings.strip_thinking, num_tokens=lengths
+            )
+    return runs
+
+
+def _sample_in_process(
+    spec: Any, adapter: AdapterRef, examples: list[Any], settings: Any, include_base: bool
+) -> Runs:
+    import torch
+    from peft import PeftModel
+
+    from opsd_engine.evaluation import evaluate_model
+    from opsd_engine.modeling import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+
+    device = resolve_device(spec.runtime.device)
+    tokenizer = load_tokenizer(spec.base_model)
+    base = load_base_model(
+        spec.base_model,
+        dtype=resolve_dtype(spec.runtime.dtype, device),
+        attn_implementation=spec.runtime.attn_implementation,
+    )
+    runs: Runs = {}
+    with tempfile.TemporaryDirectory(prefix="opsd-eval-") as scratch:
+        local = _local_adapter(adapter.uri, Path(scratch))
+        model = PeftModel.from_pretrained(base, str(local), is_trainable=False).to(device)
+        model.eval()
+
+        def sample() -> Any:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(IN_PROCESS_SEED)
+                return evaluate_model(
+                    model, tokenizer, examples, settings, prompts=spec.prompts, device=device
+                )
+
+        runs["adapter"] = sample()
+        if include_base:
+            with model.disable_adapter():
+                runs["base"] = sample()
+    return runs
+
+
+def _local_adapter(uri: str, scratch: Path) -> Path:
+    """A local directory holding the adapter at ``uri`` (copied from remote storage if needed)."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+        if not (path / "adapter_config.json").is_file():
+            raise EvalSetupError("adapter_not_found", f"no adapter at {uri}")
+        return path
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    files = [f for f in fs.find(root) if not fs.isdir(f)]
+    if not files:
+        raise EvalSetupError("adapter_not_found", f"no adapter at {uri}")
+    prefix = root.rstrip("/") + "/"
+    for remote in files:
+        target = scratch / "adapter" / remote.removeprefix(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(target))
+    return scratch / "adapter"

@@ -1,0 +1,235 @@
+"""HTTP client for an OpenAI-compatible inference server with runtime LoRA loading (vLLM).
+
+Works against vLLM's OpenAI server (started with ``--enable-lora`` and
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) and against our ``opsd serve-adapters``. Calls used:
+
+* ``GET /v1/models``: the base model card(s) (no ``parent``) and the loaded adapters;
+* ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}`` / ``/v1/unload_lora_adapter``;
+* ``POST /v1/completions`` with token-id prompts (several per request) and ``n`` samples.
+
+Admin calls (models, load, unload) run under ``admin_timeout``; generation under
+``generation_timeout``. Adapter names are immutable on the server, so :meth:`ensure_adapter`
+treats "already loaded" as success when the name is then listed (two workers raced to load it).
+Errors come back as :class:`InferenceError` with the server's status and message, whichever of
+vLLM's error shapes it used (``{"error": {...}}`` or a flat ``{"message", "type", "code"}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import PurePosixPath
+from typing import Any
+
+import httpx
+
+DEFAULT_ADMIN_TIMEOUT = 120.0
+DEFAULT_GENERATION_TIMEOUT = 3600.0
+
+
+class InferenceError(RuntimeError):
+    """The inference server refused a call or could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _base_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    return str(body)[:500]
+
+
+class InferenceClient:
+    """A synchronous client for one inference server (``base_url`` with or without ``/v1``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        admin_timeout: float = DEFAULT_ADMIN_TIMEOUT,
+        generation_timeout: float = DEFAULT_GENERATION_TIMEOUT,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = _base_url(base_url)
+        self.admin_timeout = admin_timeout
+        self.generation_timeout = generation_timeout
+        self._http = httpx.Client(base_url=self.base_url, headers=headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ calls
+    def _request(self, method: str, path: str, *, timeout: float, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, timeout=timeout, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise InferenceError(
+                f"{method} {self.base_url}{path} timed out after {timeout:g}s"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise InferenceError(
+                f"cannot reach the inference server at {self.base_url}: {exc}"
+            ) from exc
+        if response.status_code >= 400:
+            raise InferenceError(
+                f"{method} {path} -> {response.status_code}: {_error_message(response)}",
+                status=response.status_code,
+            )
+        return response
+
+    def models(self) -> list[dict[str, Any]]:
+        """The model cards of ``GET /v1/models`` (base model(s) and loaded adapters)."""
+        body = self._request("GET", "/v1/models", timeout=self.admin_timeout).json()
+        return list(body.get("data", []))
+
+    def model_ids(self) -> set[str]:
+        return {str(card["id"]) for card in self.models()}
+
+    def base_model(self, expected: str | None = None) -> str:
+        """The name under which the server serves its base model.
+
+        With ``expected`` (the job's ``base_model``), the served base must be that model: same
+        id or path, or the same last path component (``/models/Qwen3-1.7B`` serves
+        ``Qwen/Qwen3-1.7B``); otherwise :class:`InferenceError`.
+        """
+        bases = [card for card in self.models() if not card.get("parent")]
+        if not bases:
+            raise InferenceError(f"{self.base_url} lists no base model in /v1/models")
+        if expected is None:
+            return str(bases[0]["id"])
+        wanted = expected.rstrip("/")
+        for card in bases:
+            names = {str(card.get("id", "")), str(card.get("root") or "")}
+            names = {n.rstrip("/") for n in names if n}
+            if wanted in names or PurePosixPath(wanted).name in {
+                PurePosixPath(n).name for n in names
+            }:
+                return str(card["id"])
+        served = ", ".join(f"{c.get('id')} ({c.get('root')})" for c in bases)
+        raise InferenceError(
+            f"the inference server at {self.base_url} serves {served}, not the job's base model "
+            f"{expected!r}; point OPSD_INFERENCE_URL at a server for that model"
+        )
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self._request(
+            "POST",
+            "/v1/load_lora_adapter",
+            json={"lora_name": name, "lora_path": path},
+            timeout=self.admin_timeout,
+        )
+
+    def unload_adapter(self, name: str) -> None:
+        self._request(
+            "POST", "/v1/unload_lora_adapter", json={"lora_name": name}, timeout=self.admin_timeout
+        )
+
+    def ensure_adapter(self, name: str, path: str) -> bool:
+        """Make sure ``name`` is loaded (from ``path`` if absent); True if this call loaded it."""
+        if name in self.model_ids():
+            return False
+        try:
+            self.load_adapter(name, path)
+        except InferenceError as exc:
+            if exc.status == 400 and name in self.model_ids():
+                return False  # someone else loaded it meanwhile: names are immutable, same weights
+            raise
+        return True
+
+    def completions(
+        self,
+        *,
+        model: str,
+        prompts: Sequence[Sequence[int]] | Sequence[str],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> list[list[str]]:
+        """``n`` completion texts per prompt (prompt order, then sample order).
+
+        ``top_k`` 0 disables top-k (sent as -1, which every vLLM version accepts).
+        """
+        body: dict[str, Any] = {
+            "model": model,
+            "prompt": [list(p) if not isinstance(p, str) else p for p in prompts],
+            "n": n,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k if top_k > 0 else -1,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        if stop:
+            body["stop"] = list(stop)
+        response = self._request(
+            "POST", "/v1/completions", json=body, timeout=self.generation_timeout
+        )
+        choices = response.json().get("choices", [])
+        out: list[list[str]] = [[] for _ in prompts]
+        for choice in sorted(choices, key=lambda c: int(c["index"])):
+            prompt_index = int(choice["index"]) // n
+            if not 0 <= prompt_index < len(out):
+                raise InferenceError(f"choice index {choice['index']} out of range")
+            out[prompt_index].append(str(choice.get("text") or ""))
+        if any(len(texts) != n for texts in out):
+            raise InferenceError(f"expected {n} choices per prompt, got {[len(t) for t in out]}")
+        return out
+
+    def chat_completions(
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """``n`` assistant replies to ``messages`` (sample order)."""
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "n": n,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k if top_k > 0 else -1,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        if chat_template_kwargs:
+            body["chat_template_kwargs"] = chat_template_kwargs
+        response = self._request(
+            "POST", "/v1/chat/completions", json=body, timeout=self.generation_timeout
+        )
+        choices = sorted(response.json().get("choices", []), key=lambda c: int(c["index"]))
+        return [str((c.get("message") or {}).get("content") or "") for c in choices]
