@@ -723,6 +723,27 @@ class Store(EvalQueries):
                     )
         return requeued
 
+    def requeue_stale_queued(
+        self, *, older_than: timedelta, now: datetime | None = None
+    ) -> list[str]:
+        """Queued jobs untouched for `older_than`, whose message may have been lost.
+
+        A broker can drop a delivered message (a worker killed between receiving it and
+        claiming the job). Such a job would wait forever; this marks each stale one as touched
+        (`updated_at = now`, so it is returned at most once per `older_than`) and returns the
+        ids for the caller to enqueue again. A duplicate message is harmless: only one claim
+        of a queued job succeeds.
+        """
+        now = now or _now()
+        with self._write() as session:
+            rows = session.execute(
+                sa.update(jobs)
+                .where(jobs.c.status == QUEUED, jobs.c.updated_at < _ts(now - older_than))
+                .values(updated_at=now)
+                .returning(jobs.c.id)
+            ).all()
+        return sorted(row.id for row in rows)
+
     # -- events -------------------------------------------------------------------------------
 
     def _insert_event(

@@ -41,6 +41,9 @@ class ServiceSettings(BaseSettings):
     heartbeat_seconds: float = Field(0.0, ge=0, description="Lease renewal period; 0 = lease/3.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job before a lost worker fails it.")
     reaper_interval_seconds: float = Field(10.0, gt=0, description="Expired-lease sweep period.")
+    requeue_queued_after_seconds: float = Field(
+        900.0, gt=0, description="Re-send a job's message when it stayed queued this long."
+    )
     queue: str = Field("opsd", min_length=1, description="Celery queue the jobs go to.")
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)

@@ -8,6 +8,7 @@ stop at its next step (it keeps its checkpoint and is requeued when its lease ex
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
@@ -39,6 +40,7 @@ def create_worker_app(settings: ServiceSettings) -> Celery:
             app,
             interval=settings.reaper_interval_seconds,
             processed_folder=processed,
+            stale_queued_after=timedelta(seconds=settings.requeue_queued_after_seconds),
         )
         reaper.start()
         reapers.append(reaper)

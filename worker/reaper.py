@@ -5,7 +5,8 @@ job whose lease expired (attempt + 1, or `failed` with `worker_lost` when attemp
 and sends a fresh message for each requeued job; the job then resumes from its last checkpoint
 on whichever worker claims it. Every worker process runs `Reaper` in a background thread; the
 store's conditional UPDATEs make concurrent reapers harmless, and a duplicate message is skipped
-by the claim. The same loop prunes old processed-message files of the file-backed broker.
+by the claim. It also re-sends queued jobs left untouched for long (a message lost with a killed
+worker). The same loop prunes old processed-message files of the file-backed broker.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,23 @@ log = logging.getLogger("opsd.reaper")
 PROCESSED_MESSAGE_MAX_AGE_SECONDS = 24 * 3600.0
 
 
-def reap_once(store: Any, celery: Celery) -> list[str]:
-    """Requeue jobs with expired leases and re-enqueue each; returns their ids."""
+def reap_once(
+    store: Any, celery: Celery, *, stale_queued_after: timedelta | None = None
+) -> list[str]:
+    """Requeue jobs with expired leases and re-enqueue each; returns their ids.
+
+    With `stale_queued_after`, queued jobs untouched that long get a fresh message too (their
+    first one may have been lost with a killed worker).
+    """
     job_ids = list(store.requeue_expired())
     for job_id in job_ids:
         enqueue_job(celery, job_id)
         log.warning("job %s: its worker was lost; requeued", job_id)
+    if stale_queued_after is not None:
+        for job_id in store.requeue_stale_queued(older_than=stale_queued_after):
+            enqueue_job(celery, job_id)
+            log.warning("job %s: queued for over %s; sent again", job_id, stale_queued_after)
+            job_ids.append(job_id)
     return job_ids
 
 
@@ -61,8 +74,10 @@ class Reaper:
         *,
         interval: float,
         processed_folder: str | Path | None = None,
+        stale_queued_after: timedelta | None = None,
     ) -> None:
         self.store, self.celery, self.interval = store, celery, interval
+        self.stale_queued_after = stale_queued_after
         self.processed_folder = processed_folder
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="opsd-reaper", daemon=True)
@@ -78,7 +93,7 @@ class Reaper:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                reap_once(self.store, self.celery)
+                reap_once(self.store, self.celery, stale_queued_after=self.stale_queued_after)
                 prune_processed(
                     self.processed_folder, max_age_seconds=PROCESSED_MESSAGE_MAX_AGE_SECONDS
                 )

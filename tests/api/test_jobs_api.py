@@ -313,4 +313,6 @@ def test_an_unreachable_queue_fails_the_job_visibly(settings) -> None:
         assert response.json()["error"]["code"] == "queue_unavailable"
         jobs = client.get("/jobs", headers=auth(key)).json()["data"]
     assert len(jobs) == 1 and jobs[0]["status"] == "failed"
-    assert jobs[0]["error"]["code"] == "queue_unavailable" and jobs[0]["error"]["category"] == "system"
+    assert (
+        jobs[0]["error"]["code"] == "queue_unavailable" and jobs[0]["error"]["category"] == "system"
+    )

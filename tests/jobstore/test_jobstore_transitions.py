@@ -277,3 +277,20 @@ def test_requeue_expired(store: Store, make_job: Callable[..., JobRecord]) -> No
     assert store.requeue_expired(now=FAR_FUTURE) == []
     final = store.get_job(retry.id)
     assert (final.status, final.attempt) == (FAILED, 3)  # type: ignore[union-attr]
+
+
+def test_requeue_stale_queued_touches_only_old_queued_jobs(
+    store: Store, make_job: Callable[..., JobRecord]
+) -> None:
+    from datetime import timedelta
+
+    old = make_job(QUEUED)
+    running = make_job(RUNNING)
+    done = make_job(SUCCEEDED)
+    later = old.updated_at + timedelta(minutes=20)
+    assert store.requeue_stale_queued(older_than=timedelta(minutes=15), now=later) == [old.id]
+    assert store.requeue_stale_queued(older_than=timedelta(minutes=15), now=later) == []
+    job = store.get_job(old.id)
+    assert job.status == QUEUED and job.attempt == 1 and job.updated_at == later
+    assert store.get_job(running.id).status == RUNNING
+    assert store.get_job(done.id).status == SUCCEEDED

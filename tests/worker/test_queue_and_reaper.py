@@ -102,6 +102,34 @@ def test_reap_once_requeues_expired_leases_and_enqueues_them(
     store.close()
 
 
+def test_reap_once_resends_jobs_left_queued_too_long(
+    sqlite_database_url: str, tmp_path: Path
+) -> None:
+    """A message lost with a killed worker must not strand its job in `queued` forever."""
+    from datetime import timedelta
+
+    from jobstore import Store
+
+    settings = ServiceSettings(home=tmp_path / "home", database_url=sqlite_database_url)
+    store, celery = Store(sqlite_database_url), make_celery(settings)
+    stranded = create_job(store, {"base_model": "m", "dataset_uri": "d"})
+    running = create_job(store, {"base_model": "m", "dataset_uri": "d"})
+    store.claim_job(running, "live-worker", lease_seconds=60)
+    time.sleep(0.3)
+    fresh = create_job(store, {"base_model": "m", "dataset_uri": "d"})
+
+    assert reap_once(store, celery, stale_queued_after=timedelta(seconds=0.2)) == [stranded]
+    assert [_task_of(m)[1] for m in _fs_messages(settings)] == [[stranded]]
+    # touched: not sent again until it has been quiet for the whole period once more
+    assert reap_once(store, celery, stale_queued_after=timedelta(seconds=0.2)) == []
+    time.sleep(0.3)
+    resent = reap_once(store, celery, stale_queued_after=timedelta(seconds=0.2))
+    assert sorted(resent) == sorted([stranded, fresh])
+    assert store.get_job(stranded).status == "queued" and store.get_job(stranded).attempt == 1
+    assert store.get_job(running).status == "running"
+    store.close()
+
+
 def test_prune_processed(tmp_path: Path) -> None:
     old, new = tmp_path / "1_a.opsd.msg", tmp_path / "2_b.opsd.msg"
     old.write_text("{}")
