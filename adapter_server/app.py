@@ -11,7 +11,8 @@ Routes (JSON in and out, as vLLM's OpenAI server answers them):
 * ``POST /v1/completions`` (``prompt``: a string, token ids, or a list of either) and
   ``POST /v1/chat/completions`` (``messages``, ``chat_template_kwargs`` such as
   ``{"enable_thinking": false}``), with ``model`` naming an adapter or the base model and ``n``
-  samples per prompt. Choice ``index`` is ``prompt_index * n + sample_index``.
+  samples per prompt. Choice ``index`` is ``prompt_index * n + sample_index``; with
+  ``return_token_ids`` (as in vLLM >= 0.10.2) each choice also has its ``token_ids``.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with status 400 (bad request,
 unknown adapter name on load/duplicate name) or 404 (unknown model or adapter).
@@ -143,6 +144,7 @@ def create_app(engine: AdapterEngine, *, allow_runtime_lora: bool | None = None)
                 "logprobs": None,
                 "finish_reason": sample.finish_reason,
                 "stop_reason": None,
+                **({"token_ids": list(sample.token_ids)} if body.return_token_ids else {}),
             }
             for i, samples in enumerate(results)
             for j, sample in enumerate(samples)
@@ -177,6 +179,7 @@ def create_app(engine: AdapterEngine, *, allow_runtime_lora: bool | None = None)
                 "logprobs": None,
                 "finish_reason": sample.finish_reason,
                 "stop_reason": None,
+                **({"token_ids": list(sample.token_ids)} if body.return_token_ids else {}),
             }
             for j, sample in enumerate(results[0])
         ]

@@ -74,8 +74,12 @@ class AdapterInfo:
 @dataclass(frozen=True)
 class Sample:
     text: str
-    num_tokens: int
+    token_ids: tuple[int, ...]  # the sampled completion ids (the stop token included)
     finish_reason: str  # "stop" | "length"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -315,7 +319,7 @@ class AdapterEngine:
             cut = _cut_at_stop_strings(text, sampling.stop)
             if cut is not None:
                 text, reason = cut, "stop"
-            sample = Sample(text, len(rollout.token_ids), reason)
+            sample = Sample(text, tuple(rollout.token_ids), reason)
             out[rollout.prompt_index].extend([sample] * (sampling.n if greedy else 1))
         return out
 

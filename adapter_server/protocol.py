@@ -37,6 +37,7 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     echo: bool = False
+    return_token_ids: bool = False  # vLLM >= 0.10.2: each choice also carries its `token_ids`
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -36,7 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
-BODY = {"base_model": "Qwen/Qwen3-4B", "dataset_uri": "/data/train.jsonl", "optim": {"max_steps": 100}}
+BODY = {
+    "base_model": "Qwen/Qwen3-4B",
+    "dataset_uri": "/data/train.jsonl",
+    "optim": {"max_steps": 100},
+}
 
 
 def _free_port() -> int:
@@ -62,9 +66,20 @@ def _start_api(database_url: str, port: int, workers: int) -> subprocess.Popen:
         PYTHONPATH=str(REPO),
     )
     command = [
-        sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-        "--log-level", "warning", "--no-access-log",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.app:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--no-access-log",
     ]
     return subprocess.Popen(command, env=env, cwd=str(REPO))
 
@@ -83,20 +98,26 @@ def _wait_ready(base_url: str, process: subprocess.Popen) -> None:
     raise SystemExit("api did not become ready")
 
 
-async def _drive(base_url: str, key: str, job_ids: list[str], rate: float, seconds: float, seed: int):
+async def _drive(
+    base_url: str, key: str, job_ids: list[str], rate: float, seconds: float, seed: int
+):
     """Open-loop load: request i starts at t0 + i / rate."""
     rng = random.Random(seed)
     latencies: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, limits=limits, timeout=10
+    ) as client:
 
         async def one(kind: str) -> None:
             start = time.perf_counter()
             try:
                 if kind == "POST /jobs":
-                    response = await client.post("/jobs", json={**BODY, "seed": rng.randrange(10**6)})
+                    response = await client.post(
+                        "/jobs", json={**BODY, "seed": rng.randrange(10**6)}
+                    )
                     ok = response.status_code == 201
                     if ok:
                         job_ids.append(response.json()["id"])
@@ -132,7 +153,9 @@ async def _drive(base_url: str, key: str, job_ids: list[str], rate: float, secon
     return latencies, errors, elapsed
 
 
-def _table(title: str, latencies: dict[str, list[float]], errors: dict[str, int], elapsed: float) -> str:
+def _table(
+    title: str, latencies: dict[str, list[float]], errors: dict[str, int], elapsed: float
+) -> str:
     lines = [
         f"### {title}",
         "",
@@ -144,7 +167,8 @@ def _table(title: str, latencies: dict[str, list[float]], errors: dict[str, int]
         values = latencies[kind]
         everything += values
         lines.append(
-            f"| {kind} | {len(values)} | {len(values) / elapsed:.1f} | {_percentile(values, 0.5):.1f} | "
+            f"| {kind} | {len(values)} | {len(values) / elapsed:.1f} | "
+            f"{_percentile(values, 0.5):.1f} | "
             f"{_percentile(values, 0.99):.1f} | {max(values):.1f} | {errors.get(kind, 0)} |"
         )
     lines.append(
@@ -156,7 +180,9 @@ def _table(title: str, latencies: dict[str, list[float]], errors: dict[str, int]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second (open loop)")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
@@ -177,11 +203,24 @@ def main() -> None:
         key = store.create_api_key("bench")
         tenant = store.authenticate(key)
         big, _ = store.create_job(tenant.id, spec=BODY)
-        names = ["loss", "divergence", "student_entropy", "teacher_entropy", "grad_norm", "lr",
-                 "rollout_len_mean", "generated_tokens", "generated_tokens_total", "tokens_per_s"]
+        names = [
+            "loss",
+            "divergence",
+            "student_entropy",
+            "teacher_entropy",
+            "grad_norm",
+            "lr",
+            "rollout_len_mean",
+            "generated_tokens",
+            "generated_tokens_total",
+            "tokens_per_s",
+        ]
         print(f"seeding {len(names) * args.metric_steps:,} metric rows ...", flush=True)
         for start in range(1, args.metric_steps + 1, 1000):
-            rows = {step: {n: random.random() for n in names} for step in range(start, min(start + 1000, args.metric_steps + 1))}
+            rows = {
+                step: {n: random.random() for n in names}
+                for step in range(start, min(start + 1000, args.metric_steps + 1))
+            }
             if hasattr(store, "record_metrics_bulk"):
                 store.record_metrics_bulk(big.id, list(rows.items()))
             else:
@@ -193,7 +232,11 @@ def main() -> None:
         _wait_ready(base_url, api)
         job_ids = [big.id]
         for _ in range(20):
-            job_ids.append(httpx.post(f"{base_url}/jobs", json=BODY, headers={"Authorization": f"Bearer {key}"}).json()["id"])
+            job_ids.append(
+                httpx.post(
+                    f"{base_url}/jobs", json=BODY, headers={"Authorization": f"Bearer {key}"}
+                ).json()["id"]
+            )
 
         # 1. the metrics read on the 100k-row job, sequentially
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as client:
@@ -206,10 +249,11 @@ def main() -> None:
                     timings.append((time.perf_counter() - start) * 1000)
             points = sum(len(s["steps"]) for s in response.json()["metrics"].values())
         print(
-            f"\n### GET /jobs/{{id}}/metrics?max_points=500 on {len(names) * args.metric_steps:,} rows "
-            f"({len(names)} series, {points} points returned)\n\n"
+            f"\n### GET /jobs/{{id}}/metrics?max_points=500 on "
+            f"{len(names) * args.metric_steps:,} rows ({len(names)} series, {points} points)\n\n"
             f"| requests | p50 (ms) | p99 (ms) | mean (ms) |\n|---:|---:|---:|---:|\n"
-            f"| {len(timings)} | {_percentile(timings, 0.5):.1f} | {_percentile(timings, 0.99):.1f} | "
+            f"| {len(timings)} | {_percentile(timings, 0.5):.1f} | "
+            f"{_percentile(timings, 0.99):.1f} | "
             f"{statistics.mean(timings):.1f} |",
             flush=True,
         )
@@ -219,11 +263,15 @@ def main() -> None:
             _drive(base_url, key, job_ids, args.rate, args.seconds, seed=0)
         )
         print()
-        print(_table(
-            f"Mixed load: {args.rate:.0f} req/s target for {args.seconds:.0f} s "
-            f"(uvicorn workers: {args.workers}, Postgres store, Redis broker)",
-            latencies, errors, elapsed,
-        ))
+        print(
+            _table(
+                f"Mixed load: {args.rate:.0f} req/s target for {args.seconds:.0f} s "
+                f"(uvicorn workers: {args.workers}, Postgres store, Redis broker)",
+                latencies,
+                errors,
+                elapsed,
+            )
+        )
     finally:
         if api is not None:
             api.terminate()

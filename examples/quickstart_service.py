@@ -47,7 +47,10 @@ def _start_service(home: Path, port: int) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     process = subprocess.Popen(
         _opsd("up", "--home", str(home), "--host", "127.0.0.1", "--port", str(port)),
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     key = None
@@ -71,9 +74,13 @@ def _start_service(home: Path, port: int) -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--keep-running", action="store_true", help="leave the service up at the end")
+    parser.add_argument(
+        "--keep-running", action="store_true", help="leave the service up at the end"
+    )
     args = parser.parse_args()
 
     from opsd_engine.report import format_table, plot_metrics, summarize
@@ -89,14 +96,21 @@ def main() -> None:
     base_url = f"http://127.0.0.1:{port}"
     print(f"service ready at {base_url} (dashboard: {base_url}/ui)", flush=True)
     try:
-        http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        http = httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
         body = {
             "base_model": str(model_dir),
             "dataset_uri": str(dataset),
             "max_new_tokens": 16,
             "checkpoint_every": 10,
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "optim": {"learning_rate": 0.01, "batch_size": 4, "grad_accum": 2, "max_steps": args.steps},
+            "optim": {
+                "learning_rate": 0.01,
+                "batch_size": 4,
+                "grad_accum": 2,
+                "max_steps": args.steps,
+            },
             "runtime": {"dtype": "float32", "device": "cpu", "gradient_checkpointing": False},
             "metadata": {"example": "quickstart"},
         }
@@ -118,7 +132,10 @@ def main() -> None:
         series = http.get(f"/jobs/{job['id']}/metrics").json()["metrics"]
         steps = series["loss"]["steps"]
         rows = [
-            {"step": step, **{name: s["values"][i] for name, s in series.items() if i < len(s["values"])}}
+            {
+                "step": step,
+                **{name: s["values"][i] for name, s in series.items() if i < len(s["values"])},
+            }
             for i, step in enumerate(steps)
         ]
         print(format_table(summarize(rows)))
@@ -133,7 +150,9 @@ def main() -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(OUT / "download" / "adapter"))
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(model_dir)), str(OUT / "download" / "adapter")
+        )
         print(f"adapter downloaded to {OUT / 'download' / 'adapter'} and loaded with peft")
         print(f"plot: {plot_metrics(rows, OUT / 'metrics.png', title=job['id'])}")
         if args.keep_running:

@@ -2,8 +2,8 @@
 
 Engine commands (train, report, spec, dev) come from `opsd_engine.cli`; service commands (up,
 api, worker, migrate, keys) from `opsd_service.cli`; client commands (jobs, evals) from
-`opsd_client.cli`; `serve-adapters` from `adapter_server.cli`. Each part keeps its own imports lazy, so
-`opsd --help` and the client commands never load torch.
+`opsd_client.cli`; `serve-adapters` from `adapter_server.cli`. Each part keeps its own imports
+lazy, so `opsd --help` and the client commands never load torch.
 """
 
 from __future__ import annotations

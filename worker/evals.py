@@ -281,9 +281,9 @@ def _sample_over_http(
         if include_base:
             models["base"] = base_name
         for role, model in models.items():
-            texts: list[list[str]] = []
+            choices: list[list[Any]] = []
             for start in range(0, len(prompts), per_request):
-                texts.extend(
+                choices.extend(
                     client.completions(
                         model=model,
                         prompts=prompts[start : start + per_request],
@@ -294,12 +294,8 @@ def _sample_over_http(
                         top_k=settings.top_k,
                     )
                 )
-            # The protocol returns text only; re-encoding counts the completion's tokens
-            # (without the stop token) closely enough for length statistics.
-            lengths = [
-                [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in row]
-                for row in texts
-            ]
+            texts = [[c.text for c in row] for row in choices]
+            lengths = [[c.num_tokens or 0 for c in row] for row in choices]  # 0: not returned
             runs[role] = evaluate_texts(
                 texts, answers, strip_thinking=settings.strip_thinking, num_tokens=lengths
             )

@@ -17,6 +17,7 @@ vLLM's error shapes it used (``{"error": {...}}`` or a flat ``{"message", "type"
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -24,6 +25,20 @@ import httpx
 
 DEFAULT_ADMIN_TIMEOUT = 120.0
 DEFAULT_GENERATION_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One sampled completion. ``token_ids`` when the server returns them (vLLM >= 0.10.2 and
+    `opsd serve-adapters` with ``return_token_ids``), else ``None``."""
+
+    text: str
+    token_ids: list[int] | None
+    finish_reason: str | None
+
+    @property
+    def num_tokens(self) -> int | None:
+        return None if self.token_ids is None else len(self.token_ids)
 
 
 class InferenceError(RuntimeError):
@@ -169,10 +184,12 @@ class InferenceClient:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
-    ) -> list[list[str]]:
-        """``n`` completion texts per prompt (prompt order, then sample order).
+    ) -> list[list[Choice]]:
+        """``n`` completions per prompt (prompt order, then sample order).
 
-        ``top_k`` 0 disables top-k (sent as -1, which every vLLM version accepts).
+        ``top_k`` 0 disables top-k (sent as -1, which every vLLM version accepts). The sampled
+        token ids are asked for (``return_token_ids``); servers that do not know the field
+        ignore it, and the choices then have ``token_ids=None``.
         """
         body: dict[str, Any] = {
             "model": model,
@@ -182,6 +199,7 @@ class InferenceClient:
             "temperature": temperature,
             "top_p": top_p,
             "top_k": top_k if top_k > 0 else -1,
+            "return_token_ids": True,
         }
         if seed is not None:
             body["seed"] = seed
@@ -191,12 +209,19 @@ class InferenceClient:
             "POST", "/v1/completions", json=body, timeout=self.generation_timeout
         )
         choices = response.json().get("choices", [])
-        out: list[list[str]] = [[] for _ in prompts]
+        out: list[list[Choice]] = [[] for _ in prompts]
         for choice in sorted(choices, key=lambda c: int(c["index"])):
             prompt_index = int(choice["index"]) // n
             if not 0 <= prompt_index < len(out):
                 raise InferenceError(f"choice index {choice['index']} out of range")
-            out[prompt_index].append(str(choice.get("text") or ""))
+            ids = choice.get("token_ids")
+            out[prompt_index].append(
+                Choice(
+                    text=str(choice.get("text") or ""),
+                    token_ids=[int(t) for t in ids] if isinstance(ids, list) else None,
+                    finish_reason=choice.get("finish_reason"),
+                )
+            )
         if any(len(texts) != n for texts in out):
             raise InferenceError(f"expected {n} choices per prompt, got {[len(t) for t in out]}")
         return out

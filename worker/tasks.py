@@ -1,8 +1,8 @@
 """The Celery tasks `opsd.run_job(job_id)` and `opsd.run_eval(eval_id)`: as thin as web views.
 
 Each opens (once per process) the store named by the settings and hands the id to
-`worker.runner.run_job` / `worker.evals.run_eval`, which own every decision. Only a failure to even look at the job (the
-database is away) leaves the task; it is then retried with backoff.
+`worker.runner.run_job` / `worker.evals.run_eval`, which own every decision. Only a failure to
+even look at the job (the database is away) leaves the task; it is then retried with backoff.
 """
 
 from __future__ import annotations

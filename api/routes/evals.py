@@ -38,11 +38,20 @@ EXAMPLE = {
 
 
 class EvalRequest(BaseModel):
-    """The body of `POST /jobs/{id}/evals` (paper Table 5 sampling by default)."""
+    """The body of `POST /jobs/{id}/evals` (paper Table 5 sampling by default).
+
+    Fields left out take the job's `eval` group's values when its spec has one with a
+    `dataset_uri`, else the defaults below.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset_uri: str = Field(..., min_length=1, description="Benchmark file (JSONL, CSV, ...).")
+    dataset_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="Benchmark file (JSONL, CSV, ...); required unless the job's spec has an "
+        "`eval` group with one.",
+    )
     problem_field: str = Field("problem", min_length=1)
     answer_field: str = Field(
         "answer", min_length=1, description="Rows without it use the solution's last \\boxed{}."
@@ -61,7 +70,9 @@ class EvalRequest(BaseModel):
 
     @field_validator("dataset_uri", "problem_field", "answer_field")
     @classmethod
-    def _clean(cls, value: str) -> str:
+    def _clean(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if "\x00" in value:
             raise ValueError("NUL characters are not allowed")
         if not value.strip():
@@ -101,6 +112,19 @@ def eval_out(record: Any) -> EvalOut:
         created_at=record.created_at,
         finished_at=record.finished_at,
     )
+
+
+def _with_job_defaults(body: EvalRequest, spec: dict[str, Any]) -> EvalRequest:
+    """Fields the request leaves unset take the job's `eval` group's values, when it has one."""
+    job_eval = spec.get("eval") or {}
+    if not job_eval.get("dataset_uri"):
+        return body
+    inherited = {
+        name: job_eval[name]
+        for name in EvalRequest.model_fields
+        if name not in body.model_fields_set and name in job_eval
+    }
+    return body.model_copy(update=inherited) if inherited else body
 
 
 def _enqueue_eval(request: Request, eval_id: str) -> None:
@@ -158,6 +182,14 @@ def build_router() -> APIRouter:
         from opsd_engine.data import DatasetError, check_uri_scheme
 
         job = await _job(store, tenant, job_id)
+        body = _with_job_defaults(body, job.spec)
+        if body.dataset_uri is None:
+            raise APIError(
+                422,
+                "invalid_request",
+                "dataset_uri: required field is missing (the job's spec has no eval.dataset_uri)",
+                "dataset_uri",
+            )
         try:
             check_uri_scheme(body.dataset_uri)
         except DatasetError as exc:

@@ -185,3 +185,34 @@ def test_dockerfile_base_command_and_installs(dockerfile: str) -> None:
 def test_dockerignore_keeps_local_state_out() -> None:
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".git", ".venv", "runs"} <= ignored
+
+
+def test_vllm_serves_adapters_for_the_evals(compose: dict[str, Any]) -> None:
+    """vLLM's OpenAI server with runtime LoRA loading, a rank limit covering what the API
+    accepts, the artifacts read-only at the path the adapters' URIs name, and the API/worker
+    pointed at it."""
+    services = compose["services"]
+    vllm = services["vllm"]
+    assert vllm["image"].split(":", 1)[0] == "vllm/vllm-openai"
+    argv = [str(a) for a in vllm["command"]]
+    assert "--enable-lora" in argv
+
+    def option(name: str) -> str:
+        assert name in argv, f"vllm: {name} missing"
+        return argv[argv.index(name) + 1]
+
+    assert int(option("--max-loras")) >= 1
+    assert option("--port") == "8000"
+    assert _environment(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"].lower() in ("1", "true")
+    assert any(
+        d["driver"] == "nvidia" for d in vllm["deploy"]["resources"]["reservations"]["devices"]
+    )
+    mounts = [v for v in vllm["volumes"] if isinstance(v, str) and v.startswith("artifacts:")]
+    for name in ("api", "worker"):
+        env = _environment(services[name])
+        settings = ServiceSettings(
+            **{k.removeprefix("OPSD_").lower(): v for k, v in env.items() if k.startswith("OPSD_")}
+        )
+        assert int(option("--max-lora-rank")) >= settings.max_lora_rank, name
+        assert mounts == [f"artifacts:{settings.artifacts_uri}:ro"], (name, mounts)
+        assert settings.inference_url == "http://vllm:8000", name
