@@ -34,7 +34,7 @@ RUN pip install \
 WORKDIR /app
 COPY . /app
 # Editable, so the Alembic migrations beside the packages are found at /app/migrations.
-RUN pip install -e ".[s3]" \
+RUN pip install -e ".[service,s3]" \
     && useradd --create-home --uid 1000 opsd \
     && mkdir -p /artifacts /var/lib/opsd/hf \
     && chown -R opsd:opsd /artifacts /var/lib/opsd

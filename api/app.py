@@ -34,7 +34,7 @@ def create_app(
     broker_ping: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """Build the app from settings (environment by default); parts can be injected for tests."""
-    from api.routes import evals, health, jobs
+    from api.routes import evals, health, jobs, ui
     from opsd_engine.config import JobSpec  # pure pydantic: no torch
     from opsd_service.settings import get_settings
 
@@ -70,6 +70,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(jobs.build_router(JobSpec))
     app.include_router(evals.build_router())
+    app.include_router(ui.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     logging.getLogger("opsd.api").setLevel(logging.INFO)
     return app

@@ -723,6 +723,15 @@ class Store(EvalQueries):
                     )
         return requeued
 
+    def release_idempotency_key(self, job_id: str) -> None:
+        """Forget the job's Idempotency-Key, so a retry of its submission creates a new job.
+
+        For a submission that failed after its row was written (the queue was unreachable): the
+        failed job stays visible, and the client's retry with the same key is not a replay of it.
+        """
+        with self._write() as session:
+            session.execute(sa.update(jobs).where(jobs.c.id == job_id).values(idempotency_key=None))
+
     def requeue_stale_queued(
         self, *, older_than: timedelta, now: datetime | None = None
     ) -> list[str]:

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -39,10 +39,26 @@ DEFAULT_METRICS = (
 )
 
 
+class UsageError(Exception):
+    """A mistake in the command line, the spec file or the local setup (exit code 2)."""
+
+
 def console(*, stderr: bool = False) -> Console:
-    """A console that keeps long ids on one line when the output is a pipe or a file."""
-    probe = Console(stderr=stderr)
-    return Console(stderr=stderr, width=None if probe.is_terminal else 160)
+    return Console(stderr=stderr)
+
+
+def show(renderable: Any) -> None:
+    """Print to stdout: styled for a terminal; for a pipe or a file, plain lines that never
+    wrap (long paths stay whole) and carry no trailing padding."""
+    out = console()
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    wide = Console(width=10_000, color_system=None, force_terminal=False, highlight=False)
+    with wide.capture() as captured:
+        wide.print(renderable)
+    for line in captured.get().splitlines():
+        out.print(line.rstrip(), markup=False, highlight=False, soft_wrap=True)
 
 
 def status_text(status: str) -> Text:
@@ -56,8 +72,8 @@ def when(value: datetime | None) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
         return f"{hours}h{minutes:02d}m"
@@ -73,7 +89,7 @@ def number(value: Any) -> str:
         return str(value)
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return str(value)
-    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e9:
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) < 1e9):
         return f"{int(value):,}" if abs(value) >= 10_000 else str(int(value))
     return f"{value:.4g}"
 
@@ -127,7 +143,8 @@ def job_sheet(job: Job) -> Table:
             ("error", Text(f"{job.error.code}: {job.error.message} ({job.error.category})", "red"))
         )
     if job.adapter_uri:
-        rows.append(("adapter", f"{job.adapter_uri}  (opsd jobs download {job.id})"))
+        rows.append(("adapter", job.adapter_uri))
+        rows.append(("download", f"opsd jobs download {job.id}"))
     if job.metadata:
         rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in job.metadata.items())))
     table.add_row("job", Text(job.id, style="bold"))
@@ -180,9 +197,14 @@ def flatten(summary: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def eval_sheet(evaluation: Eval) -> Table:
-    table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
-    table.title = f"{evaluation.id}  {evaluation.status}  (job {evaluation.job_id})"
+def eval_sheet(evaluation: Eval) -> Group:
+    """A heading line and a metric | adapter | base table of the summaries."""
+    heading = Text()
+    heading.append(evaluation.id, style="bold")
+    heading.append("  ")
+    heading.append_text(status_text(evaluation.status))
+    heading.append(f"  job {evaluation.job_id}", style="dim")
+    table = Table(box=None, header_style="bold", pad_edge=False)
     adapter = flatten(evaluation.results.adapter if evaluation.results else None)
     base = flatten(evaluation.results.base if evaluation.results else None)
     table.add_column("metric")
@@ -194,10 +216,32 @@ def eval_sheet(evaluation: Eval) -> Table:
         if base:
             row.append(number(base.get(name)))
         table.add_row(*row)
+    parts: list[Any] = [heading]
+    if adapter or base:
+        parts.append(table)
     if evaluation.error:
         error = evaluation.error
         message = error if isinstance(error, str) else f"{error.code}: {error.message}"
-        table.caption = f"error: {message}"
+        parts.append(Text(f"error: {message}", style="red"))
+    return Group(*parts)
+
+
+def evals_table(evaluations: Iterable[Eval]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "STATUS", "DATASET", "N", "AVG@N", "PASS@1", "CREATED"):
+        table.add_column(column, no_wrap=column in ("ID", "CREATED"))
+    for evaluation in evaluations:
+        adapter = (evaluation.results.adapter if evaluation.results else None) or {}
+        pass_at = adapter.get("pass_at_k") or {}
+        table.add_row(
+            evaluation.id,
+            status_text(evaluation.status),
+            _short(str(evaluation.config.get("dataset_uri", "-")), 40),
+            str(evaluation.config.get("n", "-")),
+            number(adapter.get("avg_at_n")),
+            number(pass_at.get("1") if isinstance(pass_at, dict) else None),
+            when(evaluation.created_at),
+        )
     return table
 
 
@@ -206,11 +250,12 @@ def plot_metrics(metrics: Metrics, names: Sequence[str], path: Path, title: str)
     try:
         import matplotlib
     except ModuleNotFoundError as exc:
-        raise RuntimeError(
+        raise UsageError(
             "plotting needs matplotlib: pip install 'opsd[plot]' (or matplotlib)"
         ) from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = list(names) or metrics.names
     cols = min(3, max(1, len(names)))
@@ -222,7 +267,9 @@ def plot_metrics(metrics: Metrics, names: Sequence[str], path: Path, title: str)
             continue
         series = metrics.metrics[names[index]]
         points = [(s, v) for s, v in series.points() if v is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else "")
+        marker = "." if len(points) < 40 else ""
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(names[index], fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)

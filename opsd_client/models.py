@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 __all__ = [
     "TERMINAL_STATUSES",
     "AsyncEval",
+    "AsyncEvalList",
     "AsyncJob",
     "AsyncJobList",
     "Checkpoint",
     "CheckpointList",
     "Eval",
+    "EvalList",
     "EvalResults",
     "EvalStatus",
     "Event",
@@ -267,6 +269,18 @@ class AsyncEval(_EvalFields):
 
     async def refresh(self) -> AsyncEval:
         return await _bound(self).evals.retrieve(self.id)
+
+
+class EvalList(_Model):
+    """`GET /jobs/{id}/evals`."""
+
+    object: Literal["list"] = "list"
+    data: list[Eval]
+
+
+class AsyncEvalList(_Model):
+    object: Literal["list"] = "list"
+    data: list[AsyncEval]
 
 
 def _bound(obj: Any) -> Any:

@@ -373,6 +373,7 @@ def _fail_unqueued(store: Any, job_id: str, message: str) -> None:
     from jobstore import JobError
 
     store.fail_job(job_id, error=JobError("queue_unavailable", message, "system"))
+    store.release_idempotency_key(job_id)  # the client's retry must submit anew
 
 
 def _tar_directory(uri: str) -> Any:

@@ -1,5 +1,6 @@
-"""`client.evals`: evaluations of a job's adapter (`POST /jobs/{id}/evals`, `GET /evals/{id}`)
-and waiting for one to finish; `Evals` for `Client`, `AsyncEvals` for `AsyncClient`.
+"""`client.evals`: evaluations of a job's adapter (`POST /jobs/{id}/evals`,
+`GET /jobs/{id}/evals`, `GET /evals/{id}`) and waiting for one to finish; `Evals` for `Client`,
+`AsyncEvals` for `AsyncClient`.
 
 An eval samples `n` answers per benchmark problem and reports avg@n / pass@k for the trained
 adapter (and for the base model with `include_base=True`).
@@ -15,7 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from opsd_client.errors import EvalFailedError, WaitTimeoutError
-from opsd_client.models import AsyncEval, Eval
+from opsd_client.models import AsyncEval, AsyncEvalList, Eval, EvalList
 from opsd_client.resources.jobs import job_path, new_idempotency_key
 
 if TYPE_CHECKING:
@@ -83,6 +84,14 @@ class Evals:
             idempotent=False,
         )
         return self._eval(response)
+
+    def list(self, job_id: str) -> list[Eval]:
+        """`GET /jobs/{id}/evals`: the job's evaluations, oldest first."""
+        response = self._client._http_api.request("GET", job_path(job_id, "/evals"))
+        page = EvalList.model_validate(response.json())
+        for evaluation in page.data:
+            evaluation._client = self._client
+        return page.data
 
     def retrieve(self, eval_id: str) -> Eval:
         """`GET /evals/{id}`."""
@@ -158,6 +167,14 @@ class AsyncEvals:
             idempotent=False,
         )
         return self._eval(response)
+
+    async def list(self, job_id: str) -> list[AsyncEval]:
+        """`GET /jobs/{id}/evals`: the job's evaluations, oldest first."""
+        response = await self._client._http_api.request("GET", job_path(job_id, "/evals"))
+        page = AsyncEvalList.model_validate(response.json())
+        for evaluation in page.data:
+            evaluation._client = self._client
+        return page.data
 
     async def retrieve(self, eval_id: str) -> AsyncEval:
         return self._eval(await self._client._http_api.request("GET", eval_path(eval_id)))

@@ -308,11 +308,14 @@ def test_an_unreachable_queue_fails_the_job_visibly(settings) -> None:
     app = create_app(broken)
     key = app.state.store.create_api_key("queue-down")
     with TestClient(app) as client:
-        response = client.post("/jobs", json=BODY, headers=auth(key))
+        headers = {**auth(key), "Idempotency-Key": "retry-me"}
+        response = client.post("/jobs", json=BODY, headers=headers)
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "queue_unavailable"
+        retried = client.post("/jobs", json=BODY, headers=headers)
+        assert retried.status_code == 503, "a retry submits anew instead of replaying the failure"
         jobs = client.get("/jobs", headers=auth(key)).json()["data"]
-    assert len(jobs) == 1 and jobs[0]["status"] == "failed"
+    assert len(jobs) == 2 and {j["status"] for j in jobs} == {"failed"}
     assert (
         jobs[0]["error"]["code"] == "queue_unavailable" and jobs[0]["error"]["category"] == "system"
     )

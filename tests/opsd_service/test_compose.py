@@ -177,6 +177,25 @@ def test_dockerfile_base_command_and_installs(dockerfile: str) -> None:
     assert any(re.search(r"pip install -e \"?\.(\[[\w,]+\])?\"?", run) for run in runs)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     installed |= {_requirement_name(d) for d in project["dependencies"]}
+    extras = project.get("optional-dependencies", {})
+
+    def expand(names: set[str], seen: set[str]) -> set[str]:
+        """Requirement names of the extras `names`, following `opsd[other]` references."""
+        out: set[str] = set()
+        for extra in names - seen:
+            seen.add(extra)
+            for requirement in extras.get(extra, []):
+                if requirement.startswith(f"{project['name']}["):
+                    inner = requirement.split("[", 1)[1].split("]")[0]
+                    out |= expand(set(inner.split(",")), seen)
+                else:
+                    out.add(_requirement_name(requirement))
+        return out
+
+    for run in runs:
+        for match in re.finditer(r'pip install -e "?\.\[([\w,]+)\]', run):
+            installed |= expand(set(match.group(1).split(",")), set())
+    assert {"torch", "transformers", "peft", "accelerate"} <= installed, "the worker needs the engine"
     missing = SERVICE_REQUIREMENTS - installed
     assert not missing, f"the image does not install {sorted(missing)}"
     assert "celery[redis]" in dockerfile  # the Redis transport's client

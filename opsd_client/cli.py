@@ -1,0 +1,713 @@
+"""The client half of the `opsd` command: `opsd jobs ...` and `opsd evals ...` over HTTP.
+
+Human-readable tables by default; `--json` prints JSON on stdout (errors as JSON on stderr) for
+scripts. The service and key come from `--base-url` / `--api-key` (given before the
+subcommand: `opsd jobs --base-url URL list`), else `OPSD_BASE_URL` / `OPSD_API_KEY`, else the
+local `opsd up` default (`http://127.0.0.1:8000`, key from `$OPSD_HOME/api_key`).
+
+Exit codes (stable, for scripts):
+
+    0  success
+    1  the job or eval ended failed or cancelled (`wait`, `submit --wait`, `evals wait`)
+    2  usage or request error: bad flags or spec file, invalid field (422), conflict (409)
+    3  not found (404; another tenant's ids are not found too)
+    4  authentication: missing or rejected API key (401/403)
+    5  the service is unreachable or failing (connection errors, 429/5xx after retries)
+    6  `wait --timeout` ran out before the job finished
+  130  interrupted (Ctrl-C); the job itself keeps running
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import typer
+import yaml
+
+from opsd_client import _render as render
+from opsd_client._base import DEFAULT_BASE_URL, resolve_base_url
+from opsd_client._client import Client
+from opsd_client._files import UnsafeArchiveError
+from opsd_client._render import UsageError
+from opsd_client.errors import (
+    APIConnectionError,
+    APIStatusError,
+    AuthenticationError,
+    EvalFailedError,
+    JobCancelledError,
+    JobFailedError,
+    NotFoundError,
+    OPSDError,
+    PermissionDeniedError,
+    WaitTimeoutError,
+)
+from opsd_client.models import Event, Job, Metrics
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_AUTH = 4
+EXIT_UNAVAILABLE = 5
+EXIT_TIMEOUT = 6
+EXIT_INTERRUPTED = 130
+
+jobs_app = typer.Typer(
+    help="Submit and follow training jobs on an OPSD service.",
+    no_args_is_help=True,
+    epilog="Exit codes: 0 ok, 1 job failed/cancelled, 2 usage or request error, 3 not found, "
+    "4 authentication, 5 service unreachable or failing, 6 wait timed out, 130 interrupted.",
+)
+evals_app = typer.Typer(
+    help="Evaluate trained adapters (avg@n, pass@k on a benchmark).",
+    no_args_is_help=True,
+    epilog="Exit codes: 0 ok, 1 eval failed, 2 usage or request error, 3 not found, "
+    "4 authentication, 5 service unreachable or failing, 6 wait timed out, 130 interrupted.",
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON (for scripts) instead of tables.")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount `jobs` and `evals` on the top-level `opsd` command."""
+    app.add_typer(jobs_app, name="jobs")
+    app.add_typer(evals_app, name="evals")
+
+
+# ----------------------------------------------------------------------------------- plumbing
+@dataclass
+class Connection:
+    base_url: str | None
+    api_key: str | None
+    timeout: float
+
+    def client(self) -> Client:
+        base_url = resolve_base_url(self.base_url)
+        return Client(
+            base_url=base_url,
+            api_key=self.api_key or _local_key(base_url),
+            timeout=self.timeout,
+        )
+
+
+def _local_key(base_url: str) -> str | None:
+    """The key `opsd up` saved, for a service on this machine only (never sent elsewhere)."""
+    host = urlsplit(base_url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    path = Path(os.environ.get("OPSD_HOME") or "~/.opsd").expanduser() / "api_key"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _connection_callback(
+    ctx: typer.Context,
+    base_url: str | None = typer.Option(
+        None,
+        "--base-url",
+        envvar="OPSD_BASE_URL",
+        help=f"Service URL (default: {DEFAULT_BASE_URL}).",
+        show_default=False,
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="OPSD_API_KEY",
+        help="API key (default: the one `opsd up` saved, for a local service).",
+        show_default=False,
+        show_envvar=True,
+    ),
+    timeout: float = typer.Option(60.0, "--timeout-s", help="Seconds per HTTP request."),
+) -> None:
+    ctx.obj = Connection(base_url=base_url, api_key=api_key, timeout=timeout)
+
+
+jobs_app.callback()(_connection_callback)
+evals_app.callback()(_connection_callback)
+
+
+def _client(ctx: typer.Context) -> Client:
+    connection = ctx.obj if isinstance(ctx.obj, Connection) else Connection(None, None, 60.0)
+    return connection.client()
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code for an SDK exception."""
+    if isinstance(exc, JobFailedError | JobCancelledError | EvalFailedError):
+        return EXIT_JOB_FAILED
+    if isinstance(exc, WaitTimeoutError):
+        return EXIT_TIMEOUT
+    if isinstance(exc, AuthenticationError | PermissionDeniedError):
+        return EXIT_AUTH
+    if isinstance(exc, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, APIStatusError):
+        return EXIT_UNAVAILABLE if exc.status == 429 or exc.status >= 500 else EXIT_USAGE
+    if isinstance(exc, APIConnectionError):
+        return EXIT_UNAVAILABLE
+    return EXIT_USAGE
+
+
+def _error_json(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, APIStatusError):
+        detail = {"code": exc.code, "message": exc.message, "param": exc.param}
+        return {"error": {**detail, "status": exc.status}}
+    code = {
+        JobFailedError: "job_failed",
+        JobCancelledError: "job_cancelled",
+        EvalFailedError: "eval_failed",
+        WaitTimeoutError: "wait_timeout",
+    }.get(type(exc), "connection_error" if isinstance(exc, APIConnectionError) else "error")
+    body: dict[str, Any] = {"code": code, "message": str(exc), "param": None, "status": None}
+    job = getattr(exc, "job", None)
+    if job is not None:
+        body["job"] = job.model_dump(mode="json")
+    return {"error": body}
+
+
+def handle_errors(func: F) -> F:
+    """Turn SDK and usage errors into one line on stderr (JSON with `--json`) and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("json_output"))
+        try:
+            return func(*args, **kwargs)
+        except (OPSDError, UsageError, FileExistsError, UnsafeArchiveError) as exc:
+            if as_json:
+                typer.echo(json.dumps(_error_json(exc)), err=True)
+            else:
+                message = str(exc)
+                if isinstance(exc, AuthenticationError):
+                    message += " (set OPSD_API_KEY or pass --api-key)"
+                typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(exit_code_for(exc)) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted (a job keeps running on the service)", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _dump(model: Any) -> Any:
+    return model.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------ submit
+def _parse_assignment(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _assign(body: dict[str, Any], path: list[str], value: Any) -> None:
+    node = body
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def _local_path(value: Any, base: Path) -> Any:
+    """A relative local path made absolute (the service may run elsewhere); other values as is."""
+    if not isinstance(value, str) or not value or "://" in value or value.startswith("~"):
+        return str(Path(value).expanduser()) if isinstance(value, str) and value else value
+    path = Path(value)
+    if path.is_absolute():
+        return value
+    candidate = base / path
+    return str(candidate.resolve()) if candidate.exists() else value
+
+
+def load_spec_file(path: Path) -> dict[str, Any]:
+    """A spec file (YAML or JSON) as a dict, local paths made absolute relative to the file."""
+    try:
+        body = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read spec {path}: {exc}") from None
+    if not isinstance(body, dict):
+        raise UsageError(f"{path}: a job spec is a mapping of fields (see POST /jobs)")
+    base = path.resolve().parent
+    for key in ("base_model", "dataset_uri"):
+        if key in body:
+            body[key] = _local_path(body[key], base)
+    if isinstance(body.get("eval"), dict) and body["eval"].get("dataset_uri"):
+        body["eval"]["dataset_uri"] = _local_path(body["eval"]["dataset_uri"], base)
+    return body
+
+
+@jobs_app.command("submit")
+@handle_errors
+def submit(
+    ctx: typer.Context,
+    spec_file: Path | None = typer.Argument(
+        None,
+        help="Job spec (YAML or JSON), the same document as the body of POST /jobs.",
+        exists=True,
+        dir_okay=False,
+        show_default=False,
+    ),
+    base_model: str | None = typer.Option(None, "--base-model", help="Model id or path."),
+    dataset_uri: str | None = typer.Option(None, "--dataset-uri", help="Training data URI."),
+    method: str | None = typer.Option(None, "--method", help="opsd (default), sft or grpo."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Sets optim.max_steps."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Set any field, e.g. --set optim.learning_rate=1e-5 (repeatable)."
+    ),
+    metadata: list[str] = typer.Option(
+        [], "--metadata", "-m", help="Attach key=value metadata (repeatable)."
+    ),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="Resubmitting with the same key returns the same job."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Then wait for the job, as `opsd jobs wait`."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Submit a training job from a spec file and/or flags (flags win).
+
+    Relative local paths (model, dataset) are made absolute, since the service may run
+    elsewhere. Prints the job id; with --wait, waits as `opsd jobs wait` does.
+    """
+    body = load_spec_file(spec_file) if spec_file is not None else {}
+    cwd = Path.cwd()
+    if base_model is not None:
+        body["base_model"] = _local_path(base_model, cwd)
+    if dataset_uri is not None:
+        body["dataset_uri"] = _local_path(dataset_uri, cwd)
+    if method is not None:
+        body["method"] = method
+    if max_steps is not None:
+        _assign(body, ["optim", "max_steps"], max_steps)
+    for item in overrides:
+        _assign(body, *_parse_assignment(item))
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--metadata expects key=value, got {item!r}")
+        body.setdefault("metadata", {})[key] = value
+    if not body.get("base_model") or not body.get("dataset_uri"):
+        raise UsageError("give a spec file, or --base-model and --dataset-uri")
+    with _client(ctx) as client:
+        job = client.jobs.create(spec=body, idempotency_key=idempotency_key)
+        if wait:
+            _wait(client, job.id, timeout=None, poll=2.0, json_output=json_output, quiet=False)
+            return
+    if json_output:
+        _print_json(_dump(job))
+        return
+    typer.echo(f"submitted {job.id} ({job.status})")
+    typer.echo(f"  follow it: opsd jobs wait {job.id}   (or: opsd jobs events {job.id} --follow)")
+
+
+# ----------------------------------------------------------------------------- list and show
+@jobs_app.command("list")
+@handle_errors
+def list_jobs(
+    ctx: typer.Context,
+    status: str | None = typer.Option(None, "--status", help="Only jobs in this state."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many jobs (newest first)."),
+    every: bool = typer.Option(False, "--all", help="Every job (all pages)."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """List your jobs, newest first."""
+    with _client(ctx) as client:
+        jobs = list(
+            client.jobs.list(
+                status=status, limit=min(limit, 100), max_items=None if every else limit
+            )
+        )
+    if json_output:
+        _print_json([_dump(j) for j in jobs])
+    elif not jobs:
+        typer.echo("no jobs" + (f" with status {status}" if status else ""))
+    else:
+        render.show(render.jobs_table(jobs))
+
+
+@jobs_app.command("show")
+@handle_errors
+def show(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (job_...)."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Show one job: status, progress, spec summary, error, adapter."""
+    with _client(ctx) as client:
+        job = client.jobs.retrieve(job_id)
+    if json_output:
+        _print_json(_dump(job))
+    else:
+        render.show(render.job_sheet(job))
+
+
+@jobs_app.command("cancel")
+@handle_errors
+def cancel(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (job_...)."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Cancel a job (a running one stops at its next step, keeping a checkpoint)."""
+    with _client(ctx) as client:
+        job = client.jobs.cancel(job_id)
+    if json_output:
+        _print_json(_dump(job))
+    else:
+        typer.echo(f"{job.id}: {job.status}")
+
+
+# ------------------------------------------------------------------------------------ metrics
+@jobs_app.command("metrics")
+@handle_errors
+def metrics(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (job_...)."),
+    names: list[str] = typer.Option(
+        [], "--name", "-n", help="Metric name (repeatable); default: the usual ones."
+    ),
+    every: bool = typer.Option(False, "--all", help="Every metric the job logged."),
+    step_min: int | None = typer.Option(None, "--step-min", min=0),
+    step_max: int | None = typer.Option(None, "--step-max", min=0),
+    max_points: int | None = typer.Option(
+        None, "--max-points", min=2, help="Downsample long runs (bucket means)."
+    ),
+    tail: int | None = typer.Option(None, "--tail", min=0, help="Only the last N steps."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also write a chart of the metrics to this PNG file."
+    ),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Training metrics per optimizer step, as a table, JSON or a PNG chart."""
+    with _client(ctx) as client:
+        data = client.jobs.metrics(
+            job_id,
+            names=names or None,
+            step_min=step_min,
+            step_max=step_max,
+            max_points=max_points,
+        )
+    chosen = render.chosen_metrics(data, names, every)
+    if plot is not None:
+        render.plot_metrics(data, chosen, plot, title=job_id)
+    if json_output:
+        _print_json(_dump(data))
+        return
+    if not data.metrics:
+        typer.echo("no metrics yet")
+    else:
+        render.show(render.metrics_table(data, chosen, tail))
+    if plot is not None:
+        typer.echo(f"wrote {plot}", err=True)
+
+
+# ------------------------------------------------------------------------------------- events
+@handle_errors
+def events(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (job_...)."),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Keep streaming new events until the job is final."
+    ),
+    after: int = typer.Option(0, "--after", min=0, help="Only events after this event id."),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print JSON: an array, or one object per line with --follow."
+    ),
+) -> None:
+    """The job's events (queued, running, checkpoints, errors, ...); --follow streams them."""
+    with _client(ctx) as client:
+        if follow:
+            for event in client.jobs.stream_events(job_id, after_id=after):
+                if json_output:
+                    typer.echo(event.model_dump_json())
+                else:
+                    render.show(render.event_line(event))
+            return
+        found: list[Event] = client.jobs.events(job_id, after_id=after)
+    if json_output:
+        _print_json([_dump(e) for e in found])
+        return
+    for event in found:
+        render.show(render.event_line(event))
+
+
+jobs_app.command("events")(events)
+jobs_app.command("logs", help="Same as `events` (the job's log of events).")(events)
+
+
+# --------------------------------------------------------------------------------------- wait
+def _latest_loss(client: Client, job: Job, seen: dict[str, Any]) -> float | None:
+    """The loss at the job's latest step (one small metrics request when the step changed)."""
+    step = job.progress.step
+    if step and seen.get("step") != step:
+        data: Metrics = client.jobs.metrics(job.id, names=["loss"], step_min=step)
+        if "loss" in data and data["loss"].values:
+            seen["loss"] = data["loss"].last
+        seen["step"] = step
+    return seen.get("loss")
+
+
+def _wait(
+    client: Client,
+    job_id: str,
+    *,
+    timeout: float | None,
+    poll: float,
+    json_output: bool,
+    quiet: bool,
+) -> Job:
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    seen: dict[str, Any] = {}
+    started = time.monotonic()
+    err = render.console(stderr=True)
+    show_bar = not quiet and err.is_terminal
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.fields[status]}"),
+        BarColumn(),
+        TextColumn("step {task.fields[steps]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not show_bar,
+    )
+    task = bar.add_task(job_id, total=None, status="", steps="-", loss="-")
+    last_status: list[str] = []
+
+    def update(job: Job) -> None:
+        loss = _latest_loss(client, job, seen) if job.status == "running" else seen.get("loss")
+        total = job.progress.total_steps
+        bar.update(
+            task,
+            total=total,
+            completed=job.progress.step,
+            status=job.status,
+            steps=render.progress(job),
+            loss=render.number(loss),
+        )
+        if not show_bar and not quiet and not json_output and last_status[-1:] != [job.status]:
+            err.print(f"{job.id}: {job.status} (step {render.progress(job)})")
+        last_status.append(job.status)
+
+    try:
+        with bar:
+            job = client.jobs.wait(job_id, timeout=timeout, poll=poll, on_update=update)
+    except (JobFailedError, JobCancelledError) as exc:
+        if not json_output:
+            render.show(render.job_sheet(exc.job))
+        raise
+    if json_output:
+        _print_json(_dump(job))
+    else:
+        loss = seen.get("loss")
+        took = render.duration(time.monotonic() - started)
+        detail = f"{render.progress(job)} steps" + (
+            f", final loss {render.number(loss)}" if loss is not None else ""
+        )
+        typer.echo(f"{job.id} succeeded ({detail}; waited {took})")
+    return job
+
+
+@jobs_app.command("wait")
+@handle_errors
+def wait(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (job_...)."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", min=0, help="Give up after this many seconds (exit code 6)."
+    ),
+    poll: float = typer.Option(2.0, "--poll", min=0.05, help="Seconds between checks."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Wait for a job, with a progress bar (step, loss, ETA).
+
+    Exit code 0 when it succeeded, 1 when it failed or was cancelled, 6 on --timeout.
+    """
+    with _client(ctx) as client:
+        _wait(client, job_id, timeout=timeout, poll=poll, json_output=json_output, quiet=quiet)
+
+
+# ----------------------------------------------------------------------------------- download
+@jobs_app.command("download")
+@handle_errors
+def download(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id of a succeeded job."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder for the adapter [default: ./<job id>-adapter]."
+    ),
+    archive: bool = typer.Option(
+        False, "--archive", help="Keep the .tar.gz as sent instead of unpacking it."
+    ),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Download the trained LoRA adapter (PEFT format: load it with PeftModel.from_pretrained)."""
+    default = Path(f"{job_id}-adapter.tar.gz" if archive else f"{job_id}-adapter")
+    with _client(ctx) as client:
+        path = client.jobs.download_adapter(job_id, out or default, extract=not archive)
+    if json_output:
+        _print_json({"job_id": job_id, "path": str(path.resolve()), "archive": archive})
+    else:
+        typer.echo(str(path))
+
+
+# -------------------------------------------------------------------------------------- evals
+@evals_app.command("create")
+@handle_errors
+def evals_create(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job whose adapter to evaluate."),
+    dataset_uri: str | None = typer.Option(None, "--dataset-uri", help="Benchmark file."),
+    problem_field: str | None = typer.Option(None, "--problem-field"),
+    answer_field: str | None = typer.Option(None, "--answer-field"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N problems."),
+    n: int | None = typer.Option(None, "--n", min=1, help="Samples per problem (avg@n)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
+    temperature: float | None = typer.Option(None, "--temperature", min=0),
+    top_p: float | None = typer.Option(None, "--top-p"),
+    top_k: int | None = typer.Option(None, "--top-k", min=0),
+    thinking: bool | None = typer.Option(
+        None, "--thinking/--no-thinking", help="Qwen3 thinking mode.", show_default=False
+    ),
+    include_base: bool | None = typer.Option(
+        None, "--include-base/--adapter-only", help="Also evaluate the base model."
+    ),
+    checkpoint_step: int | None = typer.Option(
+        None, "--checkpoint-step", min=0, help="Evaluate this checkpoint instead of the end."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Then wait for the results."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Start an evaluation of a job's adapter."""
+    with _client(ctx) as client:
+        evaluation = client.evals.create(
+            job_id,
+            dataset_uri=_local_path(dataset_uri, Path.cwd()) if dataset_uri else None,
+            problem_field=problem_field,
+            answer_field=answer_field,
+            limit=limit,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            thinking=thinking,
+            include_base=include_base,
+            checkpoint_step=checkpoint_step,
+        )
+        if wait:
+            evaluation = _wait_eval(client, evaluation.id, None, 2.0, json_output)
+    if json_output:
+        _print_json(_dump(evaluation))
+    elif not wait:
+        typer.echo(f"created {evaluation.id} ({evaluation.status})")
+        typer.echo(f"  follow it: opsd evals wait {evaluation.id}")
+
+
+def _wait_eval(
+    client: Client, eval_id: str, timeout: float | None, poll: float, json_output: bool
+) -> Any:
+    try:
+        evaluation = client.evals.wait(eval_id, timeout=timeout, poll=poll)
+    except EvalFailedError as exc:
+        if not json_output:
+            render.show(render.eval_sheet(exc.eval))
+        raise
+    if not json_output:
+        render.show(render.eval_sheet(evaluation))
+    return evaluation
+
+
+@evals_app.command("list")
+@handle_errors
+def evals_list(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (job_...)."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """List a job's evaluations, oldest first."""
+    with _client(ctx) as client:
+        evaluations = client.evals.list(job_id)
+    if json_output:
+        _print_json([_dump(e) for e in evaluations])
+    elif not evaluations:
+        typer.echo(f"no evals of {job_id} yet")
+    else:
+        render.show(render.evals_table(evaluations))
+
+
+@evals_app.command("show")
+@handle_errors
+def evals_show(
+    ctx: typer.Context,
+    eval_id: str = typer.Argument(..., help="Eval id (eval_...)."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Show an evaluation and its results."""
+    with _client(ctx) as client:
+        evaluation = client.evals.retrieve(eval_id)
+    if json_output:
+        _print_json(_dump(evaluation))
+    else:
+        render.show(render.eval_sheet(evaluation))
+
+
+@evals_app.command("wait")
+@handle_errors
+def evals_wait(
+    ctx: typer.Context,
+    eval_id: str = typer.Argument(..., help="Eval id (eval_...)."),
+    timeout: float | None = typer.Option(None, "--timeout", min=0, help="Exit 6 after this."),
+    poll: float = typer.Option(2.0, "--poll", min=0.05),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Wait for an evaluation; exit 0 when it succeeded, 1 when it failed."""
+    with _client(ctx) as client:
+        evaluation = _wait_eval(client, eval_id, timeout, poll, json_output)
+    if json_output:
+        _print_json(_dump(evaluation))
+
+
+def main() -> None:  # pragma: no cover - `python -m opsd_client.cli` without the engine
+    app = typer.Typer(no_args_is_help=True, add_completion=False)
+    register(app)
+    app(prog_name="opsd")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
