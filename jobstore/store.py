@@ -723,6 +723,30 @@ class Store(EvalQueries):
                     )
         return requeued
 
+    def release_job(self, job_id: str, worker_id: str) -> bool:
+        """running -> queued for the lease owner, without spending an attempt.
+
+        For a worker that leaves cleanly (a redeploy): the job resumes elsewhere from its last
+        checkpoint as the same attempt. Event ``released``.
+        """
+        now = _now()
+        with self._write() as session:
+            return (
+                self._transition(
+                    session,
+                    job_id,
+                    (RUNNING,),
+                    QUEUED,
+                    now,
+                    f"worker {worker_id} is shutting down; the job waits for another worker",
+                    worker_id=worker_id,
+                    values={"lease_owner": None, "lease_expires_at": None},
+                    event_kind="released",
+                    event_data={"worker_id": worker_id},
+                )
+                is not None
+            )
+
     def release_idempotency_key(self, job_id: str) -> None:
         """Forget the job's Idempotency-Key, so a retry of its submission creates a new job.
 

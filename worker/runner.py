@@ -33,7 +33,8 @@ log = logging.getLogger("opsd.worker")
 
 SKIPPED = "skipped"  # the job was not claimable (duplicate delivery, cancelled, finished)
 LEASE_LOST = "lease_lost"  # another worker owns the job now; nothing terminal was written
-INTERRUPTED = "interrupted"  # this worker is shutting down; the lease will expire and requeue
+INTERRUPTED = "interrupted"  # shutting down and the release failed; the lease expiry requeues it
+RELEASED = "released"  # shutting down: handed back to the queue as the same attempt
 
 MAX_ERROR_MESSAGE = 4000
 MAX_EVENT_DATA = 4000
@@ -49,8 +50,9 @@ T = TypeVar("T")
 def request_shutdown() -> None:
     """Ask the running job (if any) to stop at its next step boundary: the process is leaving.
 
-    The job keeps its lease until it expires; the reaper then requeues it and it resumes from
-    the checkpoint the engine saves on the way out.
+    The job is handed back to the queue (`release_job`, same attempt) and resumes elsewhere from
+    the checkpoint the engine saves on the way out; if that write fails, its lease expires and
+    the reaper requeues it.
     """
     _shutdown.set()
 
@@ -303,7 +305,8 @@ def run_job(
 ) -> str:
     """Claim and run one job to its end; returns the final status, `skipped` or `lease_lost`.
 
-    Also `interrupted` when this worker is shutting down mid-run (the job is left to requeue).
+    When this worker is shutting down mid-run: `released` (back in the queue, same attempt; the
+    caller sends a new message) or `interrupted` (the release failed; the lease will expire).
     """
     job = store.claim_job(job_id, worker_id, lease_seconds=settings.lease_seconds)
     if job is None:
@@ -395,6 +398,12 @@ def _run_claimed(
     # The engine stopped early: a cancellation, or this process is shutting down.
     if lease.status != CANCELLING and _shutdown.is_set():
         log.warning("job %s interrupted by shutdown at step %s", job_id, result.step)
+        lease.stop()  # no heartbeat may renew the lease after the release
+        try:
+            if _retry(lambda: store.release_job(job_id, worker_id), what=f"releasing {job_id}"):
+                return RELEASED
+        except Exception:
+            log.exception("job %s: could not release it; its lease will expire", job_id)
         return INTERRUPTED
     return _terminal(store, job_id, "cancelled", lambda: store.mark_cancelled(job_id, worker_id))
 

@@ -16,6 +16,8 @@ from celery import shared_task
 from opsd_service.settings import get_settings
 from worker.queue import RUN_EVAL_TASK, RUN_JOB_TASK
 
+RELEASED = "released"  # worker.runner.RELEASED (not imported here: the runner loads the engine)
+
 log = logging.getLogger("opsd.worker")
 
 MAX_TASK_RETRIES = 8
@@ -59,6 +61,10 @@ def run_job_task(self: Any, job_id: str) -> str:
         log.warning("job %s: could not be started (%s); retrying", job_id, exc)
         raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc
     log.info("job %s: %s", job_id, outcome)
+    if outcome == RELEASED:  # this worker is leaving; another one picks the job up
+        from worker.queue import enqueue_job
+
+        enqueue_job(self.app, str(job_id))
     return outcome
 
 

@@ -294,3 +294,17 @@ def test_requeue_stale_queued_touches_only_old_queued_jobs(
     assert job.status == QUEUED and job.attempt == 1 and job.updated_at == later
     assert store.get_job(running.id).status == RUNNING
     assert store.get_job(done.id).status == SUCCEEDED
+
+
+def test_release_job_requeues_as_the_same_attempt_for_the_owner_only(
+    store: Store, make_job: Callable[..., JobRecord]
+) -> None:
+    job = make_job(RUNNING)
+    assert not store.release_job(job.id, OTHER)
+    assert store.release_job(job.id, OWNER)
+    released = store.get_job(job.id)
+    assert (released.status, released.attempt, released.lease_owner) == (QUEUED, job.attempt, None)
+    assert store.list_events(job.id)[-1].kind == "released"
+    assert not store.release_job(job.id, OWNER)  # not running any more
+    done = make_job(SUCCEEDED)
+    assert not store.release_job(done.id, OWNER) and store.get_job(done.id).status == SUCCEEDED

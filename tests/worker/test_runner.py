@@ -128,7 +128,7 @@ def test_cancel_while_running_keeps_a_checkpoint(
     assert job.adapter_uri is None
 
 
-def test_worker_shutdown_interrupts_without_a_terminal_state(
+def test_worker_shutdown_releases_the_job_as_the_same_attempt(
     sqlite_database_url: str, tiny_spec_dict: Any, tmp_path: Path
 ) -> None:
     from jobstore import Store
@@ -139,20 +139,27 @@ def test_worker_shutdown_interrupts_without_a_terminal_state(
     settings = ServiceSettings(
         home=tmp_path, database_url=sqlite_database_url, artifacts_uri=str(tmp_path / "a")
     )
-    job_id = create_job(store, tiny_spec_dict(optim={"max_steps": 40}))
+    job_id = create_job(store, tiny_spec_dict(optim={"max_steps": 12}))
     thread, out = _run_in_thread(job_id=job_id, store=store, settings=settings, worker_id="w1")
     wait_for(lambda: store.query_metrics(job_id, names=["loss"]), timeout=60, what="metrics")
     try:
         runner.request_shutdown()  # what the worker's SIGTERM handler does
-        assert _join(thread, out) == runner.INTERRUPTED
+        assert _join(thread, out) == runner.RELEASED
     finally:
         runner._shutdown.clear()  # the flag is process-wide; later tests run jobs too
 
     job = store.get_job(job_id)
-    assert (job.status, job.lease_owner) == ("running", "w1")  # requeued once the lease expires
+    assert (job.status, job.attempt, job.lease_owner) == ("queued", 1, None)
     assert store.list_checkpoints(job_id)[-1].step == job.progress_step
     kinds = [e.kind for e in store.list_events(job_id)]
-    assert kinds[-1] == "interrupted" and "cancelled" not in kinds
+    assert kinds[-2:] == ["interrupted", "released"] and "cancelled" not in kinds
+
+    # another worker resumes it from the checkpoint, as the same attempt, to the end
+    assert runner.run_job(job_id, store=store, settings=settings, worker_id="w2") == "succeeded"
+    job = store.get_job(job_id)
+    assert (job.status, job.attempt) == ("succeeded", 1)
+    steps = [s for s, _ in store.query_metrics(job_id, names=["loss"])["loss"]]
+    assert steps == list(range(1, 13))
     store.close()
 
 
