@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from typing import Annotated, Any
 
@@ -72,6 +73,19 @@ class KeyCache:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
         self._entries[self._digest(key)] = (time.monotonic() + self.ttl, tenant)
+
+
+JOB_ID = re.compile(r"job_[A-Za-z0-9]{1,64}")
+
+
+async def tenant_job(store: Any, tenant: Any, job_id: str) -> Any:
+    """The tenant's job, or a 404 (another tenant's job and a malformed id look the same)."""
+    job = None
+    if JOB_ID.fullmatch(job_id):
+        job = await run_in_threadpool(lambda: store.get_job(job_id, tenant_id=tenant.id))
+    if job is None:
+        raise APIError(404, "job_not_found", f"no job {job_id!r}", "job_id")
+    return job
 
 
 Store = Annotated[Any, Depends(get_store)]

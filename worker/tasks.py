@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
@@ -46,21 +47,27 @@ def process_worker_id() -> str:
         return _worker_id[0]
 
 
+def _run(task: Any, kind: str, record_id: str, runner: Callable[..., str]) -> str:
+    """Open the process's store and hand the id to `runner`; retry only if it cannot start."""
+    settings = get_settings()
+    try:
+        store = process_store(settings.database_url)
+        outcome = runner(
+            str(record_id), store=store, settings=settings, worker_id=process_worker_id()
+        )
+    except Exception as exc:
+        log.warning("%s %s: could not be started (%s); retrying", kind, record_id, exc)
+        raise task.retry(exc=exc, countdown=min(60, 2**task.request.retries)) from exc
+    log.info("%s %s: %s", kind, record_id, outcome)
+    return outcome
+
+
 @shared_task(name=RUN_JOB_TASK, bind=True, max_retries=MAX_TASK_RETRIES, ignore_result=True)
 def run_job_task(self: Any, job_id: str) -> str:
     """Run one job by id (see `worker.runner.run_job`)."""
     from worker.runner import run_job
 
-    settings = get_settings()
-    try:
-        store = process_store(settings.database_url)
-        outcome = run_job(
-            str(job_id), store=store, settings=settings, worker_id=process_worker_id()
-        )
-    except Exception as exc:
-        log.warning("job %s: could not be started (%s); retrying", job_id, exc)
-        raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc
-    log.info("job %s: %s", job_id, outcome)
+    outcome = _run(self, "job", job_id, run_job)
     if outcome == RELEASED:  # this worker is leaving; another one picks the job up
         from worker.queue import enqueue_job
 
@@ -73,14 +80,4 @@ def run_eval_task(self: Any, eval_id: str) -> str:
     """Run one eval by id (see `worker.evals.run_eval`)."""
     from worker.evals import run_eval
 
-    settings = get_settings()
-    try:
-        store = process_store(settings.database_url)
-        outcome = run_eval(
-            str(eval_id), store=store, settings=settings, worker_id=process_worker_id()
-        )
-    except Exception as exc:
-        log.warning("eval %s: could not be started (%s); retrying", eval_id, exc)
-        raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from exc
-    log.info("eval %s: %s", eval_id, outcome)
-    return outcome
+    return _run(self, "eval", eval_id, run_eval)

@@ -18,12 +18,11 @@ from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Settings, Store, Tenant
+from api.deps import Settings, Store, Tenant, tenant_job
 from api.errors import APIError
 from api.schemas import ErrorResponse, JobErrorOut
 
 EvalStatus = Literal["queued", "running", "succeeded", "failed"]
-_JOB_ID = re.compile(r"job_[A-Za-z0-9]{1,64}")
 _EVAL_ID = re.compile(r"eval_[A-Za-z0-9]{1,64}")
 
 EXAMPLE = {
@@ -148,14 +147,6 @@ def build_router() -> APIRouter:
         },
     )
 
-    async def _job(store: Any, tenant: Any, job_id: str) -> Any:
-        job = None
-        if _JOB_ID.fullmatch(job_id):
-            job = await run_in_threadpool(lambda: store.get_job(job_id, tenant_id=tenant.id))
-        if job is None:
-            raise APIError(404, "job_not_found", f"no job {job_id!r}", "job_id")
-        return job
-
     @router.post(
         "/jobs/{job_id}/evals",
         status_code=201,
@@ -181,7 +172,7 @@ def build_router() -> APIRouter:
         at `checkpoint_step`. Poll `GET /evals/{id}` for avg@n, pass@k and per-problem rows."""
         from opsd_engine.data import DatasetError, check_uri_scheme
 
-        job = await _job(store, tenant, job_id)
+        job = await tenant_job(store, tenant, job_id)
         body = _with_job_defaults(body, job.spec)
         if body.dataset_uri is None:
             raise APIError(
@@ -233,7 +224,7 @@ def build_router() -> APIRouter:
         "/jobs/{job_id}/evals", response_model=EvalList, summary="A job's evals, oldest first"
     )
     async def list_evals(job_id: str, store: Store, tenant: Tenant) -> Any:
-        await _job(store, tenant, job_id)
+        await tenant_job(store, tenant, job_id)
         records = await run_in_threadpool(lambda: store.list_evals(job_id, tenant_id=tenant.id))
         return EvalList(data=[eval_out(r) for r in records])
 

@@ -7,7 +7,6 @@ answer. Another tenant's job is indistinguishable from a missing one (404).
 import asyncio
 import hashlib
 import json
-import re
 import tarfile
 import tempfile
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Settings, Store, Tenant
+from api.deps import JOB_ID, Settings, Store, Tenant, tenant_job
 from api.errors import APIError
 from api.schemas import (
     CheckpointList,
@@ -35,7 +34,6 @@ from api.schemas import (
 JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 SSE_POLL_SECONDS = 0.5
-_JOB_ID = re.compile(r"job_[A-Za-z0-9]{1,64}")
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
     404: {"model": ErrorResponse, "description": "No such job for this tenant"},
@@ -65,14 +63,6 @@ def build_router(job_spec_model: type) -> APIRouter:
     """Routes for /jobs; `job_spec_model` is the engine's JobSpec (the request body schema)."""
     router = APIRouter(prefix="/jobs", tags=["jobs"], responses=ERRORS)
     JobSpec = job_spec_model
-
-    async def _job(store: Any, tenant: Any, job_id: str) -> Any:
-        job = None
-        if _JOB_ID.fullmatch(job_id):
-            job = await run_in_threadpool(lambda: store.get_job(job_id, tenant_id=tenant.id))
-        if job is None:
-            raise APIError(404, "job_not_found", f"no job {job_id!r}", "job_id")
-        return job
 
     @router.post(
         "",
@@ -184,14 +174,14 @@ def build_router(job_spec_model: type) -> APIRouter:
 
     @router.get("/{job_id}", response_model=JobOut, summary="Get a job")
     async def get_job(job_id: str, store: Store, tenant: Tenant) -> Any:
-        return job_out(await _job(store, tenant, job_id))
+        return job_out(await tenant_job(store, tenant, job_id))
 
     @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job")
     async def cancel_job(job_id: str, store: Store, tenant: Tenant) -> Any:
         """A queued job is cancelled at once; a running one moves to `cancelling` and stops at its
         next step boundary (keeping a checkpoint). Cancelling a finished job changes nothing."""
         job = None
-        if _JOB_ID.fullmatch(job_id):
+        if JOB_ID.fullmatch(job_id):
             job = await run_in_threadpool(lambda: store.request_cancel(job_id, tenant_id=tenant.id))
         if job is None:
             raise APIError(404, "job_not_found", f"no job {job_id!r}", "job_id")
@@ -211,7 +201,7 @@ def build_router(job_spec_model: type) -> APIRouter:
             int | None, Query(ge=2, le=10_000, description="Downsample long runs")
         ] = None,
     ) -> Any:
-        await _job(store, tenant, job_id)
+        await tenant_job(store, tenant, job_id)
         if step_min is not None and step_max is not None and step_min > step_max:
             raise APIError(422, "invalid_request", "step_min must be <= step_max", "step_min")
         series = await run_in_threadpool(
@@ -243,7 +233,7 @@ def build_router(job_spec_model: type) -> APIRouter:
         ] = False,
         last_event_id: Annotated[str | None, Header()] = None,
     ) -> Any:
-        await _job(store, tenant, job_id)
+        await tenant_job(store, tenant, job_id)
         wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
         if not wants_stream:
             events = await run_in_threadpool(
@@ -261,7 +251,7 @@ def build_router(job_spec_model: type) -> APIRouter:
 
     @router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="Checkpoints")
     async def get_checkpoints(job_id: str, store: Store, tenant: Tenant) -> Any:
-        await _job(store, tenant, job_id)
+        await tenant_job(store, tenant, job_id)
         checkpoints = await run_in_threadpool(store.list_checkpoints, job_id)
         return CheckpointList(
             data=[
@@ -278,7 +268,7 @@ def build_router(job_spec_model: type) -> APIRouter:
         },
     )
     async def get_adapter(job_id: str, store: Store, tenant: Tenant) -> Any:
-        job = await _job(store, tenant, job_id)
+        job = await tenant_job(store, tenant, job_id)
         if job.status != "succeeded" or not job.adapter_uri:
             raise APIError(
                 409,
