@@ -240,10 +240,12 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def _table(rows: list[dict[str, Any]], t_values: list[int]) -> str:
+    """Markdown table; ratios are reference / this method (> 1: this one is better)."""
     by_key = {(row["method"], row["T"]): row for row in rows}
     lines = [
-        "| method | T | peak memory (MB) | fwd+bwd (s) | CPU (s) | memory vs naive "
-        "| time vs naive | memory vs TRL | time vs TRL | chunk |",
+        "| method | T | peak memory (MB) | fwd+bwd wall (s) | fwd+bwd CPU (s) "
+        "| memory: naive / this | time: naive / this (wall, CPU) "
+        "| memory: TRL / this | time: TRL / this (wall, CPU) | chunk |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n_tokens in t_values:
@@ -257,32 +259,40 @@ def _table(rows: list[dict[str, Any]], t_values: list[int]) -> str:
                 lines.append(f"| {method} | {n_tokens} | skipped: {row['skipped']} ||||||||")
                 continue
 
-            def ratio(ref: dict[str, Any], key: str, row: dict[str, Any] = row) -> str:
-                if key not in ref or row is ref:
+            def ratio(ref: dict[str, Any], *keys: str, row: dict[str, Any] = row) -> str:
+                if row is ref or any(key not in ref or key not in row for key in keys):
                     return "-"
-                return f"{ref[key] / max(row[key], 1e-9):.1f}x"
+                return ", ".join(f"{ref[key] / max(row[key], 1e-9):.2f}x" for key in keys)
 
             lines.append(
-                f"| {method} | {n_tokens} | {_fmt(row['peak_mb'])} | {_fmt(row['seconds'], 2)} "
+                f"| {method} | {n_tokens} | {_fmt(row['peak_mb'])} | {_fmt(row['seconds'], 1)} "
                 f"| {_fmt(row.get('cpu_seconds'), 1)} "
-                f"| {ratio(naive, 'peak_mb')} | {ratio(naive, 'seconds')} "
-                f"| {ratio(trl, 'peak_mb')} | {ratio(trl, 'seconds')} "
+                f"| {ratio(naive, 'peak_mb')} | {ratio(naive, 'seconds', 'cpu_seconds')} "
+                f"| {ratio(trl, 'peak_mb')} | {ratio(trl, 'seconds', 'cpu_seconds')} "
                 f"| {row.get('chunk_size') or '-'} |"
             )
     return "\n".join(lines)
 
 
 def _growth(rows: list[dict[str, Any]], t_values: list[int]) -> str:
+    """Peak-memory growth per added token: between successive T and a least-squares fit."""
     lines = ["| method | T range | memory growth per added token (MB) |", "|---|---|---:|"]
     for method in METHODS:
-        points = [
+        points = sorted(
             (row["T"], row["peak_mb"])
             for row in rows
             if row["method"] == method and "peak_mb" in row and row["T"] in t_values
-        ]
-        points.sort()
+        )
         for (t0, m0), (t1, m1) in itertools.pairwise(points):
             lines.append(f"| {method} | {t0} -> {t1} | {(m1 - m0) / (t1 - t0):.4f} |")
+        if len(points) > 2:
+            mean_t = sum(t for t, _ in points) / len(points)
+            mean_m = sum(m for _, m in points) / len(points)
+            slope = sum((t - mean_t) * (m - mean_m) for t, m in points) / sum(
+                (t - mean_t) ** 2 for t, _ in points
+            )
+            span = f"{points[0][0]} .. {points[-1][0]} (least squares)"
+            lines.append(f"| {method} | {span} | {slope:.4f} |")
     return "\n".join(lines)
 
 
@@ -303,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-naive-gb", type=float, default=18.0)
     parser.add_argument("--child-timeout", type=float, default=900.0)
+    parser.add_argument("--rows-out", type=Path, help="also write every result row (JSON lines)")
+    parser.add_argument("--render", type=Path, help="only print the tables of a --rows-out file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -310,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         args.T = args.T[0]
         print(json.dumps(_run_child(args)))
+        return 0
+
+    if args.render is not None:
+        saved = [json.loads(line) for line in args.render.read_text().splitlines() if line]
+        saved_t = sorted({row["T"] for row in saved})
+        print(_table(saved, saved_t) + "\n\n" + _growth(saved, saved_t))
         return 0
 
     if args.loss != "jsd" and "trl" in args.methods:
@@ -335,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"> --max-naive-gb {args.max_naive_gb:g}"
                     )
                     rows.append({"method": method, "T": n_tokens, "skipped": reason})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                     continue
             row = _measure(args, method, n_tokens)
             rows.append(row)
@@ -362,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(rows, t_values))
     print()
     print(_growth(rows, t_values))
+    if args.rows_out is not None:
+        args.rows_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return 0
 
 

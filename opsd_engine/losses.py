@@ -11,7 +11,7 @@ functions on ``[..., T, V]`` logits:
   returned as a :class:`RolloutLoss`.
 
 Everything is computed in float32 (float64 when an input is float64) whatever the input dtype, in
-log space (``log_softmax`` / ``logaddexp``), so underflowing probabilities never produce
+log space (``logsumexp`` / ``logaddexp``), so underflowing probabilities never produce
 ``log(0)``. Logits must be finite. Gradients flow to the student logits only: the teacher's
 logits are detached inside every function.
 
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 Divergence = Literal["jsd", "forward_kl", "reverse_kl"]
@@ -107,11 +106,17 @@ def _validate_beta_temperature(beta: float, temperature: float) -> None:
 
 
 def _log_probs(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """``log_softmax(logits / temperature)`` in ``dtype`` over the last dim."""
+    """``log_softmax(logits / temperature)`` in ``dtype`` over the last dim.
+
+    Written as ``x - logsumexp(x)``: at a 151,936-token vocabulary the CPU float32
+    ``F.log_softmax`` kernel is off by ~3e-5 in the log-probabilities (its sum of exponentials
+    is accumulated less carefully), ten times more than this, which biased fp32 divergences by
+    ~1e-5 relative.
+    """
     scaled = logits.to(dtype)
     if temperature != 1.0:
         scaled = scaled / temperature
-    return F.log_softmax(scaled, dim=-1)
+    return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
 
 
 def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:

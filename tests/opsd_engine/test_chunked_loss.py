@@ -240,12 +240,24 @@ def test_fp32_realistic_shapes_match_naive(loss: str, beta: float) -> None:
 
 
 @pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        # On CUDA the projection takes the mm(..., out_dtype=float32) path instead of fp32 tiles.
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+@pytest.mark.parametrize(
     ("loss", "beta"), [("jsd", 0.5), ("reverse_kl", 0.5), ("sampled_token", 0.5)]
 )
-def test_bf16_hidden_and_weight(loss: str, beta: float) -> None:
+def test_bf16_hidden_and_weight(loss: str, beta: float, device: str) -> None:
     inputs = _inputs(
         batch=2, length=16, hidden=64, vocab=3_001, dtype=torch.bfloat16, seed=5, bias=True
     )
+    inputs = {k: v.to(device) if v is not None else None for k, v in inputs.items()}
     kwargs = {"loss": loss, "beta": beta, "normalizer": 20}
     got, grad = _chunked(inputs, chunk_size=5, **kwargs)
     assert grad.dtype == torch.bfloat16
