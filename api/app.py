@@ -66,6 +66,7 @@ def create_app(
     app.state.enqueue = enqueue
     app.state.broker_ping = broker_ping
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+    app.state.metrics_cache = jobs.MetricsCache()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.build_router(JobSpec))

@@ -9,6 +9,7 @@ import hashlib
 import json
 import tarfile
 import tempfile
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -190,6 +191,7 @@ def build_router(job_spec_model: type) -> APIRouter:
     @router.get("/{job_id}/metrics", response_model=MetricsOut, summary="Training metrics")
     async def get_metrics(
         job_id: str,
+        request: Request,
         store: Store,
         tenant: Tenant,
         name: Annotated[
@@ -201,19 +203,37 @@ def build_router(job_spec_model: type) -> APIRouter:
             int | None, Query(ge=2, le=10_000, description="Downsample long runs")
         ] = None,
     ) -> Any:
-        await tenant_job(store, tenant, job_id)
+        job = await tenant_job(store, tenant, job_id)
         if step_min is not None and step_max is not None and step_min > step_max:
             raise APIError(422, "invalid_request", "step_min must be <= step_max", "step_min")
-        series = await run_in_threadpool(
-            lambda: store.query_metrics(
-                job_id, names=name, step_min=step_min, step_max=step_max, max_points=max_points
-            )
+        cache: MetricsCache = request.app.state.metrics_cache
+        # A worker bumps the job's updated_at after every metrics write, so (updated_at,
+        # status) versions the job's metrics: a dashboard polling a job reads the store only
+        # when something new was recorded.
+        key = (
+            job.id,
+            job.updated_at,
+            job.status,
+            tuple(name or ()),
+            step_min,
+            step_max,
+            max_points,
         )
-        out = {
-            metric: MetricSeries(steps=[p[0] for p in points], values=[p[1] for p in points])
-            for metric, points in series.items()
-        }
-        return MetricsOut(job_id=job_id, metrics=out, max_points=max_points)
+        body = cache.get(key)
+        if body is None:
+            series = await run_in_threadpool(
+                lambda: store.query_metrics(
+                    job_id, names=name, step_min=step_min, step_max=step_max, max_points=max_points
+                )
+            )
+            out = {
+                metric: MetricSeries(steps=[p[0] for p in points], values=[p[1] for p in points])
+                for metric, points in series.items()
+            }
+            body = MetricsOut(job_id=job_id, metrics=out, max_points=max_points).model_dump_json()
+            cache.put(key, body.encode())
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/json")
 
     @router.get(
         "/{job_id}/events",
@@ -323,6 +343,32 @@ def _event_out(event: Any) -> EventOut:
         data=event.data or {},
         created_at=event.created_at,
     )
+
+
+class MetricsCache:
+    """A small per-process LRU of serialized metrics answers, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._size = 0
+
+    def get(self, key: tuple[Any, ...]) -> bytes | None:
+        body = self._entries.get(key)
+        if body is not None:
+            self._entries.move_to_end(key)
+        return body
+
+    def put(self, key: tuple[Any, ...], body: bytes) -> None:
+        if len(body) > self.max_bytes // 4:
+            return
+        if key in self._entries:
+            self._size -= len(self._entries.pop(key))
+        self._entries[key] = body
+        self._size += len(body)
+        while self._size > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._size -= len(old)
 
 
 def _sse(event: Any) -> bytes:

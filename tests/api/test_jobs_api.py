@@ -319,3 +319,17 @@ def test_an_unreachable_queue_fails_the_job_visibly(settings) -> None:
     assert (
         jobs[0]["error"]["code"] == "queue_unavailable" and jobs[0]["error"]["category"] == "system"
     )
+
+
+def test_metrics_reads_see_every_new_step_of_a_running_job(client, store, tenant_keys) -> None:
+    """Answers are cached per job version; a worker's write (metrics, then progress) is seen."""
+    key = tenant_keys["a"]
+    job_id = _submit(client, key).json()["id"]
+    assert store.claim_job(job_id, "w1", lease_seconds=60) is not None
+    for step in (1, 2, 3):
+        store.record_metrics(job_id, step, {"loss": 1.0 / step})
+        store.update_progress(job_id, "w1", step=step, total_steps=3)
+        series = client.get(f"/jobs/{job_id}/metrics", headers=auth(key)).json()["metrics"]
+        assert series["loss"]["steps"] == list(range(1, step + 1))
+        again = client.get(f"/jobs/{job_id}/metrics", headers=auth(key)).json()["metrics"]
+        assert again == series
