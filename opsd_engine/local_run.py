@@ -49,7 +49,7 @@ class JsonlRecorder:
 
 
 class ProgressBar:
-    """A tqdm bar over optimizer steps showing loss, divergence and generated tokens."""
+    """A tqdm bar over optimizer steps: loss, divergence (or reward / NLL), generated tokens."""
 
     def __init__(self, *, disable: bool = False) -> None:
         self.disable = disable
@@ -76,12 +76,13 @@ class ProgressBar:
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is None:
             return
-        self.bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            div=f"{metrics['divergence']:.4f}",
-            tok=int(metrics["generated_tokens_total"]),
-            refresh=False,
-        )
+        # Every method reports loss and generated tokens; the third figure is its own signal.
+        shown = {"loss": f"{metrics['loss']:.4f}"}
+        for key, label in (("divergence", "div"), ("reward_mean", "reward"), ("nll", "nll")):
+            if key in metrics:
+                shown[label] = f"{metrics[key]:.4f}"
+                break
+        self.bar.set_postfix(**shown, tok=int(metrics["generated_tokens_total"]), refresh=False)
         self.bar.update(step - self.bar.n)
 
     def on_checkpoint(self, step: int, path: Path) -> None:

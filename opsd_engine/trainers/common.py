@@ -11,16 +11,21 @@ checkpoints and token accounting to mean the same thing across methods:
   :func:`grad_norm`;
 * :func:`token_logprobs_from_hidden`: log-probabilities of given tokens from final hidden states,
   a chunk of positions at a time (recomputed in backward), so memory never holds ``[T, V]``
-  logits. SFT's cross-entropy and GRPO's policy ratio both need exactly this.
+  logits. SFT's cross-entropy and GRPO's policy ratio both need exactly this;
+* :class:`SpecEvaluator`: the `spec.eval` benchmark evaluation during and after training, with
+  the same semantics as the OPSD trainer's (`eval/*` metrics at the current step, RNG state
+  restored, so training is identical with and without evals).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +33,9 @@ from accelerate import Accelerator
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from opsd_engine import checkpoint as ckpt
 from opsd_engine.config import JobSpec, spec_to_dict
+from opsd_engine.events import TrainerCallbacks
 from opsd_engine.modeling import PolicyModel
 
 # Fields that do not change what training computes; a resume may differ in them.
@@ -38,6 +45,7 @@ __all__ = [
     "RESUME_NEUTRAL_FIELDS",
     "ExampleStream",
     "HiddenStateScorer",
+    "SpecEvaluator",
     "TokenLogprobs",
     "TrainResult",
     "grad_norm",
@@ -198,3 +206,82 @@ def token_logprobs_from_hidden(
         full = torch.zeros(mask.numel(), dtype=torch.float32, device=hidden.device)
         out.append(full.index_put((index,), values).reshape(mask.shape))
     return TokenLogprobs(logprobs=out[0], entropy=out[1].detach(), argmax_hit=out[2].detach())
+
+
+# ---------------------------------------------------------------------- evaluation (spec.eval)
+class SpecEvaluator:
+    """Runs `spec.eval` for a trainer: the base at step 0 (`include_base`), every `every_steps`
+    optimizer steps and at the end (`at_end`), reporting `eval/avg@n`, `eval/pass@k`,
+    `eval/majority` through `callbacks.on_metrics` at the current step. Does nothing when
+    `spec.eval.dataset_uri` is unset. Sampling is seeded with `spec.seed` and the RNG state is
+    restored afterwards, so evaluating never changes what training samples."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        policy: PolicyModel,
+        accelerator: Accelerator,
+        callbacks: TrainerCallbacks,
+    ) -> None:
+        self.spec, self.policy, self.accelerator, self.callbacks = (
+            spec,
+            policy,
+            accelerator,
+            callbacks,
+        )
+        self._examples: list[Any] | None = None
+
+    def at_start(self, step: int) -> None:
+        if self.spec.eval.include_base and step == 0:
+            self.evaluate(step, adapter=False)  # the base model: the start of the eval curve
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        every, at_end = self.spec.eval.every_steps, self.spec.eval.at_end
+        if every and step % every == 0 and not (at_end and step == total_steps):
+            self.evaluate(step)  # the final step's eval comes from `at_end` when it is set
+
+    def at_end(self, step: int) -> None:
+        if self.spec.eval.at_end:
+            self.evaluate(step)
+
+    def evaluate(self, step: int, *, adapter: bool = True) -> None:
+        cfg = self.spec.eval
+        if not cfg.dataset_uri:
+            return
+        if self.accelerator.is_main_process:
+            from opsd_engine.data import load_examples
+            from opsd_engine.evaluation import EvalSettings, evaluate_model, summary_metrics
+
+            if self._examples is None:
+                self._examples = load_examples(
+                    cfg.dataset_uri,
+                    problem_field=cfg.problem_field,
+                    answer_field=cfg.answer_field,
+                    require_solution=False,
+                    limit=cfg.limit,
+                )
+            settings = EvalSettings(
+                n=cfg.n,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                thinking=cfg.thinking,
+            )
+            model = self.policy.peft_model
+            rng = ckpt.capture_rng_state()
+            try:
+                torch.manual_seed(self.spec.seed)
+                with contextlib.nullcontext() if adapter else model.disable_adapter():
+                    result = evaluate_model(
+                        model,
+                        self.policy.tokenizer,
+                        self._examples,
+                        settings,
+                        prompts=self.spec.prompts,
+                        device=self.accelerator.device,
+                    )
+            finally:
+                ckpt.restore_rng_state(rng)
+            self.callbacks.on_metrics(step, summary_metrics(result.summary))
+        self.accelerator.wait_for_everyone()

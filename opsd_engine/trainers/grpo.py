@@ -12,7 +12,12 @@ Per optimizer step:
    keeps ``r_i - mean(r)`` (Dr. GRPO). A group whose rewards are all equal has every advantage
    exactly 0, hence no gradient: `zero_variance_group_frac` shows how much sampling was spent on
    such groups, the known weakness of the method;
-5. per micro-batch: old log-probabilities of the sampled tokens from the sampling policy (adapter
+5. normalisation over the whole optimizer step (all micro-batches and data-parallel ranks):
+   `grpo.loss_normalization: sequence` (default, Eq. 5 as written) weights token n of completion
+   i by ``1 / (|o_i| * N)`` with N the completions of the step, i.e. the mean over completions of
+   each completion's token mean; `token` weights every token by ``1 / (total completion tokens
+   of the step)`` (DAPO / Dr. GRPO), which does not favour short completions;
+6. per micro-batch: old log-probabilities of the sampled tokens from the sampling policy (adapter
    on, eval mode, no grad; computed once per step, before the update), reference log-probs from
    the initial policy (adapter disabled) when `grpo.kl_beta > 0`, then the policy forward with
    grad and the clipped surrogate of Eq. 5 with ``rho = exp(logp - logp_old)``::
@@ -23,12 +28,8 @@ Per optimizer step:
    With one optimizer step per batch ``rho`` is 1 in value (the gradient is the policy gradient
    ``A_i * grad log pi``); the clipped form matters when the policy already moved, e.g. LoRA
    dropout makes the training forward differ from the sampler;
-6. normalisation over the whole optimizer step (all micro-batches and data-parallel ranks):
-   `grpo.loss_normalization: sequence` (default, Eq. 5 as written) weights token n of completion
-   i by ``1 / (|o_i| * N)`` with N the completions of the step, i.e. the mean over completions of
-   each completion's token mean; `token` weights every token by ``1 / (total completion tokens
-   of the step)`` (DAPO / Dr. GRPO), which does not favour short completions;
-7. clip, AdamW step, LR schedule; metrics, events and (atomic) checkpoints through callbacks.
+7. clip, AdamW step, LR schedule; metrics, events and (atomic) checkpoints through callbacks;
+   `spec.eval` benchmark evaluations as in the OPSD trainer.
 
 Log-probabilities use the loss temperature (`loss.temperature`, default 1), not the sampling
 temperature. Multiple optimizer iterations per sampled batch (GRPO's mu) are not supported.
@@ -65,6 +66,7 @@ from opsd_engine.rollout import Rollout, SamplingParams, TransformersRolloutBack
 from opsd_engine.trainers.common import (
     ExampleStream,
     HiddenStateScorer,
+    SpecEvaluator,
     TokenLogprobs,
     TrainResult,
     make_accelerator,
@@ -251,6 +253,7 @@ class GRPOTrainer:
         self.state = ckpt.TrainerState(
             total_steps=self.total_steps, spec_fingerprint=spec_fingerprint(spec)
         )
+        self.evaluator = SpecEvaluator(spec, self.policy, self.accelerator, self.callbacks)
         self._prompt_cache: dict[int, list[int]] = {}
 
     # ----------------------------------------------------------------- resume / checkpoints
@@ -300,6 +303,7 @@ class GRPOTrainer:
             },
         )
         last_checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir)
+        self.evaluator.at_start(self.state.step)
         while self.state.step < self.total_steps:
             if self.callbacks.should_stop():
                 last_checkpoint = self.save_checkpoint() or last_checkpoint
@@ -311,9 +315,11 @@ class GRPOTrainer:
                 )
             metrics = self.train_step()
             self.callbacks.on_metrics(self.state.step, metrics)
+            self.evaluator.after_step(self.state.step, self.total_steps)
             every = spec.checkpoint_every
             if every and self.state.step % every == 0 and self.state.step < self.total_steps:
                 last_checkpoint = self.save_checkpoint() or last_checkpoint
+        self.evaluator.at_end(self.state.step)
         last_checkpoint = self.save_checkpoint() or last_checkpoint
         adapter_dir = None
         if self.accelerator.is_main_process:
@@ -387,7 +393,7 @@ class GRPOTrainer:
             micro_groups.append(groups)
         time_reward = time.perf_counter() - t0
 
-        # 6. One normalizer for the whole step, across accumulation and ranks.
+        # 5. One normalizer for the whole step, across accumulation and ranks.
         all_groups = [g for groups in micro_groups for g in groups]
         lengths = [len(r.token_ids) for g in all_groups for r in g.rollouts]
         local = len(lengths) if spec.grpo.loss_normalization == "sequence" else sum(lengths)
@@ -395,7 +401,7 @@ class GRPOTrainer:
         # DDP averages gradients over ranks; multiplying by world size turns that into a sum.
         normalizer = max(step_count, 1) / acc.num_processes
 
-        # 5. Old/reference log-probs and the policy forward/backward per micro-batch.
+        # 6. Old/reference log-probs and the policy forward/backward per micro-batch.
         totals = torch.zeros(5, dtype=torch.float64)  # loss, clipped, kl, ratio, entropy
         time_scoring = time_policy = 0.0
         lr = float(self.scheduler.get_last_lr()[0])
@@ -438,13 +444,11 @@ class GRPOTrainer:
             torch.tensor(local_sums, dtype=torch.float64, device=acc.device), reduction="sum"
         ).tolist()
         loss_sum, clipped, kl_sum, ratio_sum, entropy_sum = reduced[:5]
-        reward_sum, std_sum, zero_sum, n_groups, n_completions, generated, finished_sum = reduced[
-            5:
-        ]
+        reward_sum, std_sum, zero_sum, n_groups, n_completions = reduced[5:10]
+        generated, finished_sum = int(reduced[10]), reduced[11]
         max_len = acc.reduce(
             torch.tensor(max(lengths, default=0), device=acc.device), reduction="max"
         ).item()
-        generated = int(generated)
         self.state.step += 1
         self.state.examples_consumed += (
             spec.optim.batch_size * spec.optim.grad_accum * acc.num_processes

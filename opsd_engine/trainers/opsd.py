@@ -180,10 +180,9 @@ class OPSDTrainer:
                 )
             metrics = self.train_step()
             self.callbacks.on_metrics(self.state.step, metrics)
-            every, at_end = spec.eval.every_steps, spec.eval.at_end
-            if every and self.state.step % every == 0:
-                if not (at_end and self.state.step == self.total_steps):  # the final one follows
-                    self.evaluate()
+            eval_every, last = spec.eval.every_steps, self.state.step == self.total_steps
+            if eval_every and self.state.step % eval_every == 0 and not (spec.eval.at_end and last):
+                self.evaluate()  # (the final step's eval comes after the loop when at_end)
             every = spec.checkpoint_every
             if every and self.state.step % every == 0 and self.state.step < self.total_steps:
                 last_checkpoint = self.save_checkpoint() or last_checkpoint

@@ -14,7 +14,8 @@ Per optimizer step:
    accumulation and DDP give exactly the mean over all target tokens of the step;
 4. per micro-batch: forward with grad to final hidden states, log-probabilities of the solution
    tokens a chunk of positions at a time (never a full ``[T, V]`` logits tensor), backward;
-5. clip, AdamW step, LR schedule; metrics, events and (atomic) checkpoints through callbacks.
+5. clip, AdamW step, LR schedule; metrics, events and (atomic) checkpoints through callbacks;
+   `spec.eval` benchmark evaluations as in the OPSD trainer.
 
 SFT samples nothing, so ``generated_tokens`` is 0 at every step (the token axis on which the
 methods are compared counts sampled tokens); ``train_tokens`` reports what it learns from.
@@ -48,6 +49,7 @@ from opsd_engine.prompts import (
 from opsd_engine.trainers.common import (
     ExampleStream,
     HiddenStateScorer,
+    SpecEvaluator,
     TrainResult,
     make_accelerator,
     spec_fingerprint,
@@ -148,6 +150,7 @@ class SFTTrainer:
         self.state = ckpt.TrainerState(
             total_steps=self.total_steps, spec_fingerprint=spec_fingerprint(spec)
         )
+        self.evaluator = SpecEvaluator(spec, self.policy, self.accelerator, self.callbacks)
         self._sequence_cache: dict[int, tuple[list[int], list[int]]] = {}
 
     # ----------------------------------------------------------------- resume / checkpoints
@@ -196,6 +199,7 @@ class SFTTrainer:
             },
         )
         last_checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir)
+        self.evaluator.at_start(self.state.step)
         while self.state.step < self.total_steps:
             if self.callbacks.should_stop():
                 last_checkpoint = self.save_checkpoint() or last_checkpoint
@@ -207,9 +211,11 @@ class SFTTrainer:
                 )
             metrics = self.train_step()
             self.callbacks.on_metrics(self.state.step, metrics)
+            self.evaluator.after_step(self.state.step, self.total_steps)
             every = spec.checkpoint_every
             if every and self.state.step % every == 0 and self.state.step < self.total_steps:
                 last_checkpoint = self.save_checkpoint() or last_checkpoint
+        self.evaluator.at_end(self.state.step)
         last_checkpoint = self.save_checkpoint() or last_checkpoint
         adapter_dir = None
         if self.accelerator.is_main_process:

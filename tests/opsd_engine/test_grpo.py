@@ -251,3 +251,18 @@ def test_grpo_spec_defaults_to_eight_generations() -> None:
     explicit = parse_spec({**body, "generation": {"num_generations": 4}})
     assert explicit.generation.num_generations == 4
     assert parse_spec({**body, "method": "opsd"}).generation.num_generations == 1
+
+
+def test_grpo_reports_spec_eval_metrics(tiny_spec, tmp_path: Path) -> None:
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"problem": "1 + 1?", "answer": "2"}\n{"problem": "2 + 3?", "answer": "5"}\n')
+    recorder = Recorder()
+    spec = tiny_spec(
+        method="grpo",
+        generation={"num_generations": 2},
+        optim={"max_steps": 2},
+        eval={"dataset_uri": str(bench), "n": 2, "max_new_tokens": 6},
+    )
+    train(spec, tmp_path / "run", callbacks=recorder)
+    evals = [(step, m) for step, m in recorder.metrics if "eval/avg@2" in m]
+    assert [step for step, _ in evals] == [2]  # at_end only by default

@@ -127,3 +127,19 @@ def test_sft_resume_is_bit_exact(tiny_spec, tmp_path: Path) -> None:
     a = load_file(str(straight.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_reports_spec_eval_metrics(tiny_spec, tmp_path: Path) -> None:
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"problem": "1 + 1?", "answer": "2"}\n{"problem": "2 + 3?", "answer": "5"}\n')
+    recorder = Recorder()
+    eval_group = {"dataset_uri": str(bench), "n": 2, "max_new_tokens": 6, "every_steps": 2}
+    spec = tiny_spec(
+        method="sft", optim={"max_steps": 3}, eval={**eval_group, "include_base": True}
+    )
+    train(spec, tmp_path / "run", callbacks=recorder)
+    evals = [(step, m) for step, m in recorder.metrics if "eval/avg@2" in m]
+    assert [step for step, _ in evals] == [0, 2, 3]
+    assert all(
+        set(m) == {"eval/avg@2", "eval/pass@1", "eval/pass@2", "eval/majority"} for _, m in evals
+    )
