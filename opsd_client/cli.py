@@ -533,7 +533,8 @@ def _wait(
     if json_output:
         _print_json(_dump(job))
     else:
-        loss = seen.get("loss")
+        # A short job can go from queued to succeeded between two polls: read its last loss now.
+        loss = _latest_loss(client, job, seen)
         took = render.duration(time.monotonic() - started)
         detail = f"{render.progress(job)} steps" + (
             f", final loss {render.number(loss)}" if loss is not None else ""
