@@ -195,7 +195,9 @@ def test_dockerfile_base_command_and_installs(dockerfile: str) -> None:
     for run in runs:
         for match in re.finditer(r'pip install -e "?\.\[([\w,]+)\]', run):
             installed |= expand(set(match.group(1).split(",")), set())
-    assert {"torch", "transformers", "peft", "accelerate"} <= installed, "the worker needs the engine"
+    assert {"torch", "transformers", "peft", "accelerate"} <= installed, (
+        "the worker needs the engine"
+    )
     missing = SERVICE_REQUIREMENTS - installed
     assert not missing, f"the image does not install {sorted(missing)}"
     assert "celery[redis]" in dockerfile  # the Redis transport's client
