@@ -51,11 +51,11 @@ class Plan:
     problems_per_step: int = 8  # every method: batch_size 8, grad_accum 1
     max_new_tokens: int = 48  # a worked solution is 17-42 tokens with its EOS
     grpo_generations: int = 8  # paper Table 6
-    # Chosen with --tune on seed 100 (tuning.md): the best final held-out accuracy per method.
+    # Chosen with --tune (tuning.md): the best final validation accuracy per method, seed 100.
     learning_rates: tuple[tuple[str, float], ...] = (
         ("opsd", 5e-4),
         ("sft", 5e-4),
-        ("grpo", 5e-4),
+        ("grpo", 1e-3),
     )
     lora_r: int = 16
     lora_alpha: float = 32.0
@@ -69,7 +69,10 @@ class Plan:
         ("opsd sampled_token", (("divergence", "sampled_token"),)),
         ("opsd max_new_tokens 16", (("max_new_tokens", 16),)),
         ("opsd teacher current", (("teacher", "current"),)),
+        ("opsd lr 0.001", (("optim.learning_rate", 1e-3),)),  # GRPO's tuned rate
     )
+    curve_ablations: tuple[str, ...] = ("opsd lr 0.001",)  # evaluated at every eval point
+    token_threshold: float = 0.95  # "tokens to reach" this held-out accuracy (below the ceiling)
 
     tune_seed: int = 100  # learning rates are chosen on this seed, never on a reported one
     tune_grid: tuple[tuple[str, tuple[float, ...]], ...] = (
@@ -210,8 +213,9 @@ def make_spec(
     }
     if method == "grpo":
         body["generation"] = {"num_generations": plan.grpo_generations}
-    for key, value in overrides:
-        body[key] = value
+    for key, value in overrides:  # "group.field" sets one field of a group
+        group, _, name = key.rpartition(".")
+        (body.setdefault(group, {}) if group else body)[name] = value
     return parse_spec(body)
 
 
@@ -405,6 +409,35 @@ def claims(plan: Plan, base: Sequence[EvalPoint], groups: dict[str, list[RunReco
             f"{g_tokens:,.0f} generated tokens ({g_tokens / max(o_tokens, 1):.1f}x fewer for "
             "OPSD; paper: comparable accuracy with 4-8x fewer tokens)."
         )
+        curves = {
+            name: _curve(groups[name])
+            for name in ("opsd", "grpo", *plan.curve_ablations)
+            if name in groups
+        }
+        steps = [step for step, *_ in curves["opsd"]]
+        per_step = "; ".join(
+            f"{name} " + "/".join(f"{100 * c[2]:.1f}" for c in curve)
+            for name, curve in curves.items()
+        )
+        lines.append(
+            f"- The same at every evaluation (steps {'/'.join(str(s) for s in steps)}, avg@{n}): "
+            f"{per_step}. GRPO runs at its own tuned learning rate "
+            f"({plan.learning_rate('grpo'):g}, OPSD {plan.learning_rate('opsd'):g})"
+            + (
+                "; the OPSD run at GRPO's rate separates the effect of the rate from the method."
+                if any(name in groups for name in plan.curve_ablations)
+                else "."
+            )
+        )
+        threshold = plan.token_threshold
+        reach = []
+        for name, curve in curves.items():
+            hit = next(((st, t) for st, t, mean, _ in curve if mean >= threshold), None)
+            reach.append(f"{name} {hit[1]:,.0f} (step {hit[0]})" if hit else f"{name} not reached")
+        lines.append(
+            f"- Generated tokens to first reach {100 * threshold:.0f}% held-out avg@{n} (first "
+            f"evaluation at or above it, so coarse): {'; '.join(reach)}."
+        )
         target = g[0]
         reached = next(
             (
@@ -582,16 +615,20 @@ def write_results(
             f"(zero gradient) {_fmt(zero)}% of the groups sampled.",
         ]
     lines += ["", "## The paper's claims at this scale", "", *claims(plan, base, groups), ""]
-    lines += [
-        "How to read this: the base's weakness without the reference is mostly behavioural (it "
-        "often answers directly instead of working the steps, see `base.py`), and its worked "
-        "solutions are in the very style of the reference solutions. So SFT imitates "
-        "demonstrations that are already on the model's own distribution, unlike the paper's "
-        "SFT on traces written by other, stronger models. GRPO's zero-gradient weakness costs "
-        "only the fraction of all-equal groups reported above. The token comparison does not "
-        "depend on the task: OPSD samples one rollout per problem, GRPO eight.",
-        "",
-    ]
+    lines += (
+        []
+        if len(groups) < 2
+        else [
+            "How to read this: the base's weakness without the reference is mostly behavioural (it "
+            "often answers directly instead of working the steps, see `base.py`), and its worked "
+            "solutions are in the very style of the reference solutions. So SFT imitates "
+            "demonstrations that are already on the model's own distribution, unlike the paper's "
+            "SFT on traces written by other, stronger models. GRPO's zero-gradient weakness costs "
+            "only the fraction of all-equal groups reported above. The token comparison does not "
+            "depend on the task: OPSD samples one rollout per problem, GRPO eight.",
+            "",
+        ]
+    )
     lines += [
         f"![held-out accuracy vs steps and generated tokens]({stem}.png)",
         "",
@@ -619,7 +656,8 @@ def _plot(
     base_mean = 100 * statistics.fmean(p.avg for p in base)
     colors = {"opsd": "tab:blue", "sft": "tab:green", "grpo": "tab:red"}
     fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in plan.methods:
+    extra = ["tab:purple", "tab:orange", "tab:brown"]
+    for i, name in enumerate([*plan.methods, *plan.curve_ablations]):
         if name not in groups:
             continue
         curve = _curve(groups[name])
@@ -629,20 +667,23 @@ def _plot(
         std = [100 * c[3] for c in curve]
         low = [m - s for m, s in zip(mean, std, strict=True)]
         high = [m + s for m, s in zip(mean, std, strict=True)]
-        color = colors[name]
-        by_step.plot(steps, mean, marker="o", color=color, lw=2, label=name)
+        color = colors.get(name, extra[i % len(extra)])
+        style = {"color": color, "lw": 2 if name in colors else 1.5}
+        if name not in colors:
+            style["ls"] = "--"
+        by_step.plot(steps, mean, marker="o", label=name, **style)
         by_step.fill_between(steps, low, high, color=color, alpha=0.15)
         if name == "sft":
-            by_tokens.axhline(mean[-1], color=color, lw=2, label="sft, final (samples no tokens)")
+            by_tokens.axhline(mean[-1], label="sft, final (samples no tokens)", **style)
         else:
-            by_tokens.plot(tokens, mean, marker="o", color=color, lw=2, label=name)
+            by_tokens.plot(tokens, mean, marker="o", label=name, **style)
             by_tokens.fill_between(tokens, low, high, color=color, alpha=0.15)
     for axis in (by_step, by_tokens):
         axis.axhline(base_mean, color="gray", ls=":", lw=1.2, label="base")
         axis.set_ylabel(f"held-out avg@{plan.eval_n} (%)")
         axis.grid(alpha=0.3)
     by_step.legend(fontsize=8, loc="lower right")
-    by_tokens.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.9))
+    by_tokens.legend(fontsize=8, loc="lower right")
     by_step.set_xlabel("optimizer step")
     by_tokens.set_xlabel("generated tokens (cumulative, all rollouts; linear below 1,000)")
     by_tokens.set_xscale("symlog", linthresh=1000)
@@ -879,7 +920,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed, base_point in zip(plan.seeds, base_points, strict=True):
             spec = make_spec(plan, method, seed, base_dir, train_path, overrides)
             log(f"{name} seed {seed}: training")
-            points = plan.eval_points if name in plan.methods else plan.ablation_eval_points
+            full = name in plan.methods or name in plan.curve_ablations
+            points = plan.eval_points if full else plan.ablation_eval_points
             record = run_method(
                 plan, name, spec, train_examples, heldout_examples, base_point, log, points
             )
