@@ -305,6 +305,8 @@
     $('#no-job').hidden = true;
     $('#job').hidden = false;
     $('#job-id').textContent = id;
+    $('#job-status').textContent = '';  // never show the previous job's status under this id
+    $('#job-status').className = 'badge';
     $('#events tbody').replaceChildren();
     $('#checkpoints tbody').replaceChildren();
     $('#evals tbody').replaceChildren();
@@ -663,6 +665,11 @@
     $('#status-filter').addEventListener('change', (event) => {
       state.statusFilter = event.target.value;
       refreshList();
+    });
+    // a pasted link or the back button changes the job in the URL: follow it without a reload
+    window.addEventListener('hashchange', () => {
+      const wanted = hashParams().get('job');
+      if (state.key && wanted && wanted !== state.selected) selectJob(wanted);
     });
     document.addEventListener('visibilitychange', () => {
       if (document.hidden || !state.key) return;

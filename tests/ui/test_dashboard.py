@@ -81,14 +81,19 @@ def test_dashboard_follows_a_job_live_to_its_finished_curves(
         },
     )
     with service.http() as http:
-        created = http.post("/jobs", json=body)
-        assert created.status_code == 201, created.text
-        job_id = created.json()["id"]
-
-        context, page, watch = _open(
-            browser, service, f"{service.base_url}/ui#key={service.api_key}&job={job_id}"
-        )
+        # The page is loaded before the job exists and is pointed at it through the URL, so it
+        # sees the job from its first seconds however slowly the browser starts.
+        url = f"{service.base_url}/ui#key={service.api_key}"
+        context, page, watch = _open(browser, service, url)
         try:
+            page.wait_for_selector(".job-item, #jobs-empty:not([hidden])")
+            created = http.post("/jobs", json=body)
+            assert created.status_code == 201, created.text
+            job_id = created.json()["id"]
+            page.evaluate(f"window.__statuses = []; location.hash = 'job={job_id}'")
+            page.wait_for_function(
+                f"() => document.getElementById('job-id').textContent === '{job_id}'"
+            )
             page.wait_for_function(
                 "() => document.getElementById('job-status').textContent === 'succeeded'",
                 timeout=180_000,
