@@ -28,6 +28,7 @@ from jobstore.records import FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobNo
 from jobstore.tables import JSONDoc, UTCDateTime, metadata
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session
 
 EVAL_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED)
@@ -118,7 +119,7 @@ class EvalQueries:
 
     if TYPE_CHECKING:
 
-        def _read(self) -> AbstractContextManager[Session]: ...
+        def _read(self) -> AbstractContextManager[Connection]: ...
 
         def _write(self) -> AbstractContextManager[Session]: ...
 

@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from jobstore.tables import metrics
 
@@ -47,7 +46,7 @@ def _step_range(
     return where
 
 
-def metric_names(session: Session, job_id: str) -> list[str]:
+def metric_names(session: sa.Connection, job_id: str) -> list[str]:
     """The job's distinct metric names, sorted (one index probe per name)."""
     m = metrics
     following = metrics.alias("following")
@@ -86,7 +85,7 @@ def _literal_rows(
 
 
 def step_bounds(
-    session: Session,
+    session: sa.Connection,
     job_id: str,
     names: Sequence[str],
     step_min: int | None,
@@ -111,7 +110,7 @@ def step_bounds(
 
 
 def read_points(
-    session: Session,
+    session: sa.Connection,
     job_id: str,
     names: Sequence[str] | None,
     step_min: int | None,
@@ -134,7 +133,7 @@ def read_points(
 
 
 def _grouped(
-    session: Session, job_id: str, bounds: dict[str, tuple[int, int]], max_points: int
+    session: sa.Connection, job_id: str, bounds: dict[str, tuple[int, int]], max_points: int
 ) -> dict[str, list[tuple[int, int, float]]]:
     """``{name: [(count, last step, mean), …]}``: the groups of each (wide) name, its first
     and last point being groups of one.
@@ -192,7 +191,7 @@ def _grouped(
 
 
 def downsample(
-    session: Session,
+    session: sa.Connection,
     job_id: str,
     names: Sequence[str] | None,
     step_min: int | None,

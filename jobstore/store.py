@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 
 from jobstore import metric_queries
 from jobstore.cursor import decode_cursor, encode_cursor
-from jobstore.db import create_engine, session_factory, write_engine
+from jobstore.db import Executor, create_engine, read_engine, session_factory, write_engine
 from jobstore.evals import EvalQueries
 from jobstore.ids import new_api_key_id, new_job_id, new_tenant_id
 from jobstore.records import (
@@ -68,7 +68,16 @@ from jobstore.records import (
     TenantNotFound,
     TenantRecord,
 )
-from jobstore.tables import UTCDateTime, api_keys, checkpoints, job_events, jobs, metrics, tenants
+from jobstore.tables import (
+    JSONDoc,
+    UTCDateTime,
+    api_keys,
+    checkpoints,
+    job_events,
+    jobs,
+    metrics,
+    tenants,
+)
 
 API_KEY_PREFIX = "opsd"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -169,8 +178,63 @@ class Store(EvalQueries):
     def __init__(self, database_url: str, *, echo: bool = False) -> None:
         self._engine = create_engine(database_url, echo=echo)
         self._dialect = self._engine.dialect.name
-        self._read_sessions = session_factory(self._engine)
+        self._autocommit = read_engine(self._engine)
         self._write_sessions = session_factory(write_engine(self._engine))
+        # The hottest statements are built once: building and cache-keying a statement per call
+        # costs more CPU than the round trip it makes.
+        self._insert_job = (
+            self._insert(jobs)
+            .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+            .returning(*jobs.c)
+        )
+        self._insert_event_row = sa.insert(job_events).returning(job_events.c.id)
+        self._lock_job_events = sa.select(
+            sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(sa.bindparam("job_id"), 0))
+        )
+        # PostgreSQL: the job and its "queued" event in ONE statement (one round trip, atomic
+        # on an autocommit connection); no event when the idempotency key already exists.
+        columns = (
+            "id",
+            "tenant_id",
+            "status",
+            "spec",
+            "metadata",
+            "attempt",
+            "max_attempts",
+            "progress_step",
+            "idempotency_key",
+            "request_hash",
+            "created_at",
+            "updated_at",
+        )
+        new_job = (
+            self._insert(jobs)
+            .values({name: sa.bindparam(name, type_=jobs.c[name].type) for name in columns})
+            .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+            .returning(*jobs.c)
+            .cte("new_job")
+        )
+        queued_event = sa.select(
+            new_job.c.id,
+            sa.literal(QUEUED),
+            sa.literal("job queued"),
+            sa.literal({"attempt": 1}, JSONDoc),
+            new_job.c.created_at,
+        )
+        new_event = (
+            sa.insert(job_events)
+            .from_select(["job_id", "kind", "message", "data", "created_at"], queued_event)
+            .cte("new_event")
+        )
+        self._create_job_statement = sa.select(new_job).add_cte(new_event)
+        self._select_job = sa.select(jobs).where(jobs.c.id == sa.bindparam("job_id"))
+        self._select_tenant_job = self._select_job.where(
+            jobs.c.tenant_id == sa.bindparam("tenant_id")
+        )
+        self._select_job_by_key = sa.select(jobs).where(
+            jobs.c.tenant_id == sa.bindparam("tenant_id"),
+            jobs.c.idempotency_key == sa.bindparam("idempotency_key"),
+        )
 
     @property
     def engine(self) -> Engine:
@@ -197,9 +261,15 @@ class Store(EvalQueries):
     # -- sessions -----------------------------------------------------------------------------
 
     @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._read_sessions() as session, session.begin():
-            yield session
+    def _read(self) -> Iterator[sa.Connection]:
+        """A connection for reads: autocommit on PostgreSQL (each statement sees the latest
+        commits; no read here needs two statements to agree), a deferred transaction on SQLite."""
+        with self._autocommit.connect() as connection:
+            if self._dialect == "sqlite":
+                with connection.begin():
+                    yield connection
+            else:
+                yield connection
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
@@ -355,39 +425,36 @@ class Store(EvalQueries):
             raise ValueError("idempotency_key must be non-empty")
         now = _now()
         job_id = new_job_id()
-        insert = (
-            self._insert(jobs)
-            .values(
-                id=job_id,
-                tenant_id=tenant_id,
-                status=QUEUED,
-                spec=spec,
-                metadata=metadata or {},
-                attempt=1,
-                max_attempts=max_attempts,
-                progress_step=0,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-            .returning(*jobs.c)
-        )
-        with self._write() as session:
-            if idempotency_key is not None:
-                existing = self._job_by_key(session, tenant_id, idempotency_key)
-                if existing is not None:
-                    return self._replayed(existing, idempotency_key, request_hash)
-            try:
-                row = session.execute(insert).first()
-            except IntegrityError as exc:  # the only other constraint that can fail: the tenant
-                raise TenantNotFound(f"tenant {tenant_id!r} does not exist") from exc
-            if row is not None:
-                self._insert_event(session, job_id, QUEUED, "job queued", {"attempt": 1}, now)
-                return _job_record(row), True
-        # Another transaction inserted this key between our check and our insert (PostgreSQL
-        # made ours wait for it to commit); it is visible now.
+        values = {
+            "id": job_id,
+            "tenant_id": tenant_id,
+            "status": QUEUED,
+            "spec": spec,
+            "metadata": metadata or {},
+            "attempt": 1,
+            "max_attempts": max_attempts,
+            "progress_step": 0,
+            "idempotency_key": idempotency_key,
+            "request_hash": request_hash,
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            if self._dialect == "postgresql":
+                with self._autocommit.connect() as connection:
+                    row = connection.execute(self._create_job_statement, values).first()
+            else:
+                with self._write() as session:
+                    row = session.execute(self._insert_job, values).first()
+                    if row is not None:
+                        queued = {"attempt": 1}
+                        self._insert_event(session, job_id, QUEUED, "job queued", queued, now)
+        except IntegrityError as exc:  # the only other constraint that can fail: the tenant
+            raise TenantNotFound(f"tenant {tenant_id!r} does not exist") from exc
+        if row is not None:
+            return _job_record(row), True
+        # The key is taken: by an earlier request, or by a concurrent one (PostgreSQL made our
+        # insert wait for it to commit); the job is visible now.
         assert idempotency_key is not None
         with self._read() as session:
             existing = self._job_by_key(session, tenant_id, idempotency_key)
@@ -404,21 +471,19 @@ class Store(EvalQueries):
             raise IdempotencyConflict(idempotency_key, job.id)
         return job, False
 
-    @staticmethod
-    def _job_by_key(session: Session, tenant_id: str, idempotency_key: str) -> Row[Any] | None:
-        return session.execute(
-            sa.select(jobs).where(
-                jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key == idempotency_key
-            )
-        ).first()
+    def _job_by_key(
+        self, session: Executor, tenant_id: str, idempotency_key: str
+    ) -> Row[Any] | None:
+        params = {"tenant_id": tenant_id, "idempotency_key": idempotency_key}
+        return session.execute(self._select_job_by_key, params).first()
 
     def get_job(self, job_id: str, *, tenant_id: str | None = None) -> JobRecord | None:
         """The job, or ``None`` if it does not exist (or belongs to another tenant)."""
-        query = sa.select(jobs).where(jobs.c.id == job_id)
+        query, params = self._select_job, {"job_id": job_id}
         if tenant_id is not None:
-            query = query.where(jobs.c.tenant_id == tenant_id)
+            query, params = self._select_tenant_job, {**params, "tenant_id": tenant_id}
         with self._read() as session:
-            row = session.execute(query).first()
+            row = session.execute(query, params).first()
         return None if row is None else _job_record(row)
 
     def list_jobs(
@@ -793,14 +858,9 @@ class Store(EvalQueries):
             # visible in increasing order: a reader resuming ``after_id`` never skips an event
             # whose (smaller) id was taken by a transaction that committed later. (SQLite
             # write transactions are serialized already.)
-            session.execute(
-                sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(job_id, 0)))
-            )
-        return session.execute(
-            sa.insert(job_events)
-            .values(job_id=job_id, kind=kind, message=message, data=data or {}, created_at=now)
-            .returning(job_events.c.id)
-        ).scalar_one()
+            session.execute(self._lock_job_events, {"job_id": job_id})
+        row = {"job_id": job_id, "kind": kind, "message": message, "data": data or {}}
+        return session.execute(self._insert_event_row, {**row, "created_at": now}).scalar_one()
 
     def add_event(
         self, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None
@@ -813,7 +873,7 @@ class Store(EvalQueries):
             raise JobNotFound(job_id) from exc
 
     @staticmethod
-    def _visible(session: Session, job_id: str, tenant_id: str | None) -> bool:
+    def _visible(session: Executor, job_id: str, tenant_id: str | None) -> bool:
         """True unless ``tenant_id`` is given and the job is not that tenant's."""
         if tenant_id is None:
             return True
