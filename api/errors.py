@@ -1,8 +1,9 @@
 """One error shape for every failure: `{"error": {"code", "message", "param"}}`.
 
 Validation errors name the offending field as a dotted path (`optim.learning_rate`), the same
-path the job spec uses. Unexpected exceptions are logged and answered as a JSON 500, never as an
-HTML page or a dropped connection.
+path the job spec uses. A database that cannot be reached (or a connection it dropped) answers
+503 `store_unavailable` with `Retry-After`, so clients retry. Unexpected exceptions are logged and
+answered as a JSON 500, never as an HTML page or a dropped connection.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -90,6 +92,18 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(sa.exc.InterfaceError)
+    @app.exception_handler(sa.exc.TimeoutError)
+    async def _store_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("store unavailable: %s", exc)
+        return error_response(
+            503,
+            "store_unavailable",
+            "the job store is unavailable; retry later",
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -333,3 +333,20 @@ def test_metrics_reads_see_every_new_step_of_a_running_job(client, store, tenant
         assert series["loss"]["steps"] == list(range(1, step + 1))
         again = client.get(f"/jobs/{job_id}/metrics", headers=auth(key)).json()["metrics"]
         assert again == series
+
+
+def test_an_unreachable_store_answers_503_with_retry_after(settings) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.opsd_client.service import closed_port
+
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/opsd"
+    with TestClient(create_app(settings.model_copy(update={"database_url": down}))) as client:
+        for response in (
+            client.get("/jobs", headers=auth("opsd_abc_def")),
+            client.post("/jobs", json=BODY, headers=auth("opsd_abc_def")),
+        ):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "store_unavailable"
+            assert response.headers["retry-after"] == "1"
