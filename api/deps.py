@@ -13,11 +13,13 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import APIError
 
 
-def get_store(request: Request) -> Any:
+# Dependencies are `async def` even when they do not await: FastAPI runs a plain `def`
+# dependency in the thread pool, a thread hop per dependency per request.
+async def get_store(request: Request) -> Any:
     return request.app.state.store
 
 
-def get_settings(request: Request) -> Any:
+async def get_settings(request: Request) -> Any:
     return request.app.state.settings
 
 

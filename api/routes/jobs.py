@@ -123,30 +123,35 @@ def build_router(job_spec_model: type) -> APIRouter:
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         from jobstore import IdempotencyConflict
 
-        try:
-            job, created = await run_in_threadpool(
-                lambda: store.create_job(
-                    tenant.id,
-                    spec=body,
-                    metadata=spec.metadata,
-                    idempotency_key=idempotency_key,
-                    request_hash=request_hash,
-                    max_attempts=settings.max_attempts,
-                )
+        def submit() -> tuple[Any, bool]:
+            """Create the row, then send its message: one trip to the thread pool for both."""
+            job, created = store.create_job(
+                tenant.id,
+                spec=body,
+                metadata=spec.metadata,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+                max_attempts=settings.max_attempts,
             )
+            if created:
+                try:
+                    request.app.state.enqueue(job.id)
+                except Exception as exc:  # broker down: fail the job visibly, not stuck queued
+                    _fail_unqueued(store, job.id, f"could not enqueue: {exc}")
+                    raise _QueueUnavailable from exc
+            return job, created
+
+        try:
+            job, created = await run_in_threadpool(submit)
         except IdempotencyConflict as exc:
             raise APIError(409, "idempotency_conflict", str(exc), "Idempotency-Key") from None
-        if not created:
-            response.status_code = 200
-            response.headers["Idempotent-Replayed"] = "true"
-            return job_out(job)
-        try:
-            await run_in_threadpool(request.app.state.enqueue, job.id)
-        except Exception as exc:  # broker down: fail the job visibly instead of leaving it stuck
-            await run_in_threadpool(_fail_unqueued, store, job.id, f"could not enqueue: {exc}")
+        except _QueueUnavailable:
             raise APIError(
                 503, "queue_unavailable", "the job queue is unavailable; retry later"
             ) from None
+        if not created:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
         return job_out(job)
 
     @router.get("", response_model=JobList, summary="List jobs, newest first")
@@ -403,6 +408,10 @@ async def _event_stream(
             return
         yield b": keep-alive\n\n"
         await asyncio.sleep(SSE_POLL_SECONDS)
+
+
+class _QueueUnavailable(Exception):
+    """The job was created but its message could not be sent (the job is failed already)."""
 
 
 def _fail_unqueued(store: Any, job_id: str, message: str) -> None:
