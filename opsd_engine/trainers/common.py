@@ -38,8 +38,9 @@ from opsd_engine.config import JobSpec, spec_to_dict
 from opsd_engine.events import TrainerCallbacks
 from opsd_engine.modeling import PolicyModel
 
-# Fields that do not change what training computes; a resume may differ in them.
-RESUME_NEUTRAL_FIELDS = ("metadata", "checkpoint_every")
+# Fields that do not change what training computes; a resume may differ in them. (Evaluations
+# run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is.)
+RESUME_NEUTRAL_FIELDS = ("metadata", "checkpoint_every", "eval")
 
 __all__ = [
     "RESUME_NEUTRAL_FIELDS",

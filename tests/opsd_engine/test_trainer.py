@@ -218,6 +218,25 @@ def test_resume_refuses_a_different_spec(tiny_spec, tmp_path) -> None:
         train(tiny_spec(optim={"max_steps": 2}, beta=0.9), tmp_path, resume=True)
 
 
+def test_resume_accepts_other_metadata_checkpointing_and_evals(
+    tiny_spec, tiny_dataset, tmp_path
+) -> None:
+    first = train(
+        tiny_spec(optim={"max_steps": 2}, checkpoint_every=1),
+        tmp_path,
+        callbacks=Recorder(stop_after=1),
+    )
+    assert first.status == "cancelled" and first.step == 1
+    changed = tiny_spec(
+        optim={"max_steps": 2},
+        checkpoint_every=2,
+        metadata={"note": "resumed"},
+        eval={"dataset_uri": str(tiny_dataset), "limit": 1, "n": 1, "max_new_tokens": 4},
+    )
+    resumed = train(changed, tmp_path, resume=True)
+    assert resumed.status == "succeeded" and resumed.step == 2
+
+
 def test_cancellation_stops_between_steps_and_keeps_a_checkpoint(tiny_spec, tmp_path) -> None:
     recorder = Recorder(stop_after=1)
     result = train(tiny_spec(optim={"max_steps": 5}), tmp_path, callbacks=recorder)
