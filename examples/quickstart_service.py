@@ -1,12 +1,17 @@
-"""Quick start: the whole service on this machine, one OPSD job end to end through HTTP.
+"""Quick start: the whole service on this machine, and OPSD making a model better.
 
-1. builds the offline tiny Qwen3-architecture model and a toy problem/solution dataset;
+1. builds (or reuses, from `benchmarks/toy_reasoning/.cache`) the toy reasoning base: a small
+   Qwen3-architecture model pretrained here on multi-step arithmetic (about 5 minutes the first
+   time) that solves held-out problems far more often with the reference solution in its
+   context than without it; writes the task's training and held-out problems;
 2. starts the embedded service (`opsd up`: SQLite state, file-backed broker, local artifacts,
    API + worker processes) in a temporary home;
-3. submits a job with `POST /jobs`, follows `GET /jobs/{id}` with a progress bar, reads
-   `GET /jobs/{id}/metrics`, `/events`, `/checkpoints`, downloads `/adapter` and loads it with
-   peft; writes the metric curves to `runs/quickstart/metrics.png`;
-4. stops the service.
+3. submits one OPSD job with `POST /jobs` (the toy replication's spec, with an `eval` group that
+   evaluates the base and then the student on the held-out problems every 10 steps), follows
+   `GET /jobs/{id}` with a progress bar, reads `GET /jobs/{id}/metrics`, `/events`,
+   `/checkpoints`, downloads `/adapter` and loads it with peft; prints held-out accuracy before
+   and after and writes the curves to `runs/quickstart/metrics.png`;
+4. stops the service. Exits 1 if training did not raise held-out accuracy.
 
     python examples/quickstart_service.py [--steps 30] [--keep-running]
 """
@@ -73,6 +78,55 @@ def _start_service(home: Path, port: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the service did not become ready in time; see runs/quickstart/service.log")
 
 
+EVAL_EVERY = 10
+EVAL_SAMPLES = 8  # per held-out problem: avg@8, as in benchmarks/toy_reasoning
+
+
+def _toy_task() -> tuple[Path, Path, Path, dict]:
+    """The toy base (cached) and its task files; returns (base, train, held-out, plan's spec)."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.toy_reasoning.base import BaseConfig, build_base
+    from benchmarks.toy_reasoning.run import DEFAULT_CACHE, Plan, make_spec
+    from benchmarks.toy_reasoning.task import make_splits, write_jsonl
+    from opsd_engine.config import spec_to_dict
+
+    torch.set_num_threads(1)  # what the toy's timings assume; faster than 2 on busy cores
+    print(
+        f"toy reasoning base model (cache: {DEFAULT_CACHE}; pretrained once, ~5 min on 2 cores)",
+        flush=True,
+    )
+    base_dir, cached = build_base(DEFAULT_CACHE, BaseConfig(), progress=print)
+    print(f"base model: {base_dir} ({'cached' if cached else 'pretrained now'})", flush=True)
+    plan = Plan()
+    train, _, heldout = make_splits(
+        seed=0, n_train=plan.n_train, n_validation=plan.n_validation, n_heldout=plan.n_heldout
+    )
+    train_path = write_jsonl(train, OUT / "data" / "train.jsonl")
+    heldout_path = write_jsonl(heldout, OUT / "data" / "heldout.jsonl")
+    body = spec_to_dict(make_spec(plan, "opsd", 0, base_dir, train_path))
+    body["eval"] = {
+        "dataset_uri": str(heldout_path),
+        "n": EVAL_SAMPLES,
+        "max_new_tokens": plan.max_new_tokens,
+        "temperature": plan.eval_temperature,
+        "top_p": plan.eval_top_p,
+        "every_steps": EVAL_EVERY,
+        "include_base": True,
+    }
+    return base_dir, train_path, heldout_path, body
+
+
+def _rows(series: dict) -> list[dict]:
+    """One row per step with every metric logged at that step (eval metrics are sparse)."""
+    by_step: dict[int, dict] = {}
+    for name, points in series.items():
+        for step, value in zip(points["steps"], points["values"], strict=True):
+            by_step.setdefault(step, {"step": step})[name] = value
+    return [by_step[step] for step in sorted(by_step)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,12 +137,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from opsd_engine.report import format_table, plot_metrics, summarize
-    from opsd_engine.tiny import build_tiny_model, write_tiny_dataset
+    from opsd_engine.report import DEFAULT_PLOTS, format_table, plot_metrics, summarize
 
     OUT.mkdir(parents=True, exist_ok=True)
-    model_dir = build_tiny_model(OUT / "model", seed=0)
-    dataset = write_tiny_dataset(OUT / "train.jsonl", n=64, seed=0)
+    base_dir, _, heldout_path, body = _toy_task()
+    body["optim"]["max_steps"] = args.steps
+    body["checkpoint_every"] = EVAL_EVERY
+    body["metadata"] = {"example": "quickstart", "task": "toy_reasoning"}
     home = OUT / "home"
     port = _free_port()
     print(f"starting the embedded service (opsd up --home {home}) ...", flush=True)
@@ -99,21 +154,6 @@ def main() -> None:
         http = httpx.Client(
             base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
-        body = {
-            "base_model": str(model_dir),
-            "dataset_uri": str(dataset),
-            "max_new_tokens": 16,
-            "checkpoint_every": 10,
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "optim": {
-                "learning_rate": 0.01,
-                "batch_size": 4,
-                "grad_accum": 2,
-                "max_steps": args.steps,
-            },
-            "runtime": {"dtype": "float32", "device": "cpu", "gradient_checkpointing": False},
-            "metadata": {"example": "quickstart"},
-        }
         response = http.post("/jobs", json=body, headers={"Idempotency-Key": f"quickstart-{port}"})
         response.raise_for_status()
         job = response.json()
@@ -121,7 +161,7 @@ def main() -> None:
 
         from tqdm import tqdm
 
-        with tqdm(total=args.steps, desc="training", unit="step") as bar:
+        with tqdm(total=args.steps, desc="OPSD training + held-out evals", unit="step") as bar:
             while job["status"] not in ("succeeded", "failed", "cancelled"):
                 time.sleep(0.5)
                 job = http.get(f"/jobs/{job['id']}").json()
@@ -129,19 +169,11 @@ def main() -> None:
         if job["status"] != "succeeded":
             raise SystemExit(f"job {job['status']}: {json.dumps(job['error'])}")
 
-        series = http.get(f"/jobs/{job['id']}/metrics").json()["metrics"]
-        steps = series["loss"]["steps"]
-        rows = [
-            {
-                "step": step,
-                **{name: s["values"][i] for name, s in series.items() if i < len(s["values"])},
-            }
-            for i, step in enumerate(steps)
-        ]
-        print(format_table(summarize(rows)))
+        rows = _rows(http.get(f"/jobs/{job['id']}/metrics").json()["metrics"])
+        print(format_table(summarize([r for r in rows if "loss" in r])))
         kinds = [e["kind"] for e in http.get(f"/jobs/{job['id']}/events").json()["data"]]
         checkpoints = [c["step"] for c in http.get(f"/jobs/{job['id']}/checkpoints").json()["data"]]
-        print(f"events: {' -> '.join(kinds)}\ncheckpoints at steps {checkpoints}")
+        print(f"events: {' -> '.join(dict.fromkeys(kinds))}\ncheckpoints at steps {checkpoints}")
 
         archive = http.get(f"/jobs/{job['id']}/adapter")
         archive.raise_for_status()
@@ -151,10 +183,24 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(str(model_dir)), str(OUT / "download" / "adapter")
+            AutoModelForCausalLM.from_pretrained(str(base_dir)), str(OUT / "download" / "adapter")
         )
         print(f"adapter downloaded to {OUT / 'download' / 'adapter'} and loaded with peft")
-        print(f"plot: {plot_metrics(rows, OUT / 'metrics.png', title=job['id'])}")
+        accuracy = f"eval/avg@{EVAL_SAMPLES}"
+        curve = [(r["step"], r[accuracy]) for r in rows if accuracy in r]
+        plot = plot_metrics(rows, OUT / "metrics.png", [accuracy, *DEFAULT_PLOTS], title=job["id"])
+        print(f"plot: {plot}")
+        problems = len(heldout_path.read_text().splitlines())
+        print(
+            f"held-out accuracy ({accuracy} on {problems} problems never trained on): "
+            + " -> ".join(f"step {step}: {100 * value:.1f}%" for step, value in curve)
+        )
+        if len(curve) < 2 or curve[-1][1] <= curve[0][1]:
+            raise SystemExit("OPSD did not raise held-out accuracy above the base's")
+        print(
+            f"OPSD raised held-out accuracy from {100 * curve[0][1]:.1f}% (the base) to "
+            f"{100 * curve[-1][1]:.1f}% in {args.steps} steps, one rollout per problem."
+        )
         if args.keep_running:
             print(f"service still running at {base_url}; key: {key}; Ctrl-C to stop")
             service.wait()
