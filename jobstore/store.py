@@ -859,8 +859,9 @@ class Store(EvalQueries):
             # whose (smaller) id was taken by a transaction that committed later. (SQLite
             # write transactions are serialized already.)
             session.execute(self._lock_job_events, {"job_id": job_id})
-        row = {"job_id": job_id, "kind": kind, "message": message, "data": data or {}}
-        return session.execute(self._insert_event_row, {**row, "created_at": now}).scalar_one()
+        values = {"job_id": job_id, "kind": kind, "message": message, "data": data or {}}
+        values["created_at"] = now
+        return session.execute(self._insert_event_row, values).scalar_one()
 
     def add_event(
         self, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None
