@@ -43,6 +43,7 @@ from opsd_engine.rollout import Rollout, SamplingParams, TransformersRolloutBack
 from opsd_engine.trainers.common import (
     ExampleStream,
     HiddenStateScorer,
+    SpecEvaluator,
     TrainResult,
     make_accelerator,
     spec_fingerprint,
@@ -120,6 +121,7 @@ class OPSDTrainer:
             total_steps=self.total_steps, spec_fingerprint=spec_fingerprint(spec)
         )
         self._prompt_cache: dict[int, PromptPair] = {}
+        self.evaluator = SpecEvaluator(spec, self.policy, self.accelerator, self.callbacks)
 
     # ----------------------------------------------------------------- resume / checkpoints
     def resume_from(self, checkpoint: Path) -> None:
@@ -167,8 +169,7 @@ class OPSDTrainer:
             },
         )
         last_checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir)
-        if spec.eval.include_base and self.state.step == 0:
-            self.evaluate(adapter=False)  # step 0: the base model, the start of the eval curve
+        self.evaluator.at_start(self.state.step)
         while self.state.step < self.total_steps:
             if self.callbacks.should_stop():
                 last_checkpoint = self.save_checkpoint() or last_checkpoint
@@ -180,14 +181,11 @@ class OPSDTrainer:
                 )
             metrics = self.train_step()
             self.callbacks.on_metrics(self.state.step, metrics)
-            eval_every, last = spec.eval.every_steps, self.state.step == self.total_steps
-            if eval_every and self.state.step % eval_every == 0 and not (spec.eval.at_end and last):
-                self.evaluate()  # (the final step's eval comes after the loop when at_end)
+            self.evaluator.after_step(self.state.step, self.total_steps)
             every = spec.checkpoint_every
             if every and self.state.step % every == 0 and self.state.step < self.total_steps:
                 last_checkpoint = self.save_checkpoint() or last_checkpoint
-        if spec.eval.at_end:
-            self.evaluate()
+        self.evaluator.at_end(self.state.step)
         last_checkpoint = self.save_checkpoint() or last_checkpoint
         adapter_dir = None
         if self.accelerator.is_main_process:
@@ -200,50 +198,6 @@ class OPSDTrainer:
         return TrainResult(
             "succeeded", self.state.step, self.total_steps, adapter_dir, last_checkpoint
         )
-
-    def evaluate(self, *, adapter: bool = True) -> None:
-        """`spec.eval`: avg@n / pass@k / majority of the student (or the base model, adapter
-        off) on the benchmark, reported as `eval/*` metrics at the current step. The RNG state is
-        saved and restored around it, so training is the same with and without evals."""
-        cfg = self.spec.eval
-        if not cfg.dataset_uri:
-            return
-        if self.accelerator.is_main_process:
-            from opsd_engine.evaluation import EvalSettings, evaluate_model, summary_metrics
-
-            if getattr(self, "_eval_examples", None) is None:
-                self._eval_examples = load_examples(
-                    cfg.dataset_uri,
-                    problem_field=cfg.problem_field,
-                    answer_field=cfg.answer_field,
-                    require_solution=False,
-                    limit=cfg.limit,
-                )
-            settings = EvalSettings(
-                n=cfg.n,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=cfg.top_k,
-                thinking=cfg.thinking,
-            )
-            model = self.policy.peft_model
-            rng = ckpt.capture_rng_state()
-            try:
-                torch.manual_seed(self.spec.seed)
-                with contextlib.nullcontext() if adapter else model.disable_adapter():
-                    result = evaluate_model(
-                        model,
-                        self.tokenizer,
-                        self._eval_examples,
-                        settings,
-                        prompts=self.spec.prompts,
-                        device=self.accelerator.device,
-                    )
-            finally:
-                ckpt.restore_rng_state(rng)
-            self.callbacks.on_metrics(self.state.step, summary_metrics(result.summary))
-        self.accelerator.wait_for_everyone()
 
     def _prompt_pair(self, index: int) -> PromptPair:
         if index not in self._prompt_cache:
