@@ -182,18 +182,7 @@ class Store(EvalQueries):
         self._write_sessions = session_factory(write_engine(self._engine))
         # The hottest statements are built once: building and cache-keying a statement per call
         # costs more CPU than the round trip it makes.
-        self._insert_job = (
-            self._insert(jobs)
-            .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-            .returning(*jobs.c)
-        )
-        self._insert_event_row = sa.insert(job_events).returning(job_events.c.id)
-        self._lock_job_events = sa.select(
-            sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(sa.bindparam("job_id"), 0))
-        )
-        # PostgreSQL: the job and its "queued" event in ONE statement (one round trip, atomic
-        # on an autocommit connection); no event when the idempotency key already exists.
-        columns = (
+        new_job_columns = (
             "id",
             "tenant_id",
             "status",
@@ -207,13 +196,19 @@ class Store(EvalQueries):
             "created_at",
             "updated_at",
         )
-        new_job = (
+        self._insert_job = (
             self._insert(jobs)
-            .values({name: sa.bindparam(name, type_=jobs.c[name].type) for name in columns})
+            .values({c: sa.bindparam(c, type_=jobs.c[c].type) for c in new_job_columns})
             .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
             .returning(*jobs.c)
-            .cte("new_job")
         )
+        self._insert_event_row = sa.insert(job_events).returning(job_events.c.id)
+        self._lock_job_events = sa.select(
+            sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(sa.bindparam("job_id"), 0))
+        )
+        # PostgreSQL: the job and its "queued" event in ONE statement (one round trip, atomic
+        # on an autocommit connection); no event when the idempotency key already exists.
+        new_job = self._insert_job.cte("new_job")
         queued_event = sa.select(
             new_job.c.id,
             sa.literal(QUEUED),
