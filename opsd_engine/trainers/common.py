@@ -12,9 +12,13 @@ checkpoints and token accounting to mean the same thing across methods:
 * :func:`token_logprobs_from_hidden`: log-probabilities of given tokens from final hidden states,
   a chunk of positions at a time (recomputed in backward), so memory never holds ``[T, V]``
   logits. SFT's cross-entropy and GRPO's policy ratio both need exactly this;
-* :class:`SpecEvaluator`: the `spec.eval` benchmark evaluation during and after training, with
-  the same semantics as the OPSD trainer's (`eval/*` metrics at the current step, RNG state
-  restored, so training is identical with and without evals).
+* :class:`SpecEvaluator`: the `spec.eval` benchmark evaluation during and after training
+  (`eval/*` metrics at the current step, RNG state restored, so training is identical with and
+  without evals);
+* the run around a trainer's own `train_step`: :func:`resume_run` (same spec or refuse),
+  :func:`save_run_checkpoint` and :func:`run_steps` (cancellation between steps, evals,
+  periodic and final checkpoints, the adapter). Plain functions over a :class:`SteppedTrainer`,
+  so each trainer stays its own class with no base class to read.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +51,14 @@ __all__ = [
     "ExampleStream",
     "HiddenStateScorer",
     "SpecEvaluator",
+    "SteppedTrainer",
     "TokenLogprobs",
     "TrainResult",
     "grad_norm",
     "make_accelerator",
+    "resume_run",
+    "run_steps",
+    "save_run_checkpoint",
     "spec_fingerprint",
     "token_logprobs_from_hidden",
     "total_optimizer_steps",
@@ -286,3 +294,101 @@ class SpecEvaluator:
                 ckpt.restore_rng_state(rng)
             self.callbacks.on_metrics(step, summary_metrics(result.summary))
         self.accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------- the run loop
+class SteppedTrainer(Protocol):
+    """What the run loop needs of a trainer; `train_step` advances `state.step` by one."""
+
+    spec: JobSpec
+    policy: PolicyModel
+    optimizer: Any
+    scheduler: Any
+    accelerator: Accelerator
+    callbacks: TrainerCallbacks
+    evaluator: SpecEvaluator
+    state: ckpt.TrainerState
+    total_steps: int
+    checkpoint_dir: Path
+    output_dir: Path
+
+    def train_step(self) -> dict[str, float]: ...
+
+
+def resume_run(trainer: SteppedTrainer, checkpoint: Path) -> None:
+    """Load `checkpoint` into the trainer; ValueError if another spec wrote it."""
+    saved = ckpt.read_state(checkpoint)
+    if saved.spec_fingerprint != trainer.state.spec_fingerprint:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written by a different spec (fingerprint "
+            f"{saved.spec_fingerprint} != {trainer.state.spec_fingerprint}); "
+            "resume needs the same spec"
+        )
+    trainer.state = ckpt.load_checkpoint(
+        checkpoint,
+        peft_model=trainer.policy.peft_model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+    )
+    trainer.callbacks.on_event(
+        "resumed", f"resumed from {checkpoint.name}", {"step": trainer.state.step}
+    )
+
+
+def save_run_checkpoint(trainer: SteppedTrainer) -> Path | None:
+    """An atomic checkpoint of the current step (written by the main process only)."""
+    path = None
+    if trainer.accelerator.is_main_process:
+        path = ckpt.save_checkpoint(
+            trainer.checkpoint_dir,
+            peft_model=trainer.policy.peft_model,
+            optimizer=trainer.optimizer,
+            scheduler=trainer.scheduler,
+            state=trainer.state,
+        )
+        trainer.callbacks.on_checkpoint(trainer.state.step, path)
+    trainer.accelerator.wait_for_everyone()
+    return path
+
+
+def run_steps(trainer: SteppedTrainer, started: str) -> TrainResult:
+    """Train from the current step to the end, or until the callbacks ask to stop (checked
+    between steps; a checkpoint is kept). `started` is the message of the `started` event."""
+    spec, callbacks = trainer.spec, trainer.callbacks
+    callbacks.on_event(
+        "started",
+        started,
+        {
+            "spec": spec_to_dict(spec),
+            "total_steps": trainer.total_steps,
+            "start_step": trainer.state.step,
+        },
+    )
+    last_checkpoint = ckpt.latest_checkpoint(trainer.checkpoint_dir)
+    trainer.evaluator.at_start(trainer.state.step)
+    while trainer.state.step < trainer.total_steps:
+        if callbacks.should_stop():
+            last_checkpoint = save_run_checkpoint(trainer) or last_checkpoint
+            step = trainer.state.step
+            callbacks.on_event("cancelled", f"stopped after step {step}", {"step": step})
+            return TrainResult("cancelled", step, trainer.total_steps, None, last_checkpoint)
+        metrics = trainer.train_step()
+        step = trainer.state.step
+        callbacks.on_metrics(step, metrics)
+        trainer.evaluator.after_step(step, trainer.total_steps)
+        every = spec.checkpoint_every
+        if every and step % every == 0 and step < trainer.total_steps:
+            last_checkpoint = save_run_checkpoint(trainer) or last_checkpoint
+    trainer.evaluator.at_end(trainer.state.step)
+    last_checkpoint = save_run_checkpoint(trainer) or last_checkpoint
+    adapter_dir = None
+    if trainer.accelerator.is_main_process:
+        adapter_dir = ckpt.save_adapter(trainer.policy.peft_model, trainer.output_dir / "adapter")
+    callbacks.on_event(
+        "finished",
+        f"finished {trainer.state.step} steps",
+        {"adapter_dir": str(adapter_dir) if adapter_dir else None},
+    )
+    return TrainResult(
+        "succeeded", trainer.state.step, trainer.total_steps, adapter_dir, last_checkpoint
+    )

@@ -36,7 +36,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from opsd_engine import checkpoint as ckpt
-from opsd_engine.config import JobSpec, spec_to_dict
+from opsd_engine.config import JobSpec
 from opsd_engine.data import Example, load_examples
 from opsd_engine.events import NullCallbacks, TrainerCallbacks
 from opsd_engine.modeling import PolicyModel, load_policy
@@ -52,6 +52,9 @@ from opsd_engine.trainers.common import (
     SpecEvaluator,
     TrainResult,
     make_accelerator,
+    resume_run,
+    run_steps,
+    save_run_checkpoint,
     spec_fingerprint,
     token_logprobs_from_hidden,
     total_optimizer_steps,
@@ -155,79 +158,15 @@ class SFTTrainer:
 
     # ----------------------------------------------------------------- resume / checkpoints
     def resume_from(self, checkpoint: Path) -> None:
-        saved = ckpt.read_state(checkpoint)
-        if saved.spec_fingerprint != self.state.spec_fingerprint:
-            raise ValueError(
-                f"checkpoint {checkpoint} was written by a different spec (fingerprint "
-                f"{saved.spec_fingerprint} != {self.state.spec_fingerprint}); "
-                "resume needs the same spec"
-            )
-        self.state = ckpt.load_checkpoint(
-            checkpoint,
-            peft_model=self.policy.peft_model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-        )
-        self.callbacks.on_event(
-            "resumed", f"resumed from {checkpoint.name}", {"step": self.state.step}
-        )
+        resume_run(self, checkpoint)
 
     def save_checkpoint(self) -> Path | None:
-        path = None
-        if self.accelerator.is_main_process:
-            path = ckpt.save_checkpoint(
-                self.checkpoint_dir,
-                peft_model=self.policy.peft_model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                state=self.state,
-            )
-            self.callbacks.on_checkpoint(self.state.step, path)
-        self.accelerator.wait_for_everyone()
-        return path
+        return save_run_checkpoint(self)
 
     # ----------------------------------------------------------------------------- training
     def train(self) -> TrainResult:
-        spec = self.spec
-        self.callbacks.on_event(
-            "started",
-            f"SFT training: {self.total_steps} steps on {len(self.examples)} examples",
-            {
-                "spec": spec_to_dict(spec),
-                "total_steps": self.total_steps,
-                "start_step": self.state.step,
-            },
-        )
-        last_checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir)
-        self.evaluator.at_start(self.state.step)
-        while self.state.step < self.total_steps:
-            if self.callbacks.should_stop():
-                last_checkpoint = self.save_checkpoint() or last_checkpoint
-                self.callbacks.on_event(
-                    "cancelled", f"stopped after step {self.state.step}", {"step": self.state.step}
-                )
-                return TrainResult(
-                    "cancelled", self.state.step, self.total_steps, None, last_checkpoint
-                )
-            metrics = self.train_step()
-            self.callbacks.on_metrics(self.state.step, metrics)
-            self.evaluator.after_step(self.state.step, self.total_steps)
-            every = spec.checkpoint_every
-            if every and self.state.step % every == 0 and self.state.step < self.total_steps:
-                last_checkpoint = self.save_checkpoint() or last_checkpoint
-        self.evaluator.at_end(self.state.step)
-        last_checkpoint = self.save_checkpoint() or last_checkpoint
-        adapter_dir = None
-        if self.accelerator.is_main_process:
-            adapter_dir = ckpt.save_adapter(self.policy.peft_model, self.output_dir / "adapter")
-        self.callbacks.on_event(
-            "finished",
-            f"finished {self.state.step} steps",
-            {"adapter_dir": str(adapter_dir) if adapter_dir else None},
-        )
-        return TrainResult(
-            "succeeded", self.state.step, self.total_steps, adapter_dir, last_checkpoint
-        )
+        started = f"SFT training: {self.total_steps} steps on {len(self.examples)} examples"
+        return run_steps(self, started)
 
     def sequence(self, index: int) -> tuple[list[int], list[int]]:
         """``(prompt_ids, target_ids)`` of example ``index``: student prompt; solution + EOS."""
