@@ -82,8 +82,8 @@ EVAL_EVERY = 10
 EVAL_SAMPLES = 8  # per held-out problem: avg@8, as in benchmarks/toy_reasoning
 
 
-def _toy_task() -> tuple[Path, Path, Path, dict]:
-    """The toy base (cached) and its task files; returns (base, train, held-out, plan's spec)."""
+def _toy_task() -> tuple[Path, Path, dict]:
+    """The toy base (cached) and its task files; returns (base, held-out file, job body)."""
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -115,16 +115,7 @@ def _toy_task() -> tuple[Path, Path, Path, dict]:
         "every_steps": EVAL_EVERY,
         "include_base": True,
     }
-    return base_dir, train_path, heldout_path, body
-
-
-def _rows(series: dict) -> list[dict]:
-    """One row per step with every metric logged at that step (eval metrics are sparse)."""
-    by_step: dict[int, dict] = {}
-    for name, points in series.items():
-        for step, value in zip(points["steps"], points["values"], strict=True):
-            by_step.setdefault(step, {"step": step})[name] = value
-    return [by_step[step] for step in sorted(by_step)]
+    return base_dir, heldout_path, body
 
 
 def main() -> None:
@@ -140,7 +131,7 @@ def main() -> None:
     from opsd_engine.report import DEFAULT_PLOTS, format_table, plot_metrics, summarize
 
     OUT.mkdir(parents=True, exist_ok=True)
-    base_dir, _, heldout_path, body = _toy_task()
+    base_dir, heldout_path, body = _toy_task()
     body["optim"]["max_steps"] = args.steps
     body["checkpoint_every"] = EVAL_EVERY
     body["metadata"] = {"example": "quickstart", "task": "toy_reasoning"}
@@ -169,7 +160,10 @@ def main() -> None:
         if job["status"] != "succeeded":
             raise SystemExit(f"job {job['status']}: {json.dumps(job['error'])}")
 
-        rows = _rows(http.get(f"/jobs/{job['id']}/metrics").json()["metrics"])
+        from opsd_client.models import Metrics
+
+        metrics = Metrics.model_validate(http.get(f"/jobs/{job['id']}/metrics").json())
+        rows = [{"step": step, **values} for step, values in metrics.rows()]
         print(format_table(summarize([r for r in rows if "loss" in r])))
         kinds = [e["kind"] for e in http.get(f"/jobs/{job['id']}/events").json()["data"]]
         checkpoints = [c["step"] for c in http.get(f"/jobs/{job['id']}/checkpoints").json()["data"]]
