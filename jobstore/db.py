@@ -9,7 +9,8 @@ requests in flight on old connections; SQLAlchemy then discards the whole pool.
 
 SQLite (``sqlite:///path``): a file database shared by several processes (the API and a worker):
 
-* every connection sets ``journal_mode=WAL`` (readers never block the writer),
+* every connection sets ``journal_mode=WAL`` (readers never block the writer; retried when
+  processes open a new file together, see :func:`enable_wal`),
   ``foreign_keys=ON``, ``busy_timeout`` (a writer waits for the lock instead of failing at once)
   and ``synchronous=NORMAL`` (durable in WAL mode except for the last commits on power loss);
 * the driver's own transaction handling is switched off and SQLAlchemy emits ``BEGIN`` itself, so
@@ -24,6 +25,7 @@ between processes.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,36 @@ def _install_idle_ping(engine: Engine) -> None:
             raise sa.exc.DisconnectionError("stale pooled connection")
 
 
+def enable_wal(cursor: Any, timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
+    """Put the database of ``cursor`` (a DB-API cursor) in WAL mode, waiting out lock conflicts.
+
+    WAL is a property of the file, so this is a read once any connection has set it. Before
+    that, switching takes an exclusive lock, and SQLite answers "database is locked" at once,
+    without its busy handler, when another process is opening, switching or checkpointing the
+    same new file at that moment (two services started together on a fresh store): retry with
+    backoff for up to ``timeout_s``, like the busy timeout would.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while True:
+        try:
+            if _journal_mode(cursor, "") == "wal" or _journal_mode(cursor, " = WAL") == "wal":
+                return
+            problem = "SQLite kept its rollback journal instead of switching to WAL"
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            problem = str(exc)
+        if time.monotonic() + delay > deadline:
+            raise sqlite3.OperationalError(f"cannot enable WAL mode: {problem}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _journal_mode(cursor: Any, assignment: str) -> str:
+    return str(cursor.execute(f"PRAGMA journal_mode{assignment}").fetchone()[0]).lower()
+
+
 def _install_sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -142,7 +174,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            enable_wal(cursor)
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
