@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -172,13 +171,10 @@ def _file_bytes(directory: Path) -> dict[str, bytes]:
 
 def test_build_is_deterministic_per_seed(tmp_path: Path) -> None:
     rng_before = torch.random.get_rng_state()
-    start = time.perf_counter()
     a = build_tiny_model(tmp_path / "a", seed=3)
-    elapsed = time.perf_counter() - start
     b = build_tiny_model(tmp_path / "b", seed=3)
     c = build_tiny_model(tmp_path / "c", seed=4)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # caller's RNG untouched
-    assert elapsed < 10.0
 
     files_a, files_b, files_c = _file_bytes(a), _file_bytes(b), _file_bytes(c)
     assert {"config.json", "generation_config.json", "model.safetensors"} <= files_a.keys()

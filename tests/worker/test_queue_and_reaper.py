@@ -115,15 +115,16 @@ def test_reap_once_resends_jobs_left_queued_too_long(
     stranded = create_job(store, {"base_model": "m", "dataset_uri": "d"})
     running = create_job(store, {"base_model": "m", "dataset_uri": "d"})
     store.claim_job(running, "live-worker", lease_seconds=60)
-    time.sleep(0.3)
+    quiet = timedelta(seconds=2)  # far longer than the few statements between two reaps
+    time.sleep(2.5)
     fresh = create_job(store, {"base_model": "m", "dataset_uri": "d"})
 
-    assert reap_once(store, celery, stale_queued_after=timedelta(seconds=0.2)) == [stranded]
+    assert reap_once(store, celery, stale_queued_after=quiet) == [stranded]
     assert [_task_of(m)[1] for m in _fs_messages(settings)] == [[stranded]]
     # touched: not sent again until it has been quiet for the whole period once more
-    assert reap_once(store, celery, stale_queued_after=timedelta(seconds=0.2)) == []
-    time.sleep(0.3)
-    resent = reap_once(store, celery, stale_queued_after=timedelta(seconds=0.2))
+    assert reap_once(store, celery, stale_queued_after=quiet) == []
+    time.sleep(2.5)
+    resent = reap_once(store, celery, stale_queued_after=quiet)
     assert sorted(resent) == sorted([stranded, fresh])
     assert store.get_job(stranded).status == "queued" and store.get_job(stranded).attempt == 1
     assert store.get_job(running).status == "running"
