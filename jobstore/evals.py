@@ -4,12 +4,14 @@ An eval scores a finished job's adapter (the final one or a checkpoint's) on a b
 holds the request (``config``), the outcome (``results``: the benchmark summaries) and its state:
 ``queued -> running -> succeeded | failed`` (``queued -> failed`` when it cannot even be
 enqueued). Each change is one conditional UPDATE, like the jobs' state machine. A worker holds a
-running eval under a lease (``lease_owner``, ``lease_expires_at``); a redelivered message may
-take over an eval whose lease ran out (its worker died), so a lost worker never leaves an eval
-``running`` for ever.
+running eval under a lease (``lease_owner``, ``lease_expires_at``). A lost worker never leaves an
+eval ``running`` for ever: a redelivered message may take over an eval whose lease ran out, and
+the reaper (:meth:`EvalQueries.requeue_lost_evals`) puts it back to ``queued`` for another
+attempt, or fails it with ``worker_lost`` once ``max_attempts`` runs were lost. A queued eval
+whose message was lost is sent again (:meth:`EvalQueries.resend_stale_queued_evals`).
 
-The table is defined on :data:`jobstore.tables.metadata` (the migrations create it: revision
-``0002_evals``). Rows are deleted with their job (``ON DELETE CASCADE``).
+The table is defined on :data:`jobstore.tables.metadata` (the migrations create it: revisions
+``0002_evals``, ``0003_eval_attempts``). Rows are deleted with their job (``ON DELETE CASCADE``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 EVAL_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 EVAL_TERMINAL_STATUSES: frozenset[str] = frozenset({SUCCEEDED, FAILED})
+EVAL_MAX_ATTEMPTS = 3
 
 _eval_status_list = ", ".join(f"'{s}'" for s in EVAL_STATUSES)
 
@@ -55,6 +58,8 @@ evals = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("started_at", UTCDateTime(), nullable=True),
     sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1")),
+    sa.Column("resent_at", UTCDateTime(), nullable=True),
     sa.CheckConstraint(f"status IN ({_eval_status_list})", name="status"),
     sa.Index(None, "job_id", "created_at"),
     sa.Index(None, "tenant_id", "created_at"),
@@ -79,6 +84,7 @@ class EvalRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    attempt: int = 1
 
     @property
     def is_terminal(self) -> bool:
@@ -107,6 +113,7 @@ def _eval_record(row: Row[Any]) -> EvalRecord:
         created_at=m["created_at"],
         started_at=m["started_at"],
         finished_at=m["finished_at"],
+        attempt=m["attempt"],
     )
 
 
@@ -162,20 +169,25 @@ class EvalQueries:
             return [_eval_record(row) for row in session.execute(query)]
 
     def claim_eval(
-        self, eval_id: str, worker_id: str, *, lease_seconds: float = 300.0
+        self,
+        eval_id: str,
+        worker_id: str,
+        *,
+        lease_seconds: float = 300.0,
+        max_attempts: int = EVAL_MAX_ATTEMPTS,
     ) -> EvalRecord | None:
         """queued -> running for ``worker_id``, or take over a running eval whose lease expired.
 
-        ``None`` when the eval is finished, or running under a live lease of another worker.
+        A takeover is a new attempt (``attempt + 1``), allowed while attempts are left. ``None``
+        when the eval is finished, running under a live lease of another worker, or out of
+        attempts (the reaper fails it).
         """
         now = _now()
-        claimable = sa.or_(
-            evals.c.status == QUEUED,
-            sa.and_(
-                evals.c.status == RUNNING,
-                evals.c.lease_expires_at < sa.literal(now, UTCDateTime()),
-            ),
+        lost = sa.and_(
+            evals.c.status == RUNNING,
+            evals.c.lease_expires_at < sa.literal(now, UTCDateTime()),
         )
+        claimable = sa.or_(evals.c.status == QUEUED, sa.and_(lost, evals.c.attempt < max_attempts))
         with self._write() as session:
             row = session.execute(
                 sa.update(evals)
@@ -185,6 +197,7 @@ class EvalQueries:
                     lease_owner=worker_id,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
                     started_at=sa.func.coalesce(evals.c.started_at, sa.literal(now, UTCDateTime())),
+                    attempt=sa.case((lost, evals.c.attempt + 1), else_=evals.c.attempt),
                 )
                 .returning(*evals.c)
             ).first()
@@ -234,6 +247,73 @@ class EvalQueries:
             finished_at=_now(),
             lease_expires_at=None,
         )
+
+    def requeue_lost_evals(
+        self, *, now: datetime | None = None, max_attempts: int = EVAL_MAX_ATTEMPTS
+    ) -> list[str]:
+        """Take back running evals whose worker stopped renewing the lease (expired before ``now``).
+
+        With attempts left: ``queued`` again with ``attempt + 1`` and the lease cleared; the ids
+        are returned for the caller to enqueue. On the last attempt: ``failed`` with
+        ``worker_lost`` (a worker that dies on every try, out of memory for instance, must not be
+        retried for ever).
+        """
+        now = now or _now()
+        expired = [
+            evals.c.status == RUNNING,
+            evals.c.lease_expires_at < sa.literal(now, UTCDateTime()),
+        ]
+        with self._write() as session:
+            requeued = session.execute(
+                sa.update(evals)
+                .where(*expired, evals.c.attempt < max_attempts)
+                .values(
+                    status=QUEUED,
+                    attempt=evals.c.attempt + 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    resent_at=now,
+                )
+                .returning(evals.c.id)
+            ).all()
+            session.execute(
+                sa.update(evals)
+                .where(*expired, evals.c.attempt >= max_attempts)
+                .values(
+                    status=FAILED,
+                    error_code="worker_lost",
+                    error_message=(
+                        f"the worker running this eval was lost on each of its {max_attempts} "
+                        "attempts (killed, out of memory, or the machine went away)"
+                    ),
+                    error_category="system",
+                    finished_at=now,
+                    lease_expires_at=None,
+                )
+            )
+        return sorted(row.id for row in requeued)
+
+    def resend_stale_queued_evals(
+        self, *, older_than: timedelta, now: datetime | None = None
+    ) -> list[str]:
+        """Queued evals not created or re-sent within ``older_than``: their message may be lost.
+
+        Marks each as re-sent now (so it is returned at most once per ``older_than``) and returns
+        the ids for the caller to enqueue again; a duplicate message is skipped by the claim.
+        """
+        now = now or _now()
+        last_sent = sa.func.coalesce(evals.c.resent_at, evals.c.created_at)
+        with self._write() as session:
+            rows = session.execute(
+                sa.update(evals)
+                .where(
+                    evals.c.status == QUEUED,
+                    last_sent < sa.literal(now - older_than, UTCDateTime()),
+                )
+                .values(resent_at=now)
+                .returning(evals.c.id)
+            ).all()
+        return sorted(row.id for row in rows)
 
     def _set_eval(self, where: list[sa.ColumnElement[bool]], **values: Any) -> bool:
         with self._write() as session:

@@ -25,7 +25,8 @@ directly. It claims the eval row under a lease (renewed from a thread), then:
    :data:`MAX_SAMPLE_TEXT` characters).
 
 It ends in exactly one terminal write (``finish_eval`` or ``fail_eval`` with a readable error),
-unless the lease was lost to another worker.
+unless the lease was lost to another worker. If this worker dies, the reaper requeues the eval for
+another attempt (``worker.reaper``), up to ``EVAL_MAX_ATTEMPTS`` runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The expired-lease reaper: puts jobs of lost workers back on the queue.
+"""The expired-lease reaper: puts jobs and evals of lost workers back on the queue.
 
 A worker that dies mid-run stops renewing its lease. `reap_once` asks the store to requeue every
 job whose lease expired (attempt + 1, or `failed` with `worker_lost` when attempts are used up)
@@ -6,7 +6,8 @@ and sends a fresh message for each requeued job; the job then resumes from its l
 on whichever worker claims it. Every worker process runs `Reaper` in a background thread; the
 store's conditional UPDATEs make concurrent reapers harmless, and a duplicate message is skipped
 by the claim. It also re-sends queued jobs left untouched for long (a message lost with a killed
-worker). The same loop prunes old processed-message files of the file-backed broker.
+worker). Evals get the same two sweeps (an eval lost on its last attempt fails with
+`worker_lost`). The same loop prunes old processed-message files of the file-backed broker.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-from worker.queue import enqueue_job
+from worker.queue import enqueue_eval, enqueue_job
 
 log = logging.getLogger("opsd.reaper")
 
@@ -30,21 +32,30 @@ PROCESSED_MESSAGE_MAX_AGE_SECONDS = 24 * 3600.0
 def reap_once(
     store: Any, celery: Celery, *, stale_queued_after: timedelta | None = None
 ) -> list[str]:
-    """Requeue jobs with expired leases and re-enqueue each; returns their ids.
+    """Requeue jobs and evals with expired leases and re-enqueue each; returns their ids.
 
-    With `stale_queued_after`, queued jobs untouched that long get a fresh message too (their
-    first one may have been lost with a killed worker).
+    With `stale_queued_after`, queued jobs and evals untouched that long get a fresh message too
+    (their first one may have been lost with a killed worker).
     """
-    job_ids = list(store.requeue_expired())
-    for job_id in job_ids:
-        enqueue_job(celery, job_id)
-        log.warning("job %s: its worker was lost; requeued", job_id)
+    lost = "its worker was lost; requeued"
+    sent = _send(celery, enqueue_job, store.requeue_expired(), lost)
+    sent += _send(celery, enqueue_eval, store.requeue_lost_evals(), lost)
     if stale_queued_after is not None:
-        for job_id in store.requeue_stale_queued(older_than=stale_queued_after):
-            enqueue_job(celery, job_id)
-            log.warning("job %s: queued for over %s; sent again", job_id, stale_queued_after)
-            job_ids.append(job_id)
-    return job_ids
+        stale = f"queued for over {stale_queued_after}; sent again"
+        jobs = store.requeue_stale_queued(older_than=stale_queued_after)
+        sent += _send(celery, enqueue_job, jobs, stale)
+        evals = store.resend_stale_queued_evals(older_than=stale_queued_after)
+        sent += _send(celery, enqueue_eval, evals, stale)
+    return sent
+
+
+def _send(
+    celery: Celery, enqueue: Callable[[Celery, str], str], record_ids: list[str], why: str
+) -> list[str]:
+    for record_id in record_ids:
+        enqueue(celery, record_id)
+        log.warning("%s: %s", record_id, why)  # ids name their kind: job_… / eval_…
+    return list(record_ids)
 
 
 def prune_processed(folder: str | Path | None, *, max_age_seconds: float) -> int:

@@ -1,5 +1,6 @@
 """The store's eval queries on PostgreSQL and SQLite: create/get (tenant-isolated), claim under
-a lease (once; an expired lease can be taken over), renew, finish, fail, list, cascade delete."""
+a lease (once; an expired lease can be taken over, as a new attempt), renew, finish, fail, list,
+cascade delete, and the reaper's sweeps (lost evals requeued or failed, stale queued re-sent)."""
 
 from __future__ import annotations
 
@@ -90,15 +91,67 @@ def test_an_expired_lease_is_taken_over(store: Store) -> None:
     tenant_id, job_id = _job(store)
     record = store.create_eval(tenant_id, job_id, config=CONFIG)
     assert store.claim_eval(record.id, "lost-worker", lease_seconds=60) is not None
+    _expire_lease(store, record.id)
+    taken = store.claim_eval(record.id, "w2", lease_seconds=60)
+    assert taken is not None and taken.lease_owner == "w2"
+    assert (record.attempt, taken.attempt) == (1, 2)  # a takeover is a new attempt
+    assert not store.renew_eval_lease(record.id, "lost-worker", lease_seconds=60)
+    assert not store.finish_eval(record.id, results={}, worker_id="lost-worker")
+    _expire_lease(store, record.id)
+    assert store.claim_eval(record.id, "w3", max_attempts=2) is None  # attempts used up
+
+
+def _expire_lease(store: Store, eval_id: str) -> None:
     past = datetime.now(UTC) - timedelta(seconds=5)
     with store.engine.begin() as connection:
         connection.execute(
-            sa.update(evals).where(evals.c.id == record.id).values(lease_expires_at=past)
+            sa.update(evals).where(evals.c.id == eval_id).values(lease_expires_at=past)
         )
-    taken = store.claim_eval(record.id, "w2", lease_seconds=60)
-    assert taken is not None and taken.lease_owner == "w2"
-    assert not store.renew_eval_lease(record.id, "lost-worker", lease_seconds=60)
-    assert not store.finish_eval(record.id, results={}, worker_id="lost-worker")
+
+
+def test_lost_evals_are_requeued_then_failed_on_their_last_attempt(store: Store) -> None:
+    tenant_id, job_id = _job(store)
+    record = store.create_eval(tenant_id, job_id, config=CONFIG)
+    alive = store.create_eval(tenant_id, job_id, config=CONFIG)
+    assert store.claim_eval(alive.id, "live-worker", lease_seconds=3600) is not None
+    soon = datetime.now(UTC) + timedelta(seconds=120)
+    for attempt in (1, 2):
+        claimed = store.claim_eval(record.id, f"w{attempt}", lease_seconds=60)
+        assert claimed is not None and claimed.attempt == attempt
+        assert record.id not in store.requeue_lost_evals(max_attempts=3)  # lease still live
+        assert record.id in store.requeue_lost_evals(now=soon, max_attempts=3)
+        requeued = store.get_eval(record.id)
+        assert requeued is not None and requeued.status == "queued"
+        assert (requeued.attempt, requeued.lease_owner) == (attempt + 1, None)
+        assert not store.renew_eval_lease(record.id, f"w{attempt}", lease_seconds=60)
+    assert store.claim_eval(record.id, "w3", lease_seconds=60) is not None
+    assert record.id not in store.requeue_lost_evals(now=soon, max_attempts=3)
+    failed = store.get_eval(record.id)
+    assert failed is not None and failed.status == "failed" and failed.attempt == 3
+    assert failed.error is not None and failed.error.code == "worker_lost"
+    assert failed.error.category == "system" and "3 attempts" in failed.error.message
+    still = store.get_eval(alive.id)
+    assert still is not None and (still.status, still.attempt) == ("running", 1)
+
+
+def test_stale_queued_evals_are_resent_once_per_period(store: Store) -> None:
+    tenant_id, job_id = _job(store)
+    stale = store.create_eval(tenant_id, job_id, config=CONFIG)
+    running = store.create_eval(tenant_id, job_id, config=CONFIG)
+    assert store.claim_eval(running.id, "w", lease_seconds=3600) is not None
+    period = timedelta(minutes=10)
+    later = datetime.now(UTC) + period + timedelta(seconds=1)
+    mine = {stale.id, running.id}  # the PostgreSQL database is shared with other tests
+
+    def resent(now: datetime | None = None) -> set[str]:
+        return mine & set(store.resend_stale_queued_evals(older_than=period, now=now))
+
+    assert resent() == set()  # just created
+    assert resent(later) == {stale.id}
+    assert resent(later) == set()  # re-sent at `later`: quiet for another period
+    assert resent(later + period + timedelta(seconds=1)) == {stale.id}
+    record = store.get_eval(stale.id)
+    assert record is not None and (record.status, record.attempt) == ("queued", 1)
 
 
 def test_evals_go_with_their_job(store: Store) -> None:

@@ -104,6 +104,35 @@ def test_downgrade_to_base_and_back(empty_url: str) -> None:
     assert _schema_diff(empty_url) == []
 
 
+def test_evals_made_before_eval_attempts_read_as_first_attempts(empty_url: str) -> None:
+    jobstore.upgrade(empty_url, "0002_evals")
+    store = jobstore.Store(empty_url)
+    try:
+        tenant = store.get_or_create_tenant("t")
+        job, _ = store.create_job(tenant.id, spec={"base_model": "m", "dataset_uri": "d"})
+        engine = store.engine
+    finally:
+        store.close()
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO evals (id, tenant_id, job_id, status, config, created_at) "
+                "VALUES ('eval_old', :tenant, :job, 'queued', '{}', :now)"
+            ),
+            {"tenant": tenant.id, "job": job.id, "now": job.created_at},
+        )
+    engine.dispose()
+    jobstore.upgrade(empty_url)
+    store = jobstore.Store(empty_url)
+    try:
+        record = store.get_eval("eval_old")
+        assert record is not None and (record.status, record.attempt) == ("queued", 1)
+        with store.engine.begin() as connection, pytest.raises(sa.exc.IntegrityError):
+            connection.execute(sa.text("UPDATE evals SET status = 'bogus'"))  # checks kept
+    finally:
+        store.close()
+
+
 _UPGRADE = (
     "import sys, jobstore; print('ready', flush=True); jobstore.upgrade(sys.argv[1]); print('ok')"
 )

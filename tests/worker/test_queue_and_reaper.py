@@ -1,5 +1,5 @@
 """The Celery app's delivery settings, the message `enqueue_job` sends (on real Redis and on the
-file-backed broker), and the reaper requeueing jobs of lost workers."""
+file-backed broker), and the reaper requeueing jobs and evals of lost workers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from opsd_service.settings import ServiceSettings
 from tests.worker.helpers import REDIS_TEST_URL, create_job, flush_redis, wait_for
-from worker.queue import RUN_JOB_TASK, enqueue_job, make_celery
+from worker.queue import RUN_EVAL_TASK, RUN_JOB_TASK, enqueue_job, make_celery
 from worker.reaper import Reaper, prune_processed, reap_once
 
 
@@ -128,6 +128,39 @@ def test_reap_once_resends_jobs_left_queued_too_long(
     assert sorted(resent) == sorted([stranded, fresh])
     assert store.get_job(stranded).status == "queued" and store.get_job(stranded).attempt == 1
     assert store.get_job(running).status == "running"
+    store.close()
+
+
+def test_reap_once_requeues_evals_of_lost_workers_and_resends_stale_ones(
+    sqlite_database_url: str, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from jobstore import Store
+
+    settings = ServiceSettings(home=tmp_path / "home", database_url=sqlite_database_url)
+    store, celery = Store(sqlite_database_url), make_celery(settings)
+    job = store.get_job(create_job(store, {"base_model": "m", "dataset_uri": "d"}))
+    assert job is not None
+    store.claim_job(job.id, "live-worker", lease_seconds=60)  # only the evals are in play
+    lost = store.create_eval(job.tenant_id, job.id, config={"n": 1})
+    alive = store.create_eval(job.tenant_id, job.id, config={"n": 1})
+    store.claim_eval(lost.id, "dead-worker", lease_seconds=0.05)
+    store.claim_eval(alive.id, "live-worker", lease_seconds=60)
+    time.sleep(0.1)
+
+    assert reap_once(store, celery) == [lost.id]
+    record = store.get_eval(lost.id)
+    assert record is not None and (record.status, record.attempt) == ("queued", 2)
+    assert [_task_of(m)[:2] for m in _fs_messages(settings)] == [(RUN_EVAL_TASK, [lost.id])]
+    assert reap_once(store, celery) == []
+
+    # Its message lost too: once quiet for the whole period, it is sent again.
+    quiet = timedelta(seconds=2)
+    assert reap_once(store, celery, stale_queued_after=quiet) == []
+    time.sleep(2.5)
+    assert reap_once(store, celery, stale_queued_after=quiet) == [lost.id]
+    assert len(_fs_messages(settings)) == 2
     store.close()
 
 

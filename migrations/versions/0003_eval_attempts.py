@@ -1,0 +1,37 @@
+"""Evals survive lost workers: an ``attempt`` count and the time a queued eval was last re-sent.
+
+Revision ID: 0003_eval_attempts
+Revises: 0002_evals
+Create Date: 2026-11-28
+
+``attempt`` (1 for existing rows) counts the runs of an eval; the reaper fails an eval whose
+worker was lost on its last allowed attempt instead of retrying it for ever. ``resent_at``
+records when the reaper last sent a queued eval's message again (a message can be lost with a
+killed worker). Self-contained on purpose (no imports from jobstore).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0003_eval_attempts"
+down_revision: str | Sequence[str] | None = "0002_evals"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("evals") as batch:
+        batch.add_column(
+            sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1"))
+        )
+        batch.add_column(sa.Column("resent_at", sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("evals") as batch:
+        batch.drop_column("resent_at")
+        batch.drop_column("attempt")
