@@ -1,18 +1,33 @@
 """Student rollouts: sampling completions as token ids behind a small backend interface.
 
 `RolloutBackend.generate` takes prompt token ids and returns completion token ids, each cut just
-after its first stop token (the stop token kept) or at `max_new_tokens`. The transformers backend
-samples in batches with a KV cache from left-padded prompts; a vLLM backend can implement the same
-interface. Rollouts are never decoded to text here.
+after its first stop token (the stop token kept) or at `max_new_tokens`. Rollouts are never
+decoded to text here. Two backends:
+
+* :class:`TransformersRolloutBackend` samples in process, in batches with a KV cache from
+  left-padded prompts (the default);
+* :class:`ServedRolloutBackend` has an inference server with runtime LoRA loading (vLLM, or
+  `opsd serve-adapters`) sample them: once per optimizer step it saves the current adapter and
+  loads it under a new immutable name. It talks to the server through :class:`CompletionServer`,
+  which the worker implements over HTTP (`worker.inference_client`): no HTTP in the engine.
+
+A trainer gets a :data:`RolloutFactory` (default: the transformers backend), which builds the
+backend from a :class:`PolicyView` of the trainer's policy.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from transformers import GenerationConfig
+
+log = logging.getLogger("opsd.rollout")
 
 
 @dataclass(frozen=True)
@@ -116,3 +131,135 @@ class TransformersRolloutBackend:
             token_ids, finished = cut_at_stop(ids, stop)
             rollouts.append(Rollout(index // params.num_generations, token_ids, finished))
         return rollouts
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """What a rollout backend may use of a trainer's policy."""
+
+    model: Any  # the PEFT model (adapter enabled = the current policy)
+    save_adapter: Callable[[Path], None]  # writes the current adapter in PEFT format
+    current_step: Callable[[], int]  # optimizer steps done: the weights' version
+    pad_id: int
+    stop_ids: list[int]
+    device: torch.device
+    batch_size: int
+
+
+RolloutFactory = Callable[[PolicyView], RolloutBackend]
+
+
+def local_rollouts(view: PolicyView) -> RolloutBackend:
+    """The default :data:`RolloutFactory`: sampling in process with transformers."""
+    return TransformersRolloutBackend(
+        view.model,
+        pad_id=view.pad_id,
+        stop_ids=view.stop_ids,
+        device=view.device,
+        batch_size=view.batch_size,
+    )
+
+
+class ServedChoice(Protocol):
+    token_ids: list[int] | None
+    finish_reason: str | None
+
+
+class CompletionServer(Protocol):
+    """The calls :class:`ServedRolloutBackend` makes to an OpenAI-compatible server with runtime
+    LoRA loading (`worker.inference_client.InferenceClient` makes them over HTTP)."""
+
+    def ensure_adapter(self, name: str, path: str) -> bool: ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def completions(
+        self,
+        *,
+        model: str,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int = 0,
+    ) -> Sequence[Sequence[ServedChoice]]: ...
+
+
+class ServedRolloutBackend:
+    """Rollouts sampled by an inference server from the current policy.
+
+    Before the first rollouts of each optimizer step, the adapter is saved under
+    ``adapter_dir/<run_name>-step<N>`` and loaded on the server under that name (names are
+    immutable there: a new name per weight version, and ``run_name`` is unique per run so a
+    resumed run never reuses one); the previous version is unloaded and its files deleted.
+    ``adapter_dir`` must be visible to the server at the same path. The server returns token ids
+    (vLLM >= 0.10.2 ``return_token_ids``); they are cut at the first stop token like the local
+    backend's. :meth:`close` unloads the last version.
+    """
+
+    def __init__(
+        self,
+        server: CompletionServer,
+        view: PolicyView,
+        *,
+        adapter_dir: str | Path,
+        run_name: str,
+    ) -> None:
+        self.server = server
+        self.view = view
+        self.adapter_dir = Path(adapter_dir)
+        self.run_name = run_name
+        self.stop_ids = set(view.stop_ids)
+        self.loaded: tuple[int, str] | None = None  # (step, adapter name) on the server
+
+    def sync(self) -> str:
+        """The server's name for the current weights, loading them there when they changed."""
+        step = self.view.current_step()
+        if self.loaded is not None and self.loaded[0] == step:
+            return self.loaded[1]
+        name = f"{self.run_name}-step{step}"
+        path = self.adapter_dir / name
+        self.view.save_adapter(path)
+        self.server.ensure_adapter(name, str(path.resolve()))
+        previous, self.loaded = self.loaded, (step, name)
+        if previous is not None:
+            self._retire(previous[1])
+        return name
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        name = self.sync()
+        results = self.server.completions(
+            model=name,
+            prompts=prompts,
+            n=params.num_generations,
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+        )
+        rollouts = []
+        for prompt_index, choices in enumerate(results):
+            for choice in choices:
+                if choice.token_ids is None:
+                    raise RuntimeError(
+                        "the inference server returned no token ids; training rollouts need "
+                        "vLLM >= 0.10.2 (return_token_ids) or opsd serve-adapters"
+                    )
+                token_ids, finished = cut_at_stop(list(choice.token_ids), self.stop_ids)
+                # A stop of the server's own list (kept in the ids) also ends the rollout.
+                finished = finished or choice.finish_reason == "stop"
+                rollouts.append(Rollout(prompt_index, token_ids, finished))
+        return rollouts
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            self._retire(self.loaded[1])
+            self.loaded = None
+
+    def _retire(self, name: str) -> None:
+        try:
+            self.server.unload_adapter(name)
+        except Exception as exc:  # the server may be gone; its adapters go with it
+            log.warning("could not unload rollout adapter %s: %s", name, exc)
+        shutil.rmtree(self.adapter_dir / name, ignore_errors=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, model_validator
@@ -54,6 +54,16 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, ge=1)
     max_lora_rank: int = Field(256, ge=1)
     inference_url: str | None = Field(None, description="OpenAI-compatible server for adapters.")
+    training_rollouts: Literal["auto", "local", "server"] = Field(
+        "auto",
+        description="Where OPSD/GRPO rollouts are sampled: `server` (the inference server, "
+        "vLLM), `local` (in the worker), `auto` (the server when it serves the job's base model).",
+    )
+    rollout_adapter_dir: str = Field(
+        "",
+        description="Where the worker writes each step's adapter for the inference server to "
+        "load (the same path on both); default: `rollout-adapters` under a local artifacts root.",
+    )
     broker_visibility_timeout_seconds: float = Field(
         3600.0, gt=0, description="Redis: an unacked message is redelivered after this long."
     )
@@ -68,6 +78,12 @@ class ServiceSettings(BaseSettings):
             self.broker_url = f"{FILESYSTEM_BROKER_SCHEME}://{home / 'broker'}"
         if not self.artifacts_uri:
             self.artifacts_uri = str(home / "artifacts")
+        if not self.rollout_adapter_dir:
+            local_artifacts = urlsplit(self.artifacts_uri).scheme in ("", "file")
+            root = Path(unquote(urlsplit(self.artifacts_uri).path)) if local_artifacts else home
+            self.rollout_adapter_dir = str(root / "rollout-adapters")
+        if self.training_rollouts == "server" and not self.inference_url:
+            raise ValueError("training_rollouts=server needs inference_url (OPSD_INFERENCE_URL)")
         if not self.heartbeat_seconds:
             self.heartbeat_seconds = self.lease_seconds / 3
         if self.heartbeat_seconds >= self.lease_seconds:

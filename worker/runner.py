@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 from jobstore.records import CANCELLING, TERMINAL_STATUSES, JobError
 from opsd_service.settings import ServiceSettings, runs_dir
 from worker.artifacts import ArtifactStore
+from worker.inference_client import InferenceError
+from worker.served_rollouts import served_rollouts
 
 log = logging.getLogger("opsd.worker")
 
@@ -102,6 +104,8 @@ def classify_error(exc: BaseException) -> JobError:
         return JobError("dataset_error", _clip(str(exc)), "user")
     if isinstance(exc, ModelLoadError):
         return JobError("model_load_error", _clip(str(exc)), "user")
+    if isinstance(exc, InferenceError):
+        return JobError("inference_server_error", _clip(str(exc)), "system")
     if _is_oom(exc):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
         return JobError("out_of_memory", _clip(f"{first[:1000]}. {OOM_ADVICE}"), "user")
@@ -328,7 +332,12 @@ def run_job(
     lease.start()
     try:
         outcome = _run_claimed(
-            job, store=store, artifacts=artifacts, worker_id=worker_id, lease=lease
+            job,
+            store=store,
+            settings=settings,
+            artifacts=artifacts,
+            worker_id=worker_id,
+            lease=lease,
         )
     finally:
         lease.stop()
@@ -339,7 +348,13 @@ def run_job(
 
 
 def _run_claimed(
-    job: Any, *, store: Any, artifacts: ArtifactStore, worker_id: str, lease: LeaseKeeper
+    job: Any,
+    *,
+    store: Any,
+    settings: ServiceSettings,
+    artifacts: ArtifactStore,
+    worker_id: str,
+    lease: LeaseKeeper,
 ) -> str:
     job_id = job.id
     try:
@@ -352,7 +367,17 @@ def _run_claimed(
         callbacks = StoreCallbacks(store, artifacts, job_id, worker_id, lease)
         from opsd_engine.trainers import run_training
 
-        result = run_training(spec, run_dir, callbacks=callbacks, resume=True)
+        rollouts = served_rollouts(spec, settings, job_id)
+        if rollouts is not None:
+            where = rollouts.client.base_url
+            store.add_event(job_id, "rollouts", f"rollouts sampled by the inference server {where}")
+        try:
+            result = run_training(
+                spec, run_dir, callbacks=callbacks, resume=True, rollout_backend=rollouts
+            )
+        finally:
+            if rollouts is not None:
+                rollouts.close()
     except Exception as exc:
         if lease.lost.is_set():
             log.warning("job %s: lease lost, then %s: %s", job_id, type(exc).__name__, exc)

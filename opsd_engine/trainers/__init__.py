@@ -3,7 +3,8 @@
 `opsd` (on-policy self-distillation), `sft` (supervised fine-tuning on the reference solutions)
 and `grpo` (group-relative policy optimisation with a verifiable 0/1 reward). All three take the
 same job spec, report through the same callbacks, write the same checkpoints and count
-`generated_tokens` (sampled tokens per step) and `generated_tokens_total` the same way.
+`generated_tokens` (sampled tokens per step) and `generated_tokens_total` the same way. The
+methods that sample (`opsd`, `grpo`) take a `rollout_backend` factory (default: in process).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from opsd_engine.config import JobSpec
 from opsd_engine.data import Example
 from opsd_engine.events import TrainerCallbacks
+from opsd_engine.rollout import RolloutFactory
 from opsd_engine.trainers.common import TrainResult
 
 
@@ -24,19 +26,22 @@ def run_training(
     callbacks: TrainerCallbacks | None = None,
     resume: bool = False,
     examples: Sequence[Example] | None = None,
+    rollout_backend: RolloutFactory | None = None,
 ) -> TrainResult:
+    sampling = {"rollout_backend": rollout_backend}
+    common = {"callbacks": callbacks, "resume": resume, "examples": examples}
     if spec.method == "opsd":
         from opsd_engine.trainers import opsd
 
-        return opsd.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
+        return opsd.train(spec, output_dir, **common, **sampling)
     if spec.method == "sft":
         from opsd_engine.trainers import sft
 
-        return sft.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
+        return sft.train(spec, output_dir, **common)
     if spec.method == "grpo":
         from opsd_engine.trainers import grpo
 
-        return grpo.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
+        return grpo.train(spec, output_dir, **common, **sampling)
     raise ValueError(f"method {spec.method!r} has no trainer in this version")
 
 

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ from opsd_engine import checkpoint as ckpt
 from opsd_engine.config import JobSpec, spec_to_dict
 from opsd_engine.events import TrainerCallbacks
 from opsd_engine.modeling import PolicyModel
+from opsd_engine.rollout import PolicyView, RolloutBackend, RolloutFactory, local_rollouts
 
 # Fields that do not change what training computes; a resume may differ in them. (Evaluations
 # run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is.)
@@ -391,4 +393,25 @@ def run_steps(trainer: SteppedTrainer, started: str) -> TrainResult:
     )
     return TrainResult(
         "succeeded", trainer.state.step, trainer.total_steps, adapter_dir, last_checkpoint
+    )
+
+
+def build_rollouts(
+    spec: JobSpec,
+    policy: PolicyModel,
+    accelerator: Accelerator,
+    current_step: Callable[[], int],
+    factory: RolloutFactory | None,
+) -> RolloutBackend:
+    """A sampling trainer's rollout backend over its policy (``factory``; default in process)."""
+    return (factory or local_rollouts)(
+        PolicyView(
+            model=policy.peft_model,
+            save_adapter=policy.peft_model.save_pretrained,
+            current_step=current_step,
+            pad_id=int(policy.tokenizer.pad_token_id),
+            stop_ids=policy.stop_token_ids,
+            device=accelerator.device,
+            batch_size=max(spec.optim.batch_size * spec.generation.num_generations, 1),
+        )
     )

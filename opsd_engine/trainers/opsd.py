@@ -39,12 +39,13 @@ from opsd_engine.prompts import (
     build_prompt_pair,
     rollout_targets,
 )
-from opsd_engine.rollout import Rollout, SamplingParams, TransformersRolloutBackend
+from opsd_engine.rollout import Rollout, RolloutFactory, SamplingParams
 from opsd_engine.trainers.common import (
     ExampleStream,
     HiddenStateScorer,
     SpecEvaluator,
     TrainResult,
+    build_rollouts,
     make_accelerator,
     resume_run,
     run_steps,
@@ -68,6 +69,7 @@ class OPSDTrainer:
         callbacks: TrainerCallbacks | None = None,
         examples: Sequence[Example] | None = None,
         accelerator: Accelerator | None = None,
+        rollout_backend: RolloutFactory | None = None,
     ) -> None:
         self.spec = spec
         self.output_dir = Path(output_dir)
@@ -112,12 +114,8 @@ class OPSDTrainer:
         self.scorer, self.optimizer = self.accelerator.prepare(
             HiddenStateScorer(self.policy), optimizer
         )
-        self.rollouts = TransformersRolloutBackend(
-            self.policy.peft_model,
-            pad_id=self.pad_id,
-            stop_ids=self.policy.stop_token_ids,
-            device=self.accelerator.device,
-            batch_size=max(optim.batch_size * spec.generation.num_generations, 1),
+        self.rollouts = build_rollouts(
+            spec, self.policy, self.accelerator, lambda: self.state.step, rollout_backend
         )
         self.stream = ExampleStream(len(self.examples), spec.seed)
         self.state = ckpt.TrainerState(
@@ -344,9 +342,12 @@ def train(
     callbacks: TrainerCallbacks | None = None,
     resume: bool = False,
     examples: Sequence[Example] | None = None,
+    rollout_backend: RolloutFactory | None = None,
 ) -> TrainResult:
     """Run (or, with `resume`, continue from the latest complete checkpoint) an OPSD job."""
-    trainer = OPSDTrainer(spec, output_dir, callbacks=callbacks, examples=examples)
+    trainer = OPSDTrainer(
+        spec, output_dir, callbacks=callbacks, examples=examples, rollout_backend=rollout_backend
+    )
     if resume and (latest := ckpt.latest_checkpoint(trainer.checkpoint_dir)) is not None:
         trainer.resume_from(latest)
     return trainer.train()

@@ -134,6 +134,11 @@ def test_eval_of_a_trained_job_through_the_adapter_server(
     assert early.status_code in (409, 201)
     job = stack.wait_job(job_id)
     assert job["status"] == "succeeded", job["error"]
+    # the server serves the job's base model, so (training_rollouts=auto) it sampled the rollouts
+    events = stack.http.get(f"/jobs/{job_id}/events").json()["data"]
+    assert [e["message"] for e in events if e["kind"] == "rollouts"] == [
+        f"rollouts sampled by the inference server {stack.inference_url}"
+    ]
 
     # the training job's own evals: eval/* next to the training metrics, at steps 0, 2 and 3
     metrics = stack.http.get(
