@@ -28,20 +28,21 @@ def run_training(
     examples: Sequence[Example] | None = None,
     rollout_backend: RolloutFactory | None = None,
 ) -> TrainResult:
-    sampling = {"rollout_backend": rollout_backend}
-    common = {"callbacks": callbacks, "resume": resume, "examples": examples}
-    if spec.method == "opsd":
-        from opsd_engine.trainers import opsd
-
-        return opsd.train(spec, output_dir, **common, **sampling)
     if spec.method == "sft":
         from opsd_engine.trainers import sft
 
-        return sft.train(spec, output_dir, **common)
-    if spec.method == "grpo":
-        from opsd_engine.trainers import grpo
+        return sft.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
+    if spec.method in ("opsd", "grpo"):
+        from opsd_engine.trainers import grpo, opsd
 
-        return grpo.train(spec, output_dir, **common, **sampling)
+        return (opsd if spec.method == "opsd" else grpo).train(
+            spec,
+            output_dir,
+            callbacks=callbacks,
+            resume=resume,
+            examples=examples,
+            rollout_backend=rollout_backend,
+        )
     raise ValueError(f"method {spec.method!r} has no trainer in this version")
 
 
