@@ -26,7 +26,15 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from jobstore.ids import new_id
-from jobstore.records import FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobNotFound
+from jobstore.records import (
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    IdempotencyConflict,
+    JobError,
+    JobNotFound,
+)
 from jobstore.tables import JSONDoc, UTCDateTime, metadata
 
 if TYPE_CHECKING:
@@ -60,9 +68,12 @@ evals = sa.Table(
     sa.Column("finished_at", UTCDateTime(), nullable=True),
     sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1")),
     sa.Column("resent_at", UTCDateTime(), nullable=True),
+    sa.Column("idempotency_key", sa.String(255), nullable=True),
+    sa.Column("request_hash", sa.String(128), nullable=True),
     sa.CheckConstraint(f"status IN ({_eval_status_list})", name="status"),
     sa.Index(None, "job_id", "created_at"),
     sa.Index(None, "tenant_id", "created_at"),
+    sa.Index(None, "tenant_id", "idempotency_key", unique=True),
 )
 
 
@@ -132,6 +143,24 @@ class EvalQueries:
 
     def create_eval(self, tenant_id: str, job_id: str, *, config: dict[str, Any]) -> EvalRecord:
         """A new ``queued`` eval of ``job_id``; :class:`JobNotFound` if the job does not exist."""
+        return self.create_eval_once(tenant_id, job_id, config=config)[0]
+
+    def create_eval_once(
+        self,
+        tenant_id: str,
+        job_id: str,
+        *,
+        config: dict[str, Any],
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> tuple[EvalRecord, bool]:
+        """``(eval, True)`` for a new ``queued`` eval of ``job_id``.
+
+        With an ``idempotency_key`` this tenant already used: ``(that eval, False)`` when
+        ``request_hash`` equals the one stored with it, else :class:`IdempotencyConflict`; two
+        concurrent creates with one key make one eval (the unique index decides).
+        :class:`JobNotFound` if the job does not exist.
+        """
         insert = (
             sa.insert(evals)
             .values(
@@ -141,14 +170,29 @@ class EvalQueries:
                 status=QUEUED,
                 config=config,
                 created_at=_now(),
+                idempotency_key=idempotency_key,
+                request_hash=request_hash if idempotency_key is not None else None,
             )
             .returning(*evals.c)
         )
         try:
             with self._write() as session:
-                return _eval_record(session.execute(insert).one())
+                return _eval_record(session.execute(insert).one()), True
         except IntegrityError as exc:
-            raise JobNotFound(job_id) from exc
+            if idempotency_key is None:
+                raise JobNotFound(job_id) from exc
+            existing_error = exc
+        with self._read() as connection:
+            row = connection.execute(
+                sa.select(evals).where(
+                    evals.c.tenant_id == tenant_id, evals.c.idempotency_key == idempotency_key
+                )
+            ).first()
+        if row is None:  # not a key collision: the job is missing
+            raise JobNotFound(job_id) from existing_error
+        if row._mapping["request_hash"] != request_hash:
+            raise IdempotencyConflict(idempotency_key, row._mapping["id"], kind="eval")
+        return _eval_record(row), False
 
     def get_eval(self, eval_id: str, tenant_id: str | None = None) -> EvalRecord | None:
         """The eval, or ``None`` if it does not exist (or belongs to another tenant)."""

@@ -40,10 +40,12 @@ class StoreError(Exception):
 class IdempotencyConflict(StoreError):
     """The Idempotency-Key was already used by this tenant with a different request body."""
 
-    def __init__(self, key: str, job_id: str) -> None:
-        super().__init__(f"Idempotency-Key {key!r} was used for a different request (job {job_id})")
+    def __init__(self, key: str, job_id: str, *, kind: str = "job") -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was used for a different request ({kind} {job_id})"
+        )
         self.key = key
-        self.job_id = job_id
+        self.job_id = job_id  # the id of what the key made (a job, or an eval)
 
 
 class InvalidCursor(StoreError):

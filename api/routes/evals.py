@@ -10,11 +10,13 @@ server (`OPSD_INFERENCE_URL`) or in-process. Routes are thin; another tenant's j
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -153,7 +155,15 @@ def build_router() -> APIRouter:
         response_model=EvalOut,
         summary="Evaluate a job's adapter on a benchmark",
         responses={
-            409: {"model": ErrorResponse, "description": "No adapter (yet) or no such checkpoint"},
+            200: {
+                "model": EvalOut,
+                "description": "Replay of an earlier request with the same Idempotency-Key",
+            },
+            409: {
+                "model": ErrorResponse,
+                "description": "No adapter (yet), no such checkpoint, or an Idempotency-Key "
+                "reused with another body",
+            },
             422: {"model": ErrorResponse, "description": "Invalid body; `param` names the field"},
             503: {"model": ErrorResponse, "description": "Queue unavailable"},
         },
@@ -161,12 +171,17 @@ def build_router() -> APIRouter:
     async def create_eval(
         job_id: str,
         request: Request,
+        response: Response,
         store: Store,
         tenant: Tenant,
         settings: Settings,
         body: Annotated[
             EvalRequest, Body(openapi_examples={"paper": {"summary": "avg@16", "value": EXAMPLE}})
         ],
+        idempotency_key: Annotated[
+            str | None,
+            Header(max_length=255, description="Retries with the same key return the same eval."),
+        ] = None,
     ) -> Any:
         """Queue an eval of the final adapter (the job must have succeeded) or of the checkpoint
         at `checkpoint_step`. Poll `GET /evals/{id}` for avg@n, pass@k and per-problem rows."""
@@ -205,9 +220,27 @@ def build_router() -> APIRouter:
                     "checkpoint_step",
                 )
         config = body.model_dump(mode="json")
-        record = await run_in_threadpool(
-            lambda: store.create_eval(tenant.id, job_id, config=config)
-        )
+        request_hash = hashlib.sha256(
+            json.dumps({"job_id": job_id, "config": config}, sort_keys=True).encode()
+        ).hexdigest()
+        from jobstore import IdempotencyConflict
+
+        try:
+            record, created = await run_in_threadpool(
+                lambda: store.create_eval_once(
+                    tenant.id,
+                    job_id,
+                    config=config,
+                    idempotency_key=idempotency_key,
+                    request_hash=request_hash,
+                )
+            )
+        except IdempotencyConflict as exc:
+            raise APIError(409, "idempotency_conflict", str(exc), "Idempotency-Key") from None
+        if not created:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
+            return eval_out(record)
         try:
             await run_in_threadpool(_enqueue_eval, request, record.id)
         except Exception as exc:  # broker down: fail the eval visibly instead of leaving it stuck

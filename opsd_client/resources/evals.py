@@ -59,9 +59,11 @@ class Evals:
         thinking: bool | None = None,
         include_base: bool | None = None,
         checkpoint_step: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Eval:
         """Start an evaluation of the job's adapter (`POST /jobs/{id}/evals`); unset fields take
-        the job's `eval` settings or the paper's defaults."""
+        the job's `eval` settings or the paper's defaults. An `Idempotency-Key` is generated when
+        none is given, so a retried request cannot start two evals."""
         body = eval_body(
             dataset_uri=dataset_uri,
             problem_field=problem_field,
@@ -80,8 +82,8 @@ class Evals:
             "POST",
             job_path(job_id, "/evals"),
             json=body,
-            headers={"Idempotency-Key": new_idempotency_key()},
-            idempotent=False,
+            headers={"Idempotency-Key": idempotency_key or new_idempotency_key()},
+            idempotent=True,  # the key makes a retried request return the same eval
         )
         return self._eval(response)
 
@@ -143,6 +145,7 @@ class AsyncEvals:
         thinking: bool | None = None,
         include_base: bool | None = None,
         checkpoint_step: int | None = None,
+        idempotency_key: str | None = None,
     ) -> AsyncEval:
         """Start an evaluation; see `Evals.create`."""
         body = eval_body(
@@ -163,8 +166,8 @@ class AsyncEvals:
             "POST",
             job_path(job_id, "/evals"),
             json=body,
-            headers={"Idempotency-Key": new_idempotency_key()},
-            idempotent=False,
+            headers={"Idempotency-Key": idempotency_key or new_idempotency_key()},
+            idempotent=True,  # the key makes a retried request return the same eval
         )
         return self._eval(response)
 

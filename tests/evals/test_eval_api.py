@@ -132,6 +132,45 @@ def test_create_and_get_an_eval(client: TestClient, app: Any) -> None:
     assert client.get(f"/evals/{out['id']}").status_code == 401
 
 
+def test_idempotency_key_makes_a_retried_request_return_the_same_eval(
+    client: TestClient, app: Any
+) -> None:
+    import redis
+
+    store = app.state.store
+    alice, bob = _auth(store, "alice"), _auth(store, "bob")
+    job_id = _job(store, alice, status="succeeded")
+    other_job = _job(store, alice, status="succeeded")
+    body = {"dataset_uri": "/data/bench.jsonl", "n": 4}
+    keyed = {**alice, "Idempotency-Key": "retry-1"}
+    first = client.post(f"/jobs/{job_id}/evals", json=body, headers=keyed)
+    again = client.post(f"/jobs/{job_id}/evals", json=body, headers=keyed)
+    assert (first.status_code, again.status_code) == (201, 200), again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    queue = redis.Redis.from_url(REDIS_URL)
+    assert queue.llen(app.state.settings.queue) == 1  # the replay sent no second message
+    queue.close()
+
+    for path, changed in ((job_id, {**body, "n": 8}), (other_job, body)):
+        conflict = client.post(f"/jobs/{path}/evals", json=changed, headers=keyed)
+        assert conflict.status_code == 409, conflict.text
+        error = conflict.json()["error"]
+        assert (error["code"], error["param"]) == ("idempotency_conflict", "Idempotency-Key")
+        assert first.json()["id"] in error["message"]
+
+    # keys are per tenant, and requests without one are never merged
+    bob_job = _job(store, bob, status="succeeded")
+    theirs = client.post(
+        f"/jobs/{bob_job}/evals", json=body, headers={**bob, "Idempotency-Key": "retry-1"}
+    )
+    assert theirs.status_code == 201 and theirs.json()["id"] != first.json()["id"]
+    plain = [client.post(f"/jobs/{job_id}/evals", json=body, headers=alice) for _ in range(2)]
+    assert [r.status_code for r in plain] == [201, 201]
+    assert len({r.json()["id"] for r in plain} | {first.json()["id"]}) == 3
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from jobstore import JobError, JobNotFound, Store
+from jobstore import IdempotencyConflict, JobError, JobNotFound, Store
 from jobstore.evals import evals
 from jobstore.migrate import upgrade
 from tests.service_fixtures import fresh_postgres_url, sqlite_url
@@ -60,6 +60,33 @@ def test_create_get_list_and_tenant_isolation(store: Store) -> None:
     assert store.list_evals(job_id, tenant_id=other_id) == []
     with pytest.raises(JobNotFound):
         store.create_eval(tenant_id, "job_missing", config=CONFIG)
+
+
+def test_an_idempotency_key_makes_one_eval(store: Store) -> None:
+    tenant_id, job_id = _job(store)
+    other_tenant, other_job = _job(store, "globex")
+    key = f"k-{job_id}"
+    first, created = store.create_eval_once(
+        tenant_id, job_id, config=CONFIG, idempotency_key=key, request_hash="h1"
+    )
+    assert created
+    again = store.create_eval_once(
+        tenant_id, job_id, config=CONFIG, idempotency_key=key, request_hash="h1"
+    )
+    assert again == (first, False)
+    with pytest.raises(IdempotencyConflict, match=f"eval {first.id}"):
+        store.create_eval_once(
+            tenant_id, job_id, config=CONFIG, idempotency_key=key, request_hash="h2"
+        )
+    theirs, created = store.create_eval_once(
+        other_tenant, other_job, config=CONFIG, idempotency_key=key, request_hash="h1"
+    )
+    assert created and theirs.id != first.id
+    with pytest.raises(JobNotFound):
+        store.create_eval_once(
+            tenant_id, "job_missing", config=CONFIG, idempotency_key=f"{key}-2", request_hash="h"
+        )
+    assert [e.id for e in store.list_evals(job_id)] == [first.id]
 
 
 def test_claim_finish_and_fail_are_conditional(store: Store) -> None:

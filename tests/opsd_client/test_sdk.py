@@ -259,7 +259,7 @@ def test_a_refused_connection_is_retried_a_bounded_number_of_times() -> None:
     assert len(sent_once) == 1
 
 
-def test_safe_calls_are_retried_on_503_and_429_and_unsafe_ones_are_not(
+def test_safe_calls_are_retried_on_503_and_429(
     service: LiveService, done_job: dict[str, Any]
 ) -> None:
     job_id = done_job["id"]
@@ -277,11 +277,27 @@ def test_safe_calls_are_retried_on_503_and_429_and_unsafe_ones_are_not(
                 list(client.jobs.list())
             assert limited.value.status == 429 and not proxy.plan  # 1 try + 2 retries
 
-            proxy.plan = [Fault("POST", f"/jobs/{job_id}/evals", status=503, retry_after="0")]
-            before = len(proxy.seen)
+            proxy.plan = [Fault("GET", f"/jobs/{job_id}", status=503, retry_after="0")] * 3
             with pytest.raises(ServiceUnavailableError):
-                client.evals.create(job_id, dataset_uri="/x.jsonl")
-            assert len(proxy.seen) == before + 1  # not idempotent: never resent
+                client.jobs.retrieve(job_id)
+            assert not proxy.plan
+
+            # an eval whose answer was lost: resent with the same key, one eval made
+            before = {e.id for e in client.evals.list(job_id)}
+            proxy.plan = [
+                Fault(
+                    "POST",
+                    f"/jobs/{job_id}/evals",
+                    status=503,
+                    forward_first=True,
+                    retry_after="0",
+                )
+            ]
+            evaluation = client.evals.create(job_id, dataset_uri="/x.jsonl")
+            posts = proxy.requests_to("POST", f"/jobs/{job_id}/evals")
+            assert len(posts) == 2 and not proxy.plan
+            assert posts[0].headers["Idempotency-Key"] == posts[1].headers["Idempotency-Key"]
+            assert {e.id for e in client.evals.list(job_id)} - before == {evaluation.id}
 
 
 def test_a_create_whose_answer_was_lost_is_retried_without_a_second_job(
