@@ -156,7 +156,8 @@ def main() -> None:
             while job["status"] not in ("succeeded", "failed", "cancelled"):
                 time.sleep(0.5)
                 job = http.get(f"/jobs/{job['id']}").json()
-                bar.update(job["progress"]["step"] - bar.n)
+                if (advanced := job["progress"]["step"] - bar.n) > 0:
+                    bar.update(advanced)  # (no redraw while waiting: logs get one line per step)
         if job["status"] != "succeeded":
             raise SystemExit(f"job {job['status']}: {json.dumps(job['error'])}")
 
