@@ -141,6 +141,8 @@ class EvalQueries:
 
         def _write(self) -> AbstractContextManager[Session]: ...
 
+        def _insert(self, table: sa.Table) -> Any: ...
+
     def create_eval(self, tenant_id: str, job_id: str, *, config: dict[str, Any]) -> EvalRecord:
         """A new ``queued`` eval of ``job_id``; :class:`JobNotFound` if the job does not exist."""
         return self.create_eval_once(tenant_id, job_id, config=config)[0]
@@ -158,11 +160,11 @@ class EvalQueries:
 
         With an ``idempotency_key`` this tenant already used: ``(that eval, False)`` when
         ``request_hash`` equals the one stored with it, else :class:`IdempotencyConflict`; two
-        concurrent creates with one key make one eval (the unique index decides).
-        :class:`JobNotFound` if the job does not exist.
+        concurrent creates with one key make one eval (the unique index plus ``ON CONFLICT DO
+        NOTHING`` decide, as for jobs). :class:`JobNotFound` if the job does not exist.
         """
         insert = (
-            sa.insert(evals)
+            self._insert(evals)
             .values(
                 id=new_eval_id(),
                 tenant_id=tenant_id,
@@ -173,23 +175,22 @@ class EvalQueries:
                 idempotency_key=idempotency_key,
                 request_hash=request_hash if idempotency_key is not None else None,
             )
+            .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
             .returning(*evals.c)
         )
         try:
             with self._write() as session:
-                return _eval_record(session.execute(insert).one()), True
-        except IntegrityError as exc:
-            if idempotency_key is None:
-                raise JobNotFound(job_id) from exc
-            existing_error = exc
-        with self._read() as connection:
+                row = session.execute(insert).first()
+        except IntegrityError as exc:  # the only other constraint that can fail: the job
+            raise JobNotFound(job_id) from exc
+        if row is not None:
+            return _eval_record(row), True
+        with self._read() as connection:  # the key is taken (by an earlier or concurrent call)
             row = connection.execute(
                 sa.select(evals).where(
                     evals.c.tenant_id == tenant_id, evals.c.idempotency_key == idempotency_key
                 )
-            ).first()
-        if row is None:  # not a key collision: the job is missing
-            raise JobNotFound(job_id) from existing_error
+            ).one()
         if row._mapping["request_hash"] != request_hash:
             raise IdempotencyConflict(idempotency_key, row._mapping["id"], kind="eval")
         return _eval_record(row), False

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import torch
 from transformers import GenerationConfig
 
+from opsd_engine.checkpoint import save_adapter
+
 log = logging.getLogger("opsd.rollout")
 
 
@@ -138,7 +140,6 @@ class PolicyView:
     """What a rollout backend may use of a trainer's policy."""
 
     model: Any  # the PEFT model (adapter enabled = the current policy)
-    save_adapter: Callable[[Path], None]  # writes the current adapter in PEFT format
     current_step: Callable[[], int]  # optimizer steps done: the weights' version
     pad_id: int
     stop_ids: list[int]
@@ -219,8 +220,7 @@ class ServedRolloutBackend:
         if self.loaded is not None and self.loaded[0] == step:
             return self.loaded[1]
         name = f"{self.run_name}-step{step}"
-        path = self.adapter_dir / name
-        self.view.save_adapter(path)
+        path = save_adapter(self.view.model, self.adapter_dir / name)  # atomic: never half-read
         self.server.ensure_adapter(name, str(path.resolve()))
         previous, self.loaded = self.loaded, (step, name)
         if previous is not None:

@@ -407,7 +407,6 @@ def build_rollouts(
     return (factory or local_rollouts)(
         PolicyView(
             model=policy.peft_model,
-            save_adapter=policy.peft_model.save_pretrained,
             current_step=current_step,
             pad_id=int(policy.tokenizer.pad_token_id),
             stop_ids=policy.stop_token_ids,

@@ -51,7 +51,6 @@ def test_served_rollouts_equal_local_sampling_of_the_same_weights(
                 parameter.copy_(torch.randn_like(parameter) * 0.5)
     view = PolicyView(
         model=policy.peft_model,
-        save_adapter=policy.peft_model.save_pretrained,
         current_step=lambda: 0,
         pad_id=int(policy.tokenizer.pad_token_id),
         stop_ids=policy.stop_token_ids,
