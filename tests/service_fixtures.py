@@ -3,7 +3,8 @@
 Owns how tests get a database: :func:`fresh_postgres_url` creates a throw-away PostgreSQL
 database (``opsd_test_<random>``) on the server named by ``OPSD_TEST_POSTGRES_ADMIN_URL``
 (default ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``), migrated to head unless
-asked not to, and returns it with a function that drops it; :func:`sqlite_url` names a SQLite
+asked not to, and returns it with a function that drops it; :func:`redis_test_url` names a
+Redis database on the server ``OPSD_TEST_REDIS_SERVER``; :func:`sqlite_url` names a SQLite
 file. PostgreSQL is required: when the server cannot be reached these helpers raise
 :class:`PostgresUnavailable` (tests then fail; they never skip).
 
@@ -31,6 +32,8 @@ from sqlalchemy.pool import NullPool
 
 DEFAULT_POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 ADMIN_URL_ENV = "OPSD_TEST_POSTGRES_ADMIN_URL"
+REDIS_SERVER_ENV = "OPSD_TEST_REDIS_SERVER"
+DEFAULT_REDIS_SERVER = "redis://127.0.0.1:6379"
 
 
 class PostgresUnavailable(RuntimeError):
@@ -96,6 +99,16 @@ def fresh_postgres_url(*, migrate: bool = True) -> tuple[str, Callable[[], None]
             drop()
             raise
     return url, drop
+
+
+def redis_test_url(db: int) -> str:
+    """URL of Redis database ``db`` on the tests' Redis server (flushed by the tests using it).
+
+    The server is ``OPSD_TEST_REDIS_SERVER`` (default ``redis://127.0.0.1:6379``), so two test
+    runs on one machine can each use their own server instead of flushing each other's data.
+    """
+    server = (os.environ.get(REDIS_SERVER_ENV) or DEFAULT_REDIS_SERVER).rstrip("/")
+    return f"{server}/{db}"
 
 
 def sqlite_url(path: str | os.PathLike[str]) -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service_fixtures import fresh_postgres_url, sqlite_url
+from tests.service_fixtures import fresh_postgres_url, redis_test_url, sqlite_url
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/12"
+REDIS_TEST_URL = redis_test_url(12)
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_spec
-from tests.service_fixtures import fresh_postgres_url
+from tests.service_fixtures import fresh_postgres_url, redis_test_url
 from tests.worker.helpers import ServiceProcess, flush_redis, service_env, wait_for
 
-REDIS_E2E_URL = "redis://127.0.0.1:6379/13"
+REDIS_E2E_URL = redis_test_url(13)
 
 
 def _free_port() -> int:

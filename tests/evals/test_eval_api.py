@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service_fixtures import fresh_postgres_url, sqlite_url
+from tests.service_fixtures import fresh_postgres_url, redis_test_url, sqlite_url
 from tests.worker.helpers import flush_redis
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = redis_test_url(14)
 SPEC: dict[str, Any] = {"base_model": "m", "dataset_uri": "/data/train.jsonl"}
 
 

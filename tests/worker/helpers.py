@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.service_fixtures import redis_test_url
+
 REPO = Path(__file__).resolve().parents[2]
-REDIS_TEST_URL = "redis://127.0.0.1:6379/11"  # a dedicated Redis database, flushed by the tests
+REDIS_TEST_URL = redis_test_url(11)  # a dedicated Redis database, flushed by the tests
 
 T = TypeVar("T")
 
