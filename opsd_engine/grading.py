@@ -13,8 +13,9 @@ This module owns everything between a model's raw output and a benchmark number:
   rational comparison; then ``math_verify`` (``verify(gold, prediction)``, gold first: it is not
   symmetric) for everything symbolic, with its numeric comparisons made exact (math_verify
   rounds floats to 6 decimals and chops differences below 1e-15; a verdict must never rest on
-  rounding the user did not ask for). If ``math_verify`` runs past its time limit or its worker dies, the
-  string comparison decides (``decided_by="timeout->string_match"`` / ``"error->string_match"``).
+  rounding the user did not ask for). If ``math_verify`` runs past its time limit or its
+  worker dies, the string comparison decides (``decided_by="timeout->string_match"`` /
+  ``"error->string_match"``).
 * **Metrics**: the unbiased ``pass@k`` estimator (:func:`pass_at_k`), average@k
   (:func:`avg_at_k`, the paper's "average@16"), majority vote (:func:`majority_vote`) and a
   per-benchmark :class:`BenchmarkSummary` (:func:`summarize`).
