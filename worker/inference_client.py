@@ -27,6 +27,7 @@ import httpx
 
 DEFAULT_ADMIN_TIMEOUT = 120.0
 DEFAULT_GENERATION_TIMEOUT = 3600.0
+KEEPALIVE_EXPIRY = 2.0  # seconds; below uvicorn's (and vLLM's) 5 s keep-alive timeout
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: a lower temperature is greedy sampling
 
 
@@ -88,7 +89,14 @@ class InferenceClient:
         self.base_url = _base_url(base_url)
         self.admin_timeout = admin_timeout
         self.generation_timeout = generation_timeout
-        self._http = httpx.Client(base_url=self.base_url, headers=headers)
+        # Servers close idle keep-alive connections (uvicorn, so vLLM: after 5 s); a request
+        # sent on one that is being closed fails with "Server disconnected". Idle connections
+        # are dropped sooner here, and such a failure is retried once on a fresh connection.
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -102,7 +110,10 @@ class InferenceClient:
     # ------------------------------------------------------------------------------ calls
     def _request(self, method: str, path: str, *, timeout: float, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.request(method, path, timeout=timeout, **kwargs)
+            try:
+                response = self._http.request(method, path, timeout=timeout, **kwargs)
+            except httpx.RemoteProtocolError:  # a keep-alive connection closed under us
+                response = self._http.request(method, path, timeout=timeout, **kwargs)
         except httpx.TimeoutException as exc:
             raise InferenceError(
                 f"{method} {self.base_url}{path} timed out after {timeout:g}s"
