@@ -164,26 +164,17 @@ class PromptConfig(_Group):
     @field_validator("teacher_thinking")
     @classmethod
     def _same_thinking_as_student(cls, value: bool | None, info: ValidationInfo) -> bool | None:
-        # Teacher and student score the same rollout tokens, so both prompts must end in the
-        # same generation-prompt state: with Qwen3's switch, enable_thinking=False pre-fills
-        # "<think>\n\n</think>\n\n" and True leaves the model to open "<think>" itself.
-        student = info.data.get("student_thinking")
-        if value is None or value == student or info.data.get("allow_thinking_mismatch"):
-            return value
-        raise ValueError(
-            f"teacher_thinking={value} differs from student_thinking={student}: the teacher and "
-            "student prompts would end in different generation-prompt states, and the teacher "
-            "would score the student's first tokens where it expects others; leave "
-            "teacher_thinking unset (it follows student_thinking) or set "
-            "prompts.allow_thinking_mismatch: true"
+        _check_thinking(
+            info.data.get("student_thinking"), value, info.data.get("allow_thinking_mismatch")
         )
+        return value
 
     @model_validator(mode="after")
     def _teacher_follows_student(self) -> PromptConfig:
         if self.teacher_thinking is None and self.student_thinking is not None:
             self.teacher_thinking = self.student_thinking
         # an assignment to student_thinking after construction is checked here
-        self._same_thinking_as_student(self.teacher_thinking, _Data(self))
+        _check_thinking(self.student_thinking, self.teacher_thinking, self.allow_thinking_mismatch)
         return self
 
     @field_validator("student_template")
@@ -201,11 +192,19 @@ class PromptConfig(_Group):
         return value
 
 
-class _Data:
-    """The ``info.data`` of a field validator, for re-running it over a whole model."""
-
-    def __init__(self, model: BaseModel) -> None:
-        self.data = dict(model)
+def _check_thinking(student: bool | None, teacher: bool | None, allowed: bool | None) -> None:
+    """Teacher and student score the same rollout tokens, so both prompts must end in the same
+    generation-prompt state: with Qwen3's switch, enable_thinking=False pre-fills
+    "<think>\\n\\n</think>\\n\\n" and True leaves the model to open "<think>" itself."""
+    if teacher is None or teacher == student or allowed:
+        return
+    raise ValueError(
+        f"teacher_thinking={teacher} differs from student_thinking={student}: the teacher and "
+        "student prompts would end in different generation-prompt states, and the teacher "
+        "would score the student's first tokens where it expects others; leave "
+        "teacher_thinking unset (it follows student_thinking) or set "
+        "prompts.allow_thinking_mismatch: true"
+    )
 
 
 class GRPOConfig(_Group):

@@ -476,26 +476,22 @@ def _from_messages(
     the solution the last assistant message; the system prompt is the first system message."""
     wanted = _MESSAGE_ROLE.get(role)
     field_name = loc.pop("field_name")
+
+    def error(message: str) -> DatasetError:
+        return DatasetError(
+            loc["uri"], message, line=loc["line"], row=loc["index"], field=field_name
+        )
+
     if wanted is None:
-        raise DatasetError(
-            loc["uri"],
-            f"expected a string or a number, got a list of chat messages ({_short_repr(messages)})",
-            line=loc["line"],
-            row=loc["index"],
-            field=field_name,
+        raise error(
+            f"expected a string or a number, got a list of chat messages ({_short_repr(messages)})"
         )
     chosen = [m for m in messages if m["role"] == wanted]
     text = _message_text(chosen[-1]) if chosen else None
     if not text or not text.strip():
         roles = ", ".join(repr(m["role"]) for m in messages)
         what = f"no {wanted!r} message" if not chosen else f"the last {wanted!r} message is empty"
-        raise DatasetError(
-            loc["uri"],
-            f"chat messages have {what} (roles: {roles})",
-            line=loc["line"],
-            row=loc["index"],
-            field=field_name,
-        )
+        raise error(f"chat messages have {what} (roles: {roles})")
     systems = [m for m in messages if m["role"] == "system"]
     system = _message_text(systems[0]) if systems else None
     return text, (system if system and system.strip() else None)

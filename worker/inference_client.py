@@ -217,16 +217,7 @@ class InferenceClient:
         then have ``token_ids=None``.
         """
         greedy = temperature < GREEDY_TEMPERATURE
-        body = self._sampling_body(
-            model=model,
-            n=1 if greedy else n,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop_token_ids=stop_token_ids,
-        )
+        body = sampling_body(model, n, max_tokens, temperature, top_p, top_k, seed, stop_token_ids)
         body["prompt"] = [list(p) if not isinstance(p, str) else p for p in prompts]
         body["return_token_ids"] = True
         if stop:
@@ -273,16 +264,7 @@ class InferenceClient:
         """``n`` assistant replies to ``messages`` (sample order); sampling fields and the
         required ``stop_token_ids`` as in :meth:`completions`."""
         greedy = temperature < GREEDY_TEMPERATURE
-        body = self._sampling_body(
-            model=model,
-            n=1 if greedy else n,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop_token_ids=stop_token_ids,
-        )
+        body = sampling_body(model, n, max_tokens, temperature, top_p, top_k, seed, stop_token_ids)
         body["messages"] = messages
         if chat_template_kwargs:
             body["chat_template_kwargs"] = chat_template_kwargs
@@ -293,36 +275,36 @@ class InferenceClient:
         replies = [str((c.get("message") or {}).get("content") or "") for c in choices]
         return replies * n if greedy else replies
 
-    @staticmethod
-    def _sampling_body(
-        *,
-        model: str,
-        n: int,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int | None,
-        stop_token_ids: Sequence[int],
-    ) -> dict[str, Any]:
-        """The sampling fields every generation request carries (see :meth:`completions`)."""
-        if not stop_token_ids:
-            raise ValueError("stop_token_ids must name the engine's stop set (got none)")
-        body: dict[str, Any] = {
-            "model": model,
-            "n": n,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k if top_k > 0 else -1,
-            "min_p": 0.0,
-            "repetition_penalty": 1.0,
-            "presence_penalty": 0.0,
-            "frequency_penalty": 0.0,
-            "stop_token_ids": [int(t) for t in stop_token_ids],
-            "skip_special_tokens": True,
-            "include_stop_str_in_output": False,
-        }
-        if seed is not None:
-            body["seed"] = seed
-        return body
+
+def sampling_body(
+    model: str,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop_token_ids: Sequence[int],
+) -> dict[str, Any]:
+    """The sampling fields every generation request carries (see
+    :meth:`InferenceClient.completions`); greedy sampling asks for ``n`` = 1."""
+    if not stop_token_ids:
+        raise ValueError("stop_token_ids must name the engine's stop set (got none)")
+    body: dict[str, Any] = {
+        "model": model,
+        "n": 1 if temperature < GREEDY_TEMPERATURE else n,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k if top_k > 0 else -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "stop_token_ids": [int(t) for t in stop_token_ids],
+        "skip_special_tokens": True,
+        "include_stop_str_in_output": False,
+    }
+    if seed is not None:
+        body["seed"] = seed
+    return body

@@ -57,6 +57,7 @@ def test_adapter_lifecycle_and_generation(
             top_p=0.95,
             top_k=0,
             seed=5,
+            stop_token_ids=[509],
         )
         assert [len(row) for row in texts] == [2, 2, 2]
         assert all(0 < c.num_tokens <= 4 and c.finish_reason for row in texts for c in row)
@@ -68,13 +69,20 @@ def test_adapter_lifecycle_and_generation(
             temperature=0.6,
             top_p=0.95,
             chat_template_kwargs={"enable_thinking": False},
+            stop_token_ids=[509],
         )
         assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
         client.unload_adapter("job_x-step3")
         assert client.model_ids() == {"model"}
         with pytest.raises(InferenceError) as gone:
             client.completions(
-                model="job_x-step3", prompts=[[1]], n=1, max_tokens=1, temperature=0, top_p=1
+                model="job_x-step3",
+                prompts=[[1]],
+                n=1,
+                max_tokens=1,
+                temperature=0,
+                top_p=1,
+                stop_token_ids=[509],
             )
         assert gone.value.status == 404
 

@@ -31,7 +31,7 @@ from opsd_engine.rollout import (
 from opsd_engine.tiny import tiny_examples
 from tests.conftest import make_tiny_spec
 from tests.evals.helpers import serve_in_thread
-from worker.inference_client import InferenceClient
+from worker.inference_client import InferenceClient, sampling_body
 
 IM_END = "<|im_end|>"
 
@@ -129,25 +129,14 @@ class _Recorder:
 
 
 def test_requests_carry_the_stop_set_and_neutral_generation_defaults() -> None:
-    body = InferenceClient._sampling_body(
-        model="m",
-        n=2,
-        max_tokens=8,
-        temperature=0.7,
-        top_p=0.9,
-        top_k=0,
-        seed=None,
-        stop_token_ids=(151643, 151645),
-    )
-    assert body["stop_token_ids"] == [151643, 151645]
+    body = sampling_body("m", 2, 8, 0.7, 0.9, 0, None, (151643, 151645))
+    assert body["stop_token_ids"] == [151643, 151645] and body["n"] == 2
     assert (body["repetition_penalty"], body["min_p"], body["top_k"]) == (1.0, 0.0, -1)
     assert (body["presence_penalty"], body["frequency_penalty"]) == (0.0, 0.0)
     assert body["skip_special_tokens"] is True and body["include_stop_str_in_output"] is False
+    assert sampling_body("m", 4, 8, 0.0, 1.0, 0, 3, [1])["n"] == 1  # greedy
     with pytest.raises(ValueError, match="stop_token_ids"):
-        InferenceClient._sampling_body(
-            model="m", n=1, max_tokens=1, temperature=1, top_p=1, top_k=0, seed=None,
-            stop_token_ids=(),
-        )  # fmt: skip
+        sampling_body("m", 1, 1, 1.0, 1.0, 0, None, ())
     with InferenceClient("http://127.0.0.1:9") as client, pytest.raises(TypeError):
         client.completions(  # type: ignore[call-arg]
             model="m", prompts=[[1]], n=1, max_tokens=1, temperature=1.0, top_p=1.0

@@ -257,3 +257,42 @@ def test_verl_parquet_layout(tmp_path: Path) -> None:
         answer_field="reward_model.groundtruth",
     )  # fmt: skip
     assert error.field == "reward_model.groundtruth" and error.row == 0
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_layouts() -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """The ``### Dataset layouts`` examples of the README: (dataset group, rows) per block."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Dataset layouts", 1)[1].split("\n## ", 1)[0]
+    layouts, rest = [], section
+    while "```jsonl\n" in rest:
+        before, rest = rest.split("```jsonl\n", 1)
+        block, rest = rest.split("```", 1)
+        spec = re.search(r"`dataset: (\{[^`]*\})`", before, flags=re.S)
+        fields = yaml.safe_load(spec.group(1).replace("\n", " ")) if spec else {}
+        layouts.append((fields, [json.loads(line) for line in block.splitlines()]))
+    return layouts
+
+
+def test_readme_layout_examples_load_with_their_field_names(tmp_path: Path) -> None:
+    layouts = readme_layouts()
+    assert len(layouts) == 4
+    for number, (fields, rows) in enumerate(layouts):
+        assert len(rows) == 3  # each layout is documented with a 3-line example file
+        jsonl = write_jsonl(tmp_path / f"layout{number}.jsonl", rows)
+        examples = load_examples(str(jsonl), **fields)
+        assert [e.problem for e in examples] and all(e.problem and e.solution for e in examples)
+        assert all("\\boxed" in e.solution or "####" in e.solution for e in examples)
+        if "answer_field" in fields:  # verl: the same rows as parquet read the same way
+            parquet = write_verl_parquet(tmp_path / f"layout{number}.parquet", rows)
+            assert load_examples(str(parquet), **fields) == examples
+            assert [e.answer for e in examples] == ["7", "7", "10"]
+    conversational = load_examples(str(tmp_path / "layout1.jsonl"), **layouts[1][0])
+    assert conversational[0].system_prompt == "Solve step by step."
+    assert conversational[0].problem == "What is 2 + 3?"
