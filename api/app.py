@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from api.deps import KeyCache
 from api.errors import install_error_handlers
-from api.middleware import BodySizeLimit
+from api.middleware import BodySizeLimit, JsonBodyAnyContentType
 
 DESCRIPTION = """
 Training-as-a-service for **On-Policy Self-Distillation** (OPSD) of LLMs.
@@ -77,6 +77,8 @@ def create_app(
     app.include_router(jobs.build_router(JobSpec))
     app.include_router(evals.build_router())
     app.include_router(ui.router)
+    # Added last = outermost: the size limit counts the body before anything reads it.
+    app.add_middleware(JsonBodyAnyContentType)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     logging.getLogger("opsd.api").setLevel(logging.INFO)
     return app

@@ -78,6 +78,17 @@ def _start_service(home: Path, port: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the service did not become ready in time; see runs/quickstart/service.log")
 
 
+def _activity(evaluating: dict | None) -> str:
+    """`eval of the base: 40/128 problems, 12.3 samples/s` while the job evaluates, else ''."""
+    if not evaluating:
+        return ""
+    who = "the base" if evaluating["role"] == "base" else f"step {evaluating.get('step')}"
+    return (
+        f"eval of {who}: {evaluating['done']}/{evaluating['total']} problems, "
+        f"{evaluating['samples_per_s']:.1f} samples/s"
+    )
+
+
 EVAL_EVERY = 10
 EVAL_SAMPLES = 8  # per held-out problem: avg@8, as in benchmarks/toy_reasoning
 
@@ -152,10 +163,17 @@ def main() -> None:
 
         from tqdm import tqdm
 
-        with tqdm(total=args.steps, desc="OPSD training + held-out evals", unit="step") as bar:
+        with tqdm(total=args.steps, desc="OPSD training", unit="step") as bar:
+            shown = ""
             while job["status"] not in ("succeeded", "failed", "cancelled"):
                 time.sleep(0.5)
                 job = http.get(f"/jobs/{job['id']}").json()
+                # while the spec's eval group runs, the bar says what is evaluated and how far
+                doing = _activity(job["progress"].get("eval"))
+                if doing != shown:
+                    bar.set_postfix_str(doing, refresh=False)
+                    bar.refresh()
+                    shown = doing
                 if (advanced := job["progress"]["step"] - bar.n) > 0:
                     bar.update(advanced)  # (no redraw while waiting: logs get one line per step)
         if job["status"] != "succeeded":

@@ -64,6 +64,12 @@ class ServiceSettings(BaseSettings):
         description="Where the worker writes each step's adapter for the inference server to "
         "load (the same path on both); default: `rollout-adapters` under a local artifacts root.",
     )
+    instance_id: str = Field(
+        "",
+        description="Set by `opsd up` for its API child, which echoes it in the X-OPSD-Instance "
+        "header of /healthz and /readyz: `opsd up` tells its own API from another server on the "
+        "port.",
+    )
     broker_visibility_timeout_seconds: float = Field(
         3600.0, gt=0, description="Redis: an unacked message is redelivered after this long."
     )

@@ -391,7 +391,9 @@
     const fraction = total ? Math.min(1, job.progress.step / total) : 0;
     $('#progress-fill').style.width = `${Math.round(fraction * 100)}%`;
     const left = eta(job);
-    $('#progress-text').textContent = `step ${stepsText(job)}${left ? ` · ETA ${left}` : ''}`;
+    const doing = evalActivityText(job);
+    $('#progress-text').textContent =
+      `step ${stepsText(job)}${left ? ` · ETA ${left}` : ''}${doing ? ` · ${doing}` : ''}`;
 
     const error = $('#job-error');
     error.hidden = !job.error;
@@ -425,6 +427,21 @@
         el('dd', { text: value === undefined || value === null ? '–' : String(value) }),
       ]),
     );
+  }
+
+  // What a running job evaluates (its spec's eval group), from `progress.eval`.
+  function evalActivityText(job) {
+    const ev = job.progress && job.progress.eval;
+    if (job.status !== 'running' || !ev) return '';
+    const who = ev.role === 'base' ? 'the base model' : `step ${ev.step}`;
+    return `evaluating ${who}: ${ev.done}/${ev.total} problems, ${Number(ev.samples_per_s || 0).toFixed(1)} samples/s`;
+  }
+
+  // An eval's own progress for the evaluations table.
+  function evalProgressText(evaluation) {
+    const p = evaluation.progress;
+    if (evaluation.status !== 'running' || !p) return '';
+    return `${p.role} ${p.done}/${p.total} · ${Number(p.samples_per_s || 0).toFixed(1)}/s`;
   }
 
   // ----------------------------------------------------------------------------------- charts
@@ -505,6 +522,7 @@
       shown += 1;
     }
     $('#charts-empty').hidden = shown > 0;
+    $('#charts-empty').textContent = noMetricsText(state.job);
 
     const others = names.filter((n) => !CHARTED.has(n) && !n.startsWith('eval/'));
     const select = $('#extra-metric');
@@ -520,6 +538,16 @@
     }
     $('#extra-row').hidden = others.length === 0;
     renderExtraChart();
+  }
+
+  // Why a job has no metrics: it has not reached its first step yet, or it never will.
+  function noMetricsText(job) {
+    if (job && job.status === 'failed') {
+      return 'This job failed before recording any metrics (see its error and events).';
+    }
+    if (job && job.status === 'cancelled') return 'This job was cancelled before its first step.';
+    if (job && job.status === 'succeeded') return 'This job recorded no metrics.';
+    return 'No metrics yet: they appear after the first optimizer step.';
   }
 
   function renderExtraChart() {
@@ -585,6 +613,8 @@
         const n = e.config.n;
         const status = badge(e.status);
         if (e.error) status.title = `${e.error.code}: ${e.error.message}`;
+        const doing = evalProgressText(e);
+        if (doing) status.append(el('span', { class: 'eval-progress muted', text: ` ${doing}` }));
         return el(
           'tr',
           { 'data-eval': e.id },
