@@ -123,9 +123,9 @@ def test_a_checkpoint_without_a_recorded_spec_resumes_only_with_the_same_spec(
     state = json.loads(state_file.read_text())
     state.pop("spec")
     state_file.write_text(json.dumps(state))
-    assert _train(spec, out, "--resume", "--max-steps", "2").exit_code == 0
     refused = _train(spec, out, "--resume", "--max-steps", "3")
     assert refused.exit_code == 2 and "predates" in refused.output
+    assert _train(spec, out, "--resume", "--max-steps", "2").exit_code == 0
 
 
 # ------------------------------------------------------------------------------------ Ctrl-C
@@ -180,3 +180,22 @@ def test_ctrl_c_records_interrupted_and_says_how_to_resume(
     resumed = _train(spec, out, "--resume", "--max-steps", str(done + 1))
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in _rows(out / "metrics.jsonl")] == list(range(1, done + 2))
+
+
+# ------------------------------------------------------------------------ checkpoint retention
+def test_keep_last_keeps_the_newest_checkpoints_plus_the_final_one(
+    tmp_path, tiny_model_dir, tiny_dataset
+) -> None:
+    spec = _spec_file(
+        tmp_path, tiny_model_dir, tiny_dataset, checkpoint_every=1, checkpoint={"keep_last": 2}
+    )
+    out = tmp_path / "run"
+    assert _train(spec, out, "--max-steps", "3").exit_code == 0
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-000001", "step-000002", "step-000003"]  # 2 periodic + the final
+    resumed = _train(spec, out, "--resume", "--max-steps", "5")
+    assert resumed.exit_code == 0, resumed.output
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-000003", "step-000004", "step-000005"]  # nothing half-removed left
+    removed = [e["data"]["step"] for e in _events(out) if e["kind"] == "checkpoint_removed"]
+    assert removed == [1, 2]
