@@ -1009,6 +1009,16 @@ class Store(EvalQueries):
         except IntegrityError as exc:
             raise JobNotFound(job_id) from exc
 
+    def count_jobs_by_tenant_and_status(self) -> list[tuple[str, str, int]]:
+        """`(tenant name, status, number of jobs)` for every pair that has jobs (metrics)."""
+        query = (
+            sa.select(tenants.c.name, jobs.c.status, sa.func.count())
+            .select_from(jobs.join(tenants, tenants.c.id == jobs.c.tenant_id))
+            .group_by(tenants.c.name, jobs.c.status)
+        )
+        with self._read() as connection:
+            return [(name, status, int(count)) for name, status, count in connection.execute(query)]
+
     def remove_checkpoint(self, job_id: str, step: int) -> bool:
         """Forget the checkpoint of `step` (retention removed it); False if none was recorded."""
         with self._write() as session:

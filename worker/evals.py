@@ -31,15 +31,18 @@ another attempt (``worker.reaper``), up to ``EVAL_MAX_ATTEMPTS`` runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobstore.records import SUCCEEDED, JobError
 from opsd_service.settings import ServiceSettings
+from worker import prometheus as worker_metrics
 
 log = logging.getLogger("opsd.worker")
 
@@ -93,8 +96,10 @@ class _EvalLease:
                     self.eval_id, self.worker_id, lease_seconds=self.lease_seconds
                 )
             except Exception as exc:  # the database is away for a moment: try again later
+                worker_metrics.lease_renewed("error")
                 log.warning("eval %s: lease renewal failed: %s", self.eval_id, exc)
                 continue
+            worker_metrics.lease_renewed("ok" if owned else "lost")
             if not owned:
                 self.lost.set()
                 return
@@ -116,7 +121,8 @@ def run_eval(
         return SKIPPED
     log.info("eval %s of job %s claimed by %s", eval_id, record.job_id, worker_id)
     progress = EvalProgressReport(store, record, worker_id)
-    with _EvalLease(store, eval_id, worker_id, lease_seconds) as lease:
+    worker_metrics.job_started(eval_id, "eval")
+    with _EvalLease(store, eval_id, worker_id, lease_seconds) as lease, _finished_metrics():
         try:
             results = compute_eval(record, store=store, settings=settings, progress=progress)
         except Exception as exc:
@@ -141,6 +147,14 @@ def run_eval(
     score = f": avg@n {avg:.3f}" if isinstance(avg, int | float) else ""
     progress.event("eval_finished", f"eval {eval_id} finished{score}", {"avg_at_n": avg})
     return "succeeded"
+
+
+@contextlib.contextmanager
+def _finished_metrics() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        worker_metrics.job_finished()
 
 
 class EvalProgressReport:

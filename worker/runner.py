@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from jobstore.records import CANCELLING, TERMINAL_STATUSES, JobError
 from opsd_service.settings import ServiceSettings, runs_dir
+from worker import prometheus as worker_metrics
 from worker.artifacts import ArtifactStore
 from worker.inference_client import InferenceError
 from worker.served_rollouts import served_rollouts
@@ -156,15 +157,18 @@ class LeaseKeeper:
                 self.job_id, self.worker_id, lease_seconds=self.lease_seconds
             )
         except Exception as exc:  # the database is away: keep trying until the lease is over
+            worker_metrics.lease_renewed("error")
             log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
             if time.monotonic() - self._last_ok > self.lease_seconds:
                 log.error("job %s: no heartbeat for a whole lease; giving it up", self.job_id)
                 self.lost.set()
             return
         if status is None:
+            worker_metrics.lease_renewed("lost")
             log.warning("job %s: lease lost (another worker owns it now)", self.job_id)
             self.lost.set()
             return
+        worker_metrics.lease_renewed("ok")
         self._last_ok = time.monotonic()
         self.status = status
 
@@ -245,6 +249,7 @@ class StoreCallbacks:
             for name, value in metrics.items()
             if isinstance(value, int | float) and math.isfinite(value)
         }
+        worker_metrics.observe_step(finite)
         _retry(lambda: self.store.record_metrics(self.job_id, step, finite), what="metrics")
         _retry(
             lambda: self.store.update_progress(
@@ -357,6 +362,7 @@ def run_job(
         status=job.status,
     )
     lease.start()
+    worker_metrics.job_started(job_id, "job")
     try:
         outcome = _run_claimed(
             job,
@@ -368,6 +374,7 @@ def run_job(
         )
     finally:
         lease.stop()
+        worker_metrics.job_finished()
         _release_memory()
     if outcome in TERMINAL_STATUSES:
         artifacts.remove_run_dir(job_id)  # remote roots: the scratch copy is no longer needed

@@ -54,8 +54,9 @@ LOAD = """
 import sys
 from opsd_engine.config import parse_spec
 from opsd_engine.modeling import load_policy
+runtime = {"device": "cpu", "gradient_checkpointing": True}
 spec = parse_spec({"base_model": sys.argv[1], "dataset_uri": "unused.jsonl",
-                   "lora": {"r": 2, "alpha": 4}, "runtime": {"device": "cpu", "gradient_checkpointing": True}})
+                   "lora": {"r": 2, "alpha": 4}, "runtime": runtime})
 policy = load_policy(spec)
 policy.peft_model.save_pretrained(sys.argv[2])
 from peft import PeftModel
