@@ -10,7 +10,8 @@ spec (a tenant cannot point a worker anywhere):
 * ``tensorboard``: event files in ``$TENSORBOARD_LOGGING_DIR`` (default ``OUTPUT/tensorboard``);
 * ``wandb``: ``WANDB_API_KEY``, ``WANDB_PROJECT`` (default ``opsd``), ``WANDB_ENTITY``,
   ``WANDB_MODE`` (``offline`` writes a run directory under ``WANDB_DIR``, default ``OUTPUT``);
-* ``mlflow``: ``MLFLOW_TRACKING_URI`` (default a file store ``OUTPUT/mlruns``),
+* ``mlflow``: ``MLFLOW_TRACKING_URI`` (default a file store ``OUTPUT/mlruns``; MLflow 3 needs
+  ``MLFLOW_ALLOW_FILE_STORE=true`` for a file store you name yourself),
   ``MLFLOW_EXPERIMENT_NAME`` (default ``opsd``) and MLflow's own credential variables.
 
 MLflow allows only ``[A-Za-z0-9_-. /]`` in names, so ``eval/avg@8`` is logged there as
@@ -136,7 +137,10 @@ class MlflowTracker(TrackerCallbacks):
     def open(self, spec: dict[str, Any]) -> None:
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.output_dir / "mlruns").as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # no server named: a file store in the run (MLflow 3 wants an explicit yes)
+            uri = (self.output_dir / "mlruns").as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "opsd")
         found = self.client.get_experiment_by_name(experiment)

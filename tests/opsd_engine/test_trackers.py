@@ -27,6 +27,7 @@ def tracked_run(tmp_path, tiny_model_dir, tiny_dataset, monkeypatch) -> tuple[Pa
     monkeypatch.setenv("WANDB_PROJECT", "opsd-tests")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: file stores by opt-in
     (tmp_path / "wandb").mkdir()
     spec = _spec_file(
         tmp_path, tiny_model_dir, tiny_dataset, report_to=["tensorboard", "wandb", "mlflow"]
