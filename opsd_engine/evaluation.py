@@ -191,11 +191,21 @@ def reference_answers(examples: Sequence[Example]) -> list[str]:
 
 
 def student_prompt_ids(
-    tokenizer: Any, problem: str, prompts: PromptConfig, *, thinking: bool | None
+    tokenizer: Any,
+    problem: str,
+    prompts: PromptConfig,
+    *,
+    thinking: bool | None,
+    system_prompt: str | None = None,
 ) -> list[int]:
-    """Token ids of the student prompt of training for ``problem`` (chat template when used)."""
+    """Token ids of the student prompt of training for ``problem`` (chat template when used;
+    ``system_prompt`` is the row's own, used unless the spec sets one)."""
     return encode_prompt(
-        tokenizer, render_student_text(problem, prompts), prompts, thinking=thinking
+        tokenizer,
+        render_student_text(problem, prompts),
+        prompts,
+        thinking=thinking,
+        system_prompt=system_prompt,
     )
 
 
@@ -293,7 +303,13 @@ def evaluate_model(
         raise ValueError("the tokenizer has no pad token (load it with load_tokenizer)")
     thinking = settings.thinking if settings.thinking is not None else prompts.student_thinking
     prompt_ids = [
-        student_prompt_ids(tokenizer, example.problem, prompts, thinking=thinking)
+        student_prompt_ids(
+            tokenizer,
+            example.problem,
+            prompts,
+            thinking=thinking,
+            system_prompt=example.system_prompt,
+        )
         for example in examples
     ]
     # Greedy decoding (temperature 0) has one answer per problem: sample it once, repeat it n times.
@@ -302,7 +318,7 @@ def evaluate_model(
     backend = TransformersRolloutBackend(
         model,
         pad_id=int(tokenizer.pad_token_id),
-        stop_ids=stop_token_ids(tokenizer, model),
+        stop_ids=stop_token_ids(tokenizer, model, prompts=prompts),
         device=device,
         batch_size=per_call,
     )

@@ -337,7 +337,13 @@ def _prompt_ids(tokenizer: Any, spec: Any, examples: list[Any], settings: Any) -
 
     thinking = settings.thinking if settings.thinking is not None else spec.prompts.student_thinking
     return [
-        student_prompt_ids(tokenizer, example.problem, spec.prompts, thinking=thinking)
+        student_prompt_ids(
+            tokenizer,
+            example.problem,
+            spec.prompts,
+            thinking=thinking,
+            system_prompt=example.system_prompt,
+        )
         for example in examples
     ]
 
@@ -356,11 +362,15 @@ def _sample_over_http(
     import time
 
     from opsd_engine.evaluation import EvalProgress, evaluate_texts
-    from opsd_engine.modeling import load_tokenizer
+    from opsd_engine.modeling import load_generation_config, load_tokenizer, stop_token_ids
     from worker.inference_client import InferenceClient
 
     tokenizer = load_tokenizer(spec.base_model)
     prompts = _prompt_ids(tokenizer, spec, examples, settings)
+    # the engine's stop set, as in process: the server stops only on EOS and these ids
+    stop_ids = stop_token_ids(
+        tokenizer, load_generation_config(spec.base_model), prompts=spec.prompts
+    )
     per_request = max(1, SEQUENCES_PER_REQUEST // settings.n)
     runs: Runs = {}
     with InferenceClient(url) as client:
@@ -385,6 +395,7 @@ def _sample_over_http(
                         temperature=settings.temperature,
                         top_p=settings.top_p,
                         top_k=settings.top_k,
+                        stop_token_ids=stop_ids,
                     )
                 )
                 if report is not None:

@@ -55,7 +55,10 @@ class EvalRequest(BaseModel):
     )
     problem_field: str = Field("problem", min_length=1)
     answer_field: str = Field(
-        "answer", min_length=1, description="Rows without it use the solution's last \\boxed{}."
+        "answer",
+        min_length=1,
+        description="Column or dotted path. Rows without `answer` use the solution's last "
+        "\\boxed{}; any other name must be in every row.",
     )
     limit: int | None = Field(None, ge=1, description="Only the first N problems.")
     n: int = Field(16, ge=1, le=256, description="Samples per problem.")

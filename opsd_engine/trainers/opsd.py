@@ -146,6 +146,7 @@ class OPSDTrainer:
                 solution=example.solution,
                 answer=example.answer,
                 prompts=self.spec.prompts,
+                system_prompt=example.system_prompt,
             )
         return self._prompt_cache[index]
 
