@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,8 +23,13 @@ defaults to the paper), follow it with `GET /jobs/{id}`, `/metrics`, `/events` (
 `text/event-stream`) and `/checkpoints`, and download the trained LoRA adapter (PEFT format) from
 `/adapter` once it succeeded.
 
+Datasets are uploaded with `POST /files` (validated; the answer's `id`, `file-...`, is what
+`dataset_uri` takes); other locations only where the deployment's policy allows them.
+
 Authenticate with `Authorization: Bearer <API key>`. Errors are
-`{"error": {"code", "message", "param"}}`, where `param` names the offending field.
+`{"error": {"code", "message", "param"}}`, where `param` names the offending field; system errors
+carry an `id` instead (the details are in the service's logs). Requests are rate-limited per key
+(429 with `Retry-After`).
 """
 
 
@@ -35,7 +41,8 @@ def create_app(
     broker_ping: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """Build the app from settings (environment by default); parts can be injected for tests."""
-    from api.routes import evals, health, jobs, ui
+    from api.routes import evals, files, health, jobs, keys, ui
+    from api.throttle import Throttle
     from opsd_engine.config import JobSpec  # pure pydantic: no torch
     from opsd_service.settings import get_settings
 
@@ -71,13 +78,28 @@ def create_app(
     app.state.enqueue = enqueue
     app.state.broker_ping = broker_ping
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+    app.state.revocation_mark = None  # the store's revocation mark the key cache agrees with
+    app.state.revocation_checked_at = float("-inf")
+    app.state.access_policy = settings.access_policy()
+    app.state.file_checks = OrderedDict()  # (file, fields) -> problem, see api.datasets
+    app.state.throttle = Throttle(
+        settings.rate_limit, settings.failed_auth_limit, settings.rate_limit_storage_uri
+    )
     app.state.metrics_cache = jobs.MetricsCache()
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(jobs.build_router(JobSpec))
-    app.include_router(evals.build_router())
-    app.include_router(ui.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    routers = [
+        health.router,
+        jobs.build_router(JobSpec),
+        evals.build_router(),
+        files.router,
+        keys.router,
+        ui.router,
+    ]
+    for router in routers:
+        app.include_router(router)
+    # Multipart overhead on top of the largest file: boundaries and part headers.
+    uploads = {("POST", "/files"): settings.max_file_bytes + 64 * 1024}
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, overrides=uploads)
     logging.getLogger("opsd.api").setLevel(logging.INFO)
     return app
 

@@ -117,7 +117,11 @@ def run_eval(
     log.info("eval %s of job %s claimed by %s", eval_id, record.job_id, worker_id)
     with _EvalLease(store, eval_id, worker_id, lease_seconds) as lease:
         try:
-            results = compute_eval(record, store=store, settings=settings)
+            from opsd_engine.access import enforcing
+            from worker.access import tenant_guard
+
+            with enforcing(tenant_guard(store, settings, record.tenant_id)):  # policy at open
+                results = compute_eval(record, store=store, settings=settings)
         except Exception as exc:
             if lease.lost.is_set():
                 return LEASE_LOST
