@@ -82,10 +82,11 @@ def error_response(
 
 
 def _param_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    parts = [str(p) for p in loc]
+    parts = [str(p) for p in loc if p != "[key]"]
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
-    return ".".join(parts) or None
+    # a rejected key may hold what JSON output cannot carry (an unpaired surrogate)
+    return ".".join(parts).encode("utf-8", "replace").decode("utf-8") or None
 
 
 def install_error_handlers(app: FastAPI) -> None:

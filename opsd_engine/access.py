@@ -79,8 +79,8 @@ def address_problem(address: str) -> str | None:
         ("a link-local address", ip.is_link_local),
         ("an unspecified address", ip.is_unspecified),
         ("a multicast address", ip.is_multicast),
-        ("a private address", ip.is_private),
         ("a reserved address", ip.is_reserved),
+        ("a private address", ip.is_private),
     ):
         if flag:
             return name

@@ -300,6 +300,10 @@ def build_router(job_spec_model: type) -> APIRouter:
         ] = None,
     ) -> Any:
         await tenant_job(request, tenant, job_id)
+        if last_event_id and int(last_event_id) > MAX_INT64:
+            raise APIError(
+                422, "invalid_request", "Last-Event-ID: not an event id", "Last-Event-ID"
+            )
         wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
         if not wants_stream:
             events = await in_store(
@@ -308,10 +312,6 @@ def build_router(job_spec_model: type) -> APIRouter:
             return EventList(data=[_event_out(e) for e in events])
         start = after_id
         if last_event_id:
-            if int(last_event_id) > MAX_INT64:
-                raise APIError(
-                    422, "invalid_request", "Last-Event-ID: not an event id", "Last-Event-ID"
-                )
             start = max(start, int(last_event_id))
         return StreamingResponse(
             _event_stream(request, store, job_id, start),
