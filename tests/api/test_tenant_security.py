@@ -477,23 +477,24 @@ def _raw(client: TestClient, key: str, text: str, **headers: str) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("text", "headers", "param"),
+    ("extra", "headers", "param"),
     [
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl"}', {"Idempotency-Key": ""}, "idempotency-key"),
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl", "metadata": {"x": NaN}}', {}, "metadata.x"),
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl", "metadata": {"x": Infinity}}', {}, "metadata.x"),
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl", "optim": {"weight_decay": NaN}}', {}, "optim.weight_decay"),
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl", "lora": {"alpha": Infinity}}', {}, "lora.alpha"),
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl", "loss": {"clip": -Infinity}}', {}, "loss.clip"),
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl", "metadata": {"x": "\\ud800"}}', {}, "metadata.x"),
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl", "metadata": {"\\ud800": 1}}', {}, "metadata"),
-        ('{"base_model": "m", "dataset_uri": "/d.jsonl", "optim": {"batch_size": 1000000000000000000000000000000}}', {}, "optim.batch_size"),
+        ("", {"Idempotency-Key": ""}, "idempotency-key"),
+        (', "metadata": {"x": NaN}', {}, "metadata.x"),
+        (', "metadata": {"x": Infinity}', {}, "metadata.x"),
+        (', "optim": {"weight_decay": NaN}', {}, "optim.weight_decay"),
+        (', "lora": {"alpha": Infinity}', {}, "lora.alpha"),
+        (', "loss": {"clip": -Infinity}', {}, "loss.clip"),
+        (', "metadata": {"x": "\\ud800"}', {}, "metadata.x"),
+        (', "metadata": {"\\ud800": 1}', {}, "metadata"),
+        (', "optim": {"batch_size": 1' + "0" * 30 + "}", {}, "optim.batch_size"),
     ],
-)  # fmt: skip
+)
 def test_inputs_that_passed_validation_no_longer_answer_500(
-    client, tenant_keys, text, headers, param
+    client, tenant_keys, extra, headers, param
 ) -> None:
     key = tenant_keys["a"]
+    text = '{"base_model": "m", "dataset_uri": "/d.jsonl"' + extra + "}"
     response = _raw(client, key, text, **headers)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"].lower().startswith(param)
