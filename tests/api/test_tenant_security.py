@@ -258,7 +258,7 @@ class _Recorder(BaseHTTPRequestHandler):
     hits: list[str]
     redirect_to: str | None = None
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+    def do_GET(self) -> None:
         self.hits.append(self.path)
         if self.redirect_to:
             self.send_response(302)
@@ -271,7 +271,7 @@ class _Recorder(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_HEAD = do_GET  # noqa: N815
+    do_HEAD = do_GET
 
     def log_message(self, *args: Any) -> None:
         pass
