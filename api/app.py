@@ -9,11 +9,12 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from api.deps import KeyCache
+from api.deps import KeyCache, known_query_parameters
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
+from api.schemas import ErrorResponse
 
 DESCRIPTION = """
 Training-as-a-service for **On-Policy Self-Distillation** (OPSD) of LLMs.
@@ -31,6 +32,16 @@ Authenticate with `Authorization: Bearer <API key>`. Errors are
 carry an `id` instead (the details are in the service's logs). Requests are rate-limited per key
 (429 with `Retry-After`).
 """
+
+
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Malformed request (e.g. a body that is not JSON)",
+    },
+    429: {"model": ErrorResponse, "description": "Too many requests (see `Retry-After`)"},
+    503: {"model": ErrorResponse, "description": "The store or queue is unavailable; retry"},
+}
 
 
 def create_app(
@@ -72,6 +83,7 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(known_query_parameters)],
     )
     app.state.settings = settings
     app.state.store = store
@@ -96,7 +108,7 @@ def create_app(
         ui.router,
     ]
     for router in routers:
-        app.include_router(router)
+        app.include_router(router, responses=COMMON_RESPONSES)
     # Multipart overhead on top of the largest file: boundaries and part headers.
     uploads = {("POST", "/files"): settings.max_file_bytes + 64 * 1024}
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, overrides=uploads)

@@ -163,3 +163,27 @@ Store = Annotated[Any, Depends(get_store)]
 Tenant = Annotated[Any, Depends(get_tenant)]
 Settings = Annotated[Any, Depends(get_settings)]
 Admin = Annotated[Any, Depends(get_admin)]
+
+
+async def known_query_parameters(request: Request) -> None:
+    """422 for a query parameter the operation does not declare (the document says which).
+
+    An app-wide dependency: a misspelt parameter (`?limt=5`) is an error the client should
+    see, not a silently ignored request.
+    """
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {p.alias for p in _all_query_params(dependant)}
+    for name in request.query_params:
+        if name not in known:
+            shown = name.encode("utf-8", "replace").decode("utf-8")[:100]
+            raise APIError(422, "invalid_request", f"{shown}: unknown query parameter", shown)
+
+
+def _all_query_params(dependant: Any) -> list[Any]:
+    found = list(dependant.query_params)
+    for sub in dependant.dependencies:
+        found += _all_query_params(sub)
+    return found

@@ -203,7 +203,7 @@ def build_router(job_spec_model: type) -> APIRouter:
                 lambda: store.list_jobs(tenant.id, status=status, limit=limit, cursor=cursor),
             )
         except InvalidCursor:
-            raise APIError(400, "invalid_cursor", "cursor is not valid", "cursor") from None
+            raise APIError(422, "invalid_cursor", "cursor is not valid", "cursor") from None
         return JobList(data=[job_out(j) for j in jobs], next_cursor=next_cursor)
 
     @router.get("/{job_id}", response_model=JobOut, summary="Get a job")

@@ -174,7 +174,7 @@ def test_pagination_over_several_pages(client, tenant_keys) -> None:
     assert pages == 3
     assert seen == list(reversed(created))  # newest first, no gaps, no duplicates
     bad = client.get("/jobs", params={"cursor": "garbage"}, headers=auth(key))
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cursor"
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "cursor"
     wrong = client.get("/jobs", params={"status": "done"}, headers=auth(key))
     assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "status"
     too_many = client.get("/jobs", params={"limit": 1000}, headers=auth(key))
