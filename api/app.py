@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI
 
 from api.deps import KeyCache, known_query_parameters
 from api.errors import install_error_handlers
-from api.middleware import BodySizeLimit
+from api.middleware import BodySizeLimit, JsonBodyAnyContentType
 from api.schemas import ErrorResponse
 
 DESCRIPTION = """
@@ -52,7 +52,7 @@ def create_app(
     broker_ping: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """Build the app from settings (environment by default); parts can be injected for tests."""
-    from api.routes import evals, files, health, jobs, keys, ui
+    from api.routes import evals, files, health, jobs, keys, prometheus, ui
     from api.throttle import Throttle
     from opsd_engine.config import JobSpec  # pure pydantic: no torch
     from opsd_service.settings import get_settings
@@ -62,10 +62,10 @@ def create_app(
         from jobstore import Store
 
         store = Store(settings.database_url)
-    if enqueue is None or broker_ping is None:
-        from worker.queue import enqueue_job, make_celery
+    from worker.queue import enqueue_job, make_celery
 
-        celery = make_celery(settings)
+    celery = make_celery(settings)  # connects only when used
+    if enqueue is None or broker_ping is None:
         enqueue = enqueue or (lambda job_id: enqueue_job(celery, job_id))
         broker_ping = broker_ping or (lambda: _broker_ping(celery))
 
@@ -98,6 +98,11 @@ def create_app(
         settings.rate_limit, settings.failed_auth_limit, settings.rate_limit_storage_uri
     )
     app.state.metrics_cache = jobs.MetricsCache()
+    app.state.prometheus = prometheus.ApiMetrics(
+        store,
+        lambda: prometheus.celery_queue_depths(celery),
+        tenant_classes=settings.metrics_tenant_classes,
+    )
     install_error_handlers(app)
     routers = [
         health.router,
@@ -106,9 +111,14 @@ def create_app(
         files.router,
         keys.router,
         ui.router,
+        prometheus.router,
     ]
     for router in routers:
         app.include_router(router, responses=COMMON_RESPONSES)
+    # Innermost first: the latency middleware sees the matched route's template.
+    app.add_middleware(prometheus.RequestMetrics, metrics=lambda: app.state.prometheus)
+    # Added last = outermost: the size limit counts the body before anything reads it.
+    app.add_middleware(JsonBodyAnyContentType)
     # Multipart overhead on top of the largest file: boundaries and part headers.
     uploads = {("POST", "/files"): settings.max_file_bytes + 64 * 1024}
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, overrides=uploads)

@@ -1,6 +1,8 @@
 """The `opsd` command line: local training and developer helpers.
 
-`opsd train SPEC --out DIR [--resume]` runs a job locally; `opsd spec show SPEC` prints the
+`opsd train SPEC --out DIR [--resume]` runs a job locally (Ctrl-C stops it after the current
+step with a checkpoint, records an `interrupted` event, prints the command that resumes it and
+exits 130); `opsd spec show SPEC` prints the
 resolved spec with every default; `opsd dev tiny-model DIR` / `opsd dev tiny-dataset FILE` build
 an offline tiny Qwen3-architecture model and a matching dataset. User mistakes (bad spec, bad
 dataset, missing model) print one readable error and exit with status 2.
@@ -40,12 +42,13 @@ def _fail(message: str) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from opsd_engine.checkpoint import ResumeMismatchError
     from opsd_engine.config import SpecError
     from opsd_engine.data import DatasetError
     from opsd_engine.local_run import RunDirectoryError
     from opsd_engine.modeling import ModelLoadError
 
-    return (SpecError, DatasetError, ModelLoadError, RunDirectoryError)
+    return (SpecError, DatasetError, ModelLoadError, RunDirectoryError, ResumeMismatchError)
 
 
 @app.command()
@@ -61,8 +64,10 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Train a LoRA adapter locally."""
+    import shlex
+
     from opsd_engine.config import load_spec, parse_spec, spec_to_dict
-    from opsd_engine.local_run import run_local
+    from opsd_engine.local_run import RunInterrupted, run_local
 
     try:
         spec = load_spec(spec_file)
@@ -74,6 +79,21 @@ def train(
     except _user_errors() as exc:
         _fail(str(exc))
         return
+    except RunInterrupted as exc:
+        again = ["opsd", "train", str(spec_file), "--out", str(out), "--resume"]
+        if max_steps is not None:
+            again += ["--max-steps", str(max_steps)]
+        where = (
+            f"the latest checkpoint is {exc.checkpoint}"
+            if exc.checkpoint
+            else "no checkpoint was written yet, so a resume starts from step 0"
+        )
+        typer.secho(
+            f"interrupted after step {exc.step}; {where}.\nresume with: {shlex.join(again)}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(130) from None
     typer.echo(
         json.dumps(
             {

@@ -246,6 +246,20 @@ class EvalSpec(_Group):
     include_base: bool = Field(False, description="Also evaluate the base model (adapter off).")
 
 
+class CheckpointConfig(_Group):
+    """Checkpoint retention (`checkpoint_every` says how often they are written)."""
+
+    keep_last: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the N most recent checkpoints, plus the final one; older ones are "
+        "removed once a newer one is complete. Unset: keep all.",
+    )
+
+
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+
+
 class RuntimeConfig(_Group):
     dtype: DType = "auto"
     gradient_checkpointing: bool = True
@@ -292,6 +306,19 @@ class JobSpec(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="Experiment trackers that mirror every metric and the spec (HF Trainer's "
+        "names): tensorboard, wandb, mlflow. Where they write and their credentials come from "
+        "the environment of the process that trains (TENSORBOARD_LOGGING_DIR, WANDB_*, "
+        "MLFLOW_TRACKING_URI, ...), never from the spec.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique_trackers(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _method_defaults(self) -> JobSpec:

@@ -5,11 +5,18 @@
 the atomic checkpoints and `DIR/adapter/` the final PEFT adapter. On resume, metric rows past the
 checkpoint being resumed are dropped first: those steps are recomputed (bit-exactly on the CPU),
 so every step appears once.
+
+Ctrl-C stops the run at the end of the current optimizer step with a checkpoint (a second
+Ctrl-C stops at once, keeping the last checkpoint); either way an `interrupted` event is
+recorded and :class:`RunInterrupted` tells the caller where the run can be resumed from.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,14 +34,69 @@ class RunDirectoryError(ValueError):
     pass
 
 
+class RunInterrupted(Exception):
+    """The user interrupted the run (Ctrl-C); `step` steps are done, `checkpoint` is the latest
+    complete checkpoint (None before the first), from which `--resume` continues."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
+        super().__init__(f"interrupted after step {step} ({where})")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class CtrlC:
+    """SIGINT during a run: the first asks the trainer to stop after its current step (it saves
+    a checkpoint), the second raises KeyboardInterrupt at once. A callback (`should_stop`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nCtrl-C: stopping after the current step (a checkpoint is saved); "
+            "press Ctrl-C again to stop at once",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        return None
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        return None
+
+    def should_stop(self) -> bool:
+        return self.requested
+
+
 class JsonlRecorder:
     """Appends metrics and events of a run to JSONL files in its output directory."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, interrupt: CtrlC | None = None) -> None:
         self.metrics_path = output_dir / METRICS_FILE
         self.events_path = output_dir / EVENTS_FILE
+        self.interrupt = interrupt
 
     def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        if kind == "cancelled" and self.interrupt is not None and self.interrupt.requested:
+            kind, message = "interrupted", f"interrupted by Ctrl-C: {message}"
         row = {"time": time.time(), "kind": kind, "message": message, "data": data or {}}
         _append(self.events_path, row)
 
@@ -43,6 +105,13 @@ class JsonlRecorder:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.on_event("checkpoint", f"checkpoint at step {step}", {"step": step, "path": str(path)})
+
+    def on_checkpoint_removed(self, step: int, path: Path) -> None:
+        self.on_event(
+            "checkpoint_removed",
+            f"removed the checkpoint of step {step} (checkpoint.keep_last)",
+            {"step": step, "path": str(path)},
+        )
 
     def should_stop(self) -> bool:
         return False
@@ -68,7 +137,7 @@ class ProgressBar:
                 disable=self.disable,
                 dynamic_ncols=True,
             )
-        elif kind in ("finished", "cancelled") and self.bar is not None:
+        elif kind in ("finished", "cancelled", "interrupted") and self.bar is not None:
             self.bar.close()
         elif self.bar is not None and kind != "checkpoint":
             self.bar.write(message)
@@ -122,7 +191,10 @@ def run_local(
     progress: bool = True,
     extra_callbacks: list[TrainerCallbacks] | None = None,
 ) -> TrainResult:
-    """Train `spec` into `output_dir` (or continue it with `resume`)."""
+    """Train `spec` into `output_dir` (or continue it with `resume`).
+
+    Raises :class:`RunInterrupted` after Ctrl-C (an `interrupted` event is recorded first).
+    """
     output_dir = Path(output_dir)
     latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
     if not resume and (latest is not None or (output_dir / METRICS_FILE).exists()):
@@ -134,7 +206,28 @@ def run_local(
     if resume:
         truncate_metrics(output_dir, ckpt.read_state(latest).step if latest else 0)
     (output_dir / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2))
-    callbacks = CallbackList(
-        [JsonlRecorder(output_dir), ProgressBar(disable=not progress), *(extra_callbacks or [])]
-    )
-    return run_training(spec, output_dir, callbacks=callbacks, resume=resume)
+    with CtrlC() as interrupt:
+        recorder = JsonlRecorder(output_dir, interrupt)
+        callbacks = CallbackList(
+            [
+                recorder,
+                ProgressBar(disable=not progress),
+                interrupt,
+                *(extra_callbacks or []),
+            ]
+        )
+        try:
+            result = run_training(spec, output_dir, callbacks=callbacks, resume=resume)
+        except KeyboardInterrupt:
+            latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
+            rows = read_metrics(output_dir)
+            step = rows[-1]["step"] if rows else 0
+            recorder.on_event(
+                "interrupted",
+                f"interrupted by Ctrl-C during step {step + 1}",
+                {"step": step, "checkpoint": str(latest) if latest else None},
+            )
+            raise RunInterrupted(step, latest) from None
+    if result.status == "cancelled" and interrupt.requested:
+        raise RunInterrupted(result.step, result.last_checkpoint)
+    return result

@@ -86,7 +86,14 @@ def attach_lora(model: nn.Module, lora: LoraConfig, *, gradient_checkpointing: b
             f"{sorted(n for n in present if n.endswith('proj'))[:12]})"
         )
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:  # the older name, deprecated (FutureWarning) where the new one exists
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.config.use_cache = False
     peft_config = PeftLoraConfig(
         r=lora.r,

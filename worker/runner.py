@@ -45,6 +45,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from jobstore.records import CANCELLING, TERMINAL_STATUSES, JobError
 from opsd_service.settings import ServiceSettings, runs_dir
+from worker import prometheus as worker_metrics
 from worker.access import check_base_model, tenant_guard
 from worker.artifacts import ArtifactStore
 from worker.inference_client import InferenceError
@@ -58,6 +59,7 @@ INTERRUPTED = "interrupted"  # shutting down and the release failed; the lease e
 RELEASED = "released"  # shutting down, or the store was away: back in the queue, same attempt
 TIME_LIMIT = "time_limit_exceeded"
 
+EVAL_ACTIVITY_EVENTS = ("eval_started", "eval_progress", "eval_finished")
 MAX_ERROR_MESSAGE = 4000
 MAX_EVENT_DATA = 4000
 OOM_ADVICE = (
@@ -163,10 +165,13 @@ def classify_error(exc: BaseException) -> JobError:
     with whatever it names of hosts, SQL or paths, goes to the worker's log).
     """
     from opsd_engine.access import AccessDenied
+    from opsd_engine.checkpoint import ResumeMismatchError
     from opsd_engine.config import SpecError
     from opsd_engine.data import DatasetError
     from opsd_engine.modeling import ModelLoadError
 
+    if isinstance(exc, ResumeMismatchError):
+        return JobError("resume_mismatch", _clip(str(exc)), "user")
     if isinstance(exc, SpecError):
         return JobError("invalid_spec", _clip(str(exc)), "user")
     if isinstance(exc, DatasetError):
@@ -230,6 +235,7 @@ class LeaseKeeper:
             )
         except Exception as exc:  # the database is away: keep trying until the lease is over
             self.healthy.clear()
+            worker_metrics.lease_renewed("error")
             log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
             if (
                 time.monotonic() - self._last_ok > self.lease_seconds
@@ -239,9 +245,11 @@ class LeaseKeeper:
                 self.store_lost.set()
             return
         if status is None:
+            worker_metrics.lease_renewed("lost")
             log.warning("job %s: lease lost (another worker owns it now)", self.job_id)
             self.lost.set()
             return
+        worker_metrics.lease_renewed("ok")
         self._last_ok = time.monotonic()
         self.healthy.set()
         self.status = status
@@ -369,6 +377,13 @@ class Outbox:
             self.store.add_event(self.job_id, *batch[0])
         elif kind == "checkpoint":
             self.store.add_checkpoint(self.job_id, *batch[0])
+        elif kind == "activity":
+            self.store.set_activity(self.job_id, self.worker_id, *batch[0])
+        elif kind == "checkpoint_removed":
+            step, remove_copies = batch[0]
+            known = {c.step: c.uri for c in self.store.list_checkpoints(self.job_id)}
+            self.store.remove_checkpoint(self.job_id, step)
+            remove_copies(known.get(step))
         else:  # pragma: no cover - only the kinds above are put
             raise ValueError(kind)
 
@@ -435,7 +450,11 @@ class StoreCallbacks:
             kind = "interrupted"
             message = f"the worker is shutting down; {message}; the job will resume"
         if self.owned:
-            self.outbox.put("event", kind, message, compact_event_data(data))
+            payload = compact_event_data(data)
+            self.outbox.put("event", kind, message, payload)
+            if kind in EVAL_ACTIVITY_EVENTS:  # what the job does while its spec's eval runs
+                activity = None if kind == "eval_finished" else {"kind": "eval", **(payload or {})}
+                self.outbox.put("activity", activity)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if not self.owned:
@@ -446,6 +465,7 @@ class StoreCallbacks:
             for name, value in metrics.items()
             if isinstance(value, int | float) and math.isfinite(value)
         }
+        worker_metrics.observe_step(finite)
         self.outbox.put("metrics", step, finite)
         self.outbox.progress(step, self.total_steps)
 
@@ -455,6 +475,27 @@ class StoreCallbacks:
         uri = self.artifacts.publish_checkpoint(self.job_id, path)
         self.outbox.put("checkpoint", step, uri)
         self.on_event("checkpoint", f"checkpoint at step {step}", {"step": step, "uri": uri})
+
+    def on_checkpoint_removed(self, step: int, path: Path) -> None:
+        """Retention removes a checkpoint: the store forgets it first, then its copies go (both
+        in the outbox's order, after the writes before it)."""
+        if not self.owned:
+            return
+
+        def remove_copies(uri: str | None) -> None:
+            if uri is None:
+                return
+            try:
+                self.artifacts.remove_published(self.job_id, uri)
+            except Exception as exc:  # a stray copy is harmless: the store no longer lists it
+                log.warning("job %s: could not delete checkpoint %s: %s", self.job_id, step, exc)
+
+        self.outbox.put("checkpoint_removed", step, remove_copies)
+        self.on_event(
+            "checkpoint_removed",
+            f"removed the checkpoint of step {step} (checkpoint.keep_last)",
+            {"step": step},
+        )
 
     def should_stop(self) -> bool:
         return (
@@ -581,6 +622,7 @@ def run_job(
     outbox = Outbox(store, job_id, worker_id, lease)
     lease.start()
     outbox.start()
+    worker_metrics.job_started(job_id, "job")
     try:
         outcome = _run_claimed(
             job,
@@ -594,6 +636,7 @@ def run_job(
     finally:
         outbox.stop()
         lease.stop()
+        worker_metrics.job_finished()
         _release_memory()
     if outcome in TERMINAL_STATUSES:
         artifacts.remove_run_dir(job_id)  # remote roots: the scratch copy is no longer needed

@@ -25,7 +25,7 @@ from api.datasets import check_dataset, eval_dataset
 from api.deps import Settings, Store, Tenant, in_store, tenant_job
 from api.errors import APIError
 from api.routes.jobs import IDEMPOTENCY_KEY_PATTERN, check_queue_quota, find_unstorable_text
-from api.schemas import ErrorResponse, JobErrorOut
+from api.schemas import ErrorResponse, EvalProgressOut, JobErrorOut
 
 log = logging.getLogger("opsd.api")
 
@@ -105,6 +105,11 @@ class EvalOut(BaseModel):
         "n_samples, avg_at_n, pass_at_k {k: value}, majority_vote and per-problem rows.",
     )
     error: JobErrorOut | None
+    progress: EvalProgressOut | None = Field(
+        None,
+        description="While running (and kept after): which model is sampled, problems done of "
+        "total, samples per second.",
+    )
     created_at: datetime
     finished_at: datetime | None
 
@@ -122,9 +127,19 @@ def eval_out(record: Any) -> EvalOut:
         config=record.config,
         results=record.results,
         error=JobErrorOut(**record.error.to_dict()) if record.error else None,
+        progress=_progress_out(getattr(record, "progress", None)),
         created_at=record.created_at,
         finished_at=record.finished_at,
     )
+
+
+def _progress_out(progress: dict[str, Any] | None) -> EvalProgressOut | None:
+    if not progress:
+        return None
+    try:
+        return EvalProgressOut.model_validate(progress)
+    except ValueError:
+        return None
 
 
 def _with_job_defaults(body: EvalRequest, spec: dict[str, Any]) -> EvalRequest:

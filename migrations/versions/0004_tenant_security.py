@@ -1,7 +1,7 @@
 """Untrusted tenants: uploaded files, admin keys, and an index for per-tenant queue quotas.
 
 Revision ID: 0004_tenant_security
-Revises: 0003_eval_attempts
+Revises: 0005_eval_progress
 Create Date: 2026-12-01
 
 ``files`` holds each tenant's uploaded datasets (validated at upload: format, rows, the fields
@@ -19,7 +19,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0004_tenant_security"
-down_revision: str | Sequence[str] | None = "0003_eval_attempts"
+down_revision: str | Sequence[str] | None = "0005_eval_progress"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -28,6 +28,42 @@ def run_training(
     examples: Sequence[Example] | None = None,
     rollout_backend: RolloutFactory | None = None,
 ) -> TrainResult:
+    if spec.report_to:  # experiment trackers mirror every metric and the spec (trackers.py)
+        from opsd_engine.events import CallbackList, NullCallbacks
+        from opsd_engine.trackers import make_trackers
+
+        trackers = make_trackers(spec, output_dir, Path(output_dir).name)
+        try:
+            return _run_method(
+                spec,
+                output_dir,
+                callbacks=CallbackList([callbacks or NullCallbacks(), *trackers]),
+                resume=resume,
+                examples=examples,
+                rollout_backend=rollout_backend,
+            )
+        finally:
+            for tracker in trackers:
+                tracker.close()
+    return _run_method(
+        spec,
+        output_dir,
+        callbacks=callbacks,
+        resume=resume,
+        examples=examples,
+        rollout_backend=rollout_backend,
+    )
+
+
+def _run_method(
+    spec: JobSpec,
+    output_dir: str | Path,
+    *,
+    callbacks: TrainerCallbacks | None,
+    resume: bool,
+    examples: Sequence[Example] | None,
+    rollout_backend: RolloutFactory | None,
+) -> TrainResult:
     if spec.method == "sft":
         from opsd_engine.trainers import sft
 
