@@ -426,13 +426,20 @@ class StoreCallbacks:
     ) -> None:
         self.store, self.artifacts = store, artifacts
         self.job_id, self.worker_id, self.lease = job_id, worker_id, lease
-        self.outbox = outbox or Outbox(store, job_id, worker_id, lease)
+        if outbox is None:  # used on its own: it writes through an outbox of its own
+            outbox = Outbox(store, job_id, worker_id, lease)
+            outbox.start()
+        self.outbox = outbox
         self.deadline = deadline
         self.total_steps: int | None = None
 
     @property
     def owned(self) -> bool:
         return not self.lease.lost.is_set()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every report so far is in the store (False after ``timeout`` seconds)."""
+        return self.outbox.drain(timeout)
 
     @property
     def timed_out(self) -> bool:
