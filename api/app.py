@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from api.deps import KeyCache
+from api.deps import KeyCache, known_query_parameters
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, JsonBodyAnyContentType
+from api.schemas import ErrorResponse
 
 DESCRIPTION = """
 Training-as-a-service for **On-Policy Self-Distillation** (OPSD) of LLMs.
@@ -22,9 +24,24 @@ defaults to the paper), follow it with `GET /jobs/{id}`, `/metrics`, `/events` (
 `text/event-stream`) and `/checkpoints`, and download the trained LoRA adapter (PEFT format) from
 `/adapter` once it succeeded.
 
+Datasets are uploaded with `POST /files` (validated; the answer's `id`, `file-...`, is what
+`dataset_uri` takes); other locations only where the deployment's policy allows them.
+
 Authenticate with `Authorization: Bearer <API key>`. Errors are
-`{"error": {"code", "message", "param"}}`, where `param` names the offending field.
+`{"error": {"code", "message", "param"}}`, where `param` names the offending field; system errors
+carry an `id` instead (the details are in the service's logs). Requests are rate-limited per key
+(429 with `Retry-After`).
 """
+
+
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Malformed request (e.g. a body that is not JSON)",
+    },
+    429: {"model": ErrorResponse, "description": "Too many requests (see `Retry-After`)"},
+    503: {"model": ErrorResponse, "description": "The store or queue is unavailable; retry"},
+}
 
 
 def create_app(
@@ -35,7 +52,8 @@ def create_app(
     broker_ping: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """Build the app from settings (environment by default); parts can be injected for tests."""
-    from api.routes import evals, health, jobs, prometheus, ui
+    from api.routes import evals, files, health, jobs, keys, prometheus, ui
+    from api.throttle import Throttle
     from opsd_engine.config import JobSpec  # pure pydantic: no torch
     from opsd_service.settings import get_settings
 
@@ -65,12 +83,20 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(known_query_parameters)],
     )
     app.state.settings = settings
     app.state.store = store
     app.state.enqueue = enqueue
     app.state.broker_ping = broker_ping
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+    app.state.revocation_mark = None  # the store's revocation mark the key cache agrees with
+    app.state.revocation_checked_at = float("-inf")
+    app.state.access_policy = settings.access_policy()
+    app.state.file_checks = OrderedDict()  # (file, fields) -> problem, see api.datasets
+    app.state.throttle = Throttle(
+        settings.rate_limit, settings.failed_auth_limit, settings.rate_limit_storage_uri
+    )
     app.state.metrics_cache = jobs.MetricsCache()
     app.state.prometheus = prometheus.ApiMetrics(
         store,
@@ -78,16 +104,24 @@ def create_app(
         tenant_classes=settings.metrics_tenant_classes,
     )
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(jobs.build_router(JobSpec))
-    app.include_router(evals.build_router())
-    app.include_router(ui.router)
-    app.include_router(prometheus.router)
+    routers = [
+        health.router,
+        jobs.build_router(JobSpec),
+        evals.build_router(),
+        files.router,
+        keys.router,
+        ui.router,
+        prometheus.router,
+    ]
+    for router in routers:
+        app.include_router(router, responses=COMMON_RESPONSES)
     # Innermost first: the latency middleware sees the matched route's template.
     app.add_middleware(prometheus.RequestMetrics, metrics=lambda: app.state.prometheus)
     # Added last = outermost: the size limit counts the body before anything reads it.
     app.add_middleware(JsonBodyAnyContentType)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Multipart overhead on top of the largest file: boundaries and part headers.
+    uploads = {("POST", "/files"): settings.max_file_bytes + 64 * 1024}
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, overrides=uploads)
     logging.getLogger("opsd.api").setLevel(logging.INFO)
     return app
 

@@ -9,6 +9,7 @@ answered as a JSON 500, never as an HTML page or a dropped connection.
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,11 +37,38 @@ _STATUS_CODES = {
 
 
 class APIError(Exception):
-    """Raise from a route to answer with the standard error body."""
+    """Raise from a route to answer with the standard error body (and optional headers)."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers
+
+
+class StoreTimeout(Exception):
+    """The store did not answer within the API's store timeout (it hangs, or is far away)."""
+
+
+def new_error_id() -> str:
+    """An id for one system error: the answer carries it, the log line has the details."""
+    return "err_" + secrets.token_hex(8)
+
+
+def system_error_response(status: int, code: str, message: str) -> tuple[JSONResponse, str]:
+    """A system error: a code and an id for the logs, nothing about the system itself."""
+    error_id = new_error_id()
+    body = error_body(code, f"{message} (error id {error_id})")
+    body["error"]["id"] = error_id
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers), error_id
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -54,16 +82,17 @@ def error_response(
 
 
 def _param_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    parts = [str(p) for p in loc]
+    parts = [str(p) for p in loc if p != "[key]"]
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
-    return ".".join(parts) or None
+    # a rejected key may hold what JSON output cannot carry (an unpaired surrogate)
+    return ".".join(parts).encode("utf-8", "replace").decode("utf-8") or None
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.param)
+        return error_response(exc.status, exc.code, exc.message, exc.param, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -88,24 +117,45 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_request", message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path only; the
+            # path may have several routes (GET /jobs and POST /jobs): list them all.
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return error_response(exc.status_code, code, message, headers=headers or None)
 
     @app.exception_handler(sa.exc.OperationalError)
     @app.exception_handler(sa.exc.InterfaceError)
     @app.exception_handler(sa.exc.TimeoutError)
+    @app.exception_handler(sa.exc.DBAPIError)
+    @app.exception_handler(StoreTimeout)
     async def _store_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("store unavailable: %s", exc)
-        return error_response(
-            503,
-            "store_unavailable",
-            "the job store is unavailable; retry later",
-            headers={"Retry-After": "1"},
+        response, error_id = system_error_response(
+            503, "store_unavailable", "the job store is unavailable; retry later"
         )
+        log.warning("store unavailable [%s]: %s: %s", error_id, type(exc).__name__, exc)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "internal server error")
+        response, error_id = system_error_response(500, "internal_error", "internal server error")
+        log.exception("unhandled error [%s]", error_id, exc_info=exc)
+        return response
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at this request's path."""
+    from starlette.routing import Match
+
+    scope = dict(request.scope)
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+            scope["method"] = method
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                methods.add(method)
+    return sorted(methods)

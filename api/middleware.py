@@ -10,16 +10,36 @@ from api.errors import error_body
 
 
 class BodySizeLimit:
-    """Reject bodies over `max_bytes` (by Content-Length, and by counting chunked bodies)."""
+    """Reject bodies over `max_bytes` (by Content-Length, and by counting chunked bodies).
+
+    `overrides` gives other limits to some `(method, path)` pairs (file uploads).
+    """
+
+    def __init__(
+        self, app: Any, max_bytes: int, overrides: dict[tuple[str, str], int] | None = None
+    ) -> None:
+        self.app = app
+        self.default_max_bytes = max_bytes
+        self.overrides = dict(overrides or {})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = (scope.get("method", ""), scope.get("path", "").rstrip("/") or "/")
+        await _Limited(self.app, self.overrides.get(route, self.default_max_bytes))(
+            scope, receive, send
+        )
+
+
+class _Limited:
+    """One request under one body limit."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None:

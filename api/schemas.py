@@ -13,7 +13,8 @@ JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "c
 class ErrorDetail(BaseModel):
     code: str
     message: str
-    param: str | None = None
+    param: str | None = Field(None, description="The offending field (user errors).")
+    id: str | None = Field(None, description="System errors: quote it; details are in the logs.")
 
 
 class ErrorResponse(BaseModel):

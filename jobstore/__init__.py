@@ -31,6 +31,7 @@ from jobstore.records import (
     TenantRecord,
 )
 from jobstore.store import Store
+from jobstore.tenancy import ApiKeyRecord, FileRecord, new_file_id
 
 __all__ = [
     "CANCELLED",
@@ -45,9 +46,11 @@ __all__ = [
     "SUCCEEDED",
     "TERMINAL_STATUSES",
     "TRANSITIONS",
+    "ApiKeyRecord",
     "CheckpointRecord",
     "EvalRecord",
     "EventRecord",
+    "FileRecord",
     "IdempotencyConflict",
     "InvalidCursor",
     "JobError",
@@ -59,5 +62,6 @@ __all__ = [
     "TenantRecord",
     "current_revision",
     "head_revision",
+    "new_file_id",
     "upgrade",
 ]

@@ -38,6 +38,7 @@ from sqlalchemy.pool import Pool
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 IDLE_PING_SECONDS = 5.0
+PG_CONNECT_TIMEOUT_SECONDS = 5
 # What the store's queries run on: an ORM session (writes) or a connection (reads).
 Executor = Session | Connection
 _SQLITE_BEGIN_OPTION = "jobstore_sqlite_begin"
@@ -82,6 +83,10 @@ def create_engine(
         engine = sa.create_engine(url, **kwargs)
         _install_sqlite_hooks(engine)
         return engine
+    if "connect_timeout" not in url.query:
+        # A server that does not answer (stopped, or a dropped network) fails a connection
+        # attempt after this long instead of the operating system's minutes.
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
     engine = sa.create_engine(url, **kwargs)
     _install_idle_ping(engine)
     return engine

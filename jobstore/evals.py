@@ -201,6 +201,15 @@ class EvalQueries:
             raise IdempotencyConflict(idempotency_key, row._mapping["id"], kind="eval")
         return _eval_record(row), False
 
+    def eval_by_idempotency_key(self, tenant_id: str, idempotency_key: str) -> EvalRecord | None:
+        """The tenant's eval made with this Idempotency-Key, if any."""
+        query = sa.select(evals).where(
+            evals.c.tenant_id == tenant_id, evals.c.idempotency_key == idempotency_key
+        )
+        with self._read() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else _eval_record(row)
+
     def get_eval(self, eval_id: str, tenant_id: str | None = None) -> EvalRecord | None:
         """The eval, or ``None`` if it does not exist (or belongs to another tenant)."""
         query = sa.select(evals).where(evals.c.id == eval_id)
@@ -291,6 +300,21 @@ class EvalQueries:
             finished_at=_now(),
             lease_expires_at=None,
         )
+
+    def discard_unqueued_eval(self, eval_id: str) -> bool:
+        """Delete an eval whose message could not be sent, if it is still ``queued`` and never
+        started (the submission is answered 503 and leaves nothing behind)."""
+        with self._write() as session:
+            deleted = session.execute(
+                sa.delete(evals)
+                .where(
+                    evals.c.id == eval_id,
+                    evals.c.status == QUEUED,
+                    evals.c.started_at.is_(None),
+                )
+                .returning(evals.c.id)
+            ).first()
+        return deleted is not None
 
     def fail_eval(self, eval_id: str, *, error: JobError, worker_id: str | None = None) -> bool:
         """queued|running -> failed with ``error`` (only for the lease owner if ``worker_id``)."""

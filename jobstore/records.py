@@ -65,6 +65,8 @@ class TenantRecord:
     id: str
     name: str
     created_at: datetime
+    key_id: str | None = None  # the API key that authenticated (from `Store.authenticate`)
+    admin: bool = False  # that key may list and revoke every key
 
 
 @dataclass(frozen=True)

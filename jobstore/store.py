@@ -78,8 +78,10 @@ from jobstore.tables import (
     metrics,
     tenants,
 )
+from jobstore.tenancy import TenancyQueries
 
 API_KEY_PREFIX = "opsd"
+MAX_INT32 = 2**31 - 1
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 _MAX_API_KEY_LENGTH = 256
 # A digest compared against when the key's prefix is unknown, so both paths hash and compare.
@@ -169,7 +171,7 @@ def _event_record(row: Row[Any]) -> EventRecord:
     )
 
 
-class Store(EvalQueries):
+class Store(EvalQueries, TenancyQueries):
     """The service's state on PostgreSQL (``postgresql+psycopg://…``) or SQLite (``sqlite:///…``).
 
     Thread-safe: every method opens its own short transaction from a pool. The schema must have
@@ -303,8 +305,11 @@ class Store(EvalQueries):
             row = session.execute(sa.select(tenants).where(tenants.c.id == tenant_id)).first()
         return None if row is None else _tenant_record(row)
 
-    def create_api_key(self, tenant_name: str, *, label: str | None = None) -> str:
-        """A new key ``opsd_<prefix>_<secret>`` for the tenant (created if needed).
+    def create_api_key(
+        self, tenant_name: str, *, label: str | None = None, admin: bool = False
+    ) -> str:
+        """A new key ``opsd_<prefix>_<secret>`` for the tenant (created if needed); an
+        ``admin`` key may also list and revoke every key.
 
         The key is returned in clear only here; the table keeps the prefix (a public id) and the
         SHA-256 of the secret.
@@ -322,6 +327,7 @@ class Store(EvalQueries):
                         prefix=prefix,
                         key_hash=_hash_secret(secret),
                         label=label,
+                        admin=admin,
                         created_at=_now(),
                     )
                     .on_conflict_do_nothing(index_elements=["prefix"])
@@ -348,6 +354,7 @@ class Store(EvalQueries):
                 api_keys.c.key_hash,
                 api_keys.c.revoked_at,
                 api_keys.c.last_used_at,
+                api_keys.c.admin,
                 tenants.c.id,
                 tenants.c.name,
                 tenants.c.created_at,
@@ -377,7 +384,13 @@ class Store(EvalQueries):
                     )
                     .values(last_used_at=now)
                 )
-        return TenantRecord(id=row.id, name=row.name, created_at=row.created_at)
+        return TenantRecord(
+            id=row.id,
+            name=row.name,
+            created_at=row.created_at,
+            key_id=row.key_id,
+            admin=bool(row.admin),
+        )
 
     def revoke_api_key(self, key_or_prefix: str) -> bool:
         """Revoke a key given in full or by its prefix; False if unknown or already revoked."""
@@ -637,9 +650,9 @@ class Store(EvalQueries):
 
         ``total_steps=None`` leaves the stored total unchanged.
         """
-        values: dict[str, Any] = {"progress_step": step, "updated_at": _now()}
+        values: dict[str, Any] = {"progress_step": min(step, MAX_INT32), "updated_at": _now()}
         if total_steps is not None:
-            values["total_steps"] = total_steps
+            values["total_steps"] = min(total_steps, MAX_INT32)  # an INTEGER column
         with self._write() as session:
             session.execute(
                 sa.update(jobs)
@@ -832,6 +845,27 @@ class Store(EvalQueries):
         """
         with self._write() as session:
             session.execute(sa.update(jobs).where(jobs.c.id == job_id).values(idempotency_key=None))
+
+    def job_by_idempotency_key(self, tenant_id: str, idempotency_key: str) -> JobRecord | None:
+        """The tenant's job made with this Idempotency-Key, if any."""
+        with self._read() as session:
+            row = self._job_by_key(session, tenant_id, idempotency_key)
+        return None if row is None else _job_record(row)
+
+    def discard_unqueued_job(self, job_id: str) -> bool:
+        """Delete a job whose message could not be sent, if it is still untouched in ``queued``.
+
+        For a submission answered 503 (the broker was unreachable): no job is left behind, and
+        the client's retry submits anew. False when a worker got the job after all (it was
+        re-sent, or claimed) and it must stay.
+        """
+        with self._write() as session:
+            deleted = session.execute(
+                sa.delete(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == QUEUED, jobs.c.started_at.is_(None))
+                .returning(jobs.c.id)
+            ).first()
+        return deleted is not None
 
     def requeue_stale_queued(
         self, *, older_than: timedelta, now: datetime | None = None

@@ -84,6 +84,7 @@ api_keys = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("last_used_at", UTCDateTime(), nullable=True),
     sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    sa.Column("admin", sa.Boolean(), nullable=False, server_default=sa.false()),
 )
 
 jobs = sa.Table(
@@ -117,6 +118,7 @@ jobs = sa.Table(
     sa.CheckConstraint("attempt >= 1 AND max_attempts >= 1", name="attempts"),
     sa.Index(None, "tenant_id", "created_at", "id"),
     sa.Index(None, "status"),
+    sa.Index(None, "tenant_id", "status"),
 )
 
 job_events = sa.Table(

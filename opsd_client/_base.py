@@ -157,13 +157,18 @@ class SyncHTTP(BaseClient):
         idempotent: bool = True,
         stream: bool = False,
         timeout: httpx.Timeout | None = None,
+        files: Mapping[str, tuple[str, bytes]] | None = None,
     ) -> httpx.Response:
-        """Send with retries; return a 2xx response (open when `stream`), else raise."""
+        """Send with retries; return a 2xx response (open when `stream`), else raise.
+
+        `files` sends a multipart body (`{"file": (name, bytes)}`) instead of `json`.
+        """
         request = self._http.build_request(
             method,
             self._url(path),
             params=clean_params(params),
             json=json,
+            files=files,
             headers=self._headers(headers),
             timeout=timeout or self.timeout,
         )
@@ -215,12 +220,14 @@ class AsyncHTTP(BaseClient):
         idempotent: bool = True,
         stream: bool = False,
         timeout: httpx.Timeout | None = None,
+        files: Mapping[str, tuple[str, bytes]] | None = None,
     ) -> httpx.Response:
         request = self._http.build_request(
             method,
             self._url(path),
             params=clean_params(params),
             json=json,
+            files=files,
             headers=self._headers(headers),
             timeout=timeout or self.timeout,
         )

@@ -18,6 +18,7 @@ import httpx
 
 from opsd_client._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AsyncHTTP, SyncHTTP
 from opsd_client.resources.evals import AsyncEvals, Evals
+from opsd_client.resources.files import AsyncFiles, AsyncKeys, Files, Keys
 from opsd_client.resources.jobs import AsyncJobs, Jobs
 
 
@@ -31,6 +32,8 @@ class Client:
 
     jobs: Jobs
     evals: Evals
+    files: Files
+    keys: Keys
 
     def __init__(
         self,
@@ -52,6 +55,8 @@ class Client:
         )
         self.jobs = Jobs(self)
         self.evals = Evals(self)
+        self.files = Files(self)
+        self.keys = Keys(self)
 
     @property
     def base_url(self) -> str:
@@ -90,6 +95,8 @@ class AsyncClient:
 
     jobs: AsyncJobs
     evals: AsyncEvals
+    files: AsyncFiles
+    keys: AsyncKeys
 
     def __init__(
         self,
@@ -111,6 +118,8 @@ class AsyncClient:
         )
         self.jobs = AsyncJobs(self)
         self.evals = AsyncEvals(self)
+        self.files = AsyncFiles(self)
+        self.keys = AsyncKeys(self)
 
     @property
     def base_url(self) -> str:

@@ -74,6 +74,13 @@ evals_app = typer.Typer(
     "4 authentication, 5 service unreachable or failing, 6 wait timed out, 130 interrupted.",
 )
 
+files_app = typer.Typer(
+    help="Upload datasets (validated by the service); their ids are what dataset_uri takes.",
+    no_args_is_help=True,
+    epilog="Exit codes: 0 ok, 2 usage or invalid file (422), 3 not found, 4 authentication, "
+    "5 service unreachable or failing.",
+)
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON (for scripts) instead of tables.")
@@ -83,6 +90,7 @@ def register(app: typer.Typer) -> None:
     """Mount `jobs` and `evals` on the top-level `opsd` command."""
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(evals_app, name="evals")
+    app.add_typer(files_app, name="files")
 
 
 # ----------------------------------------------------------------------------------- plumbing
@@ -137,6 +145,7 @@ def _connection_callback(
 
 jobs_app.callback()(_connection_callback)
 evals_app.callback()(_connection_callback)
+files_app.callback()(_connection_callback)
 
 
 def _client(ctx: typer.Context) -> Client:
@@ -748,6 +757,66 @@ def evals_wait(
         evaluation = _wait_eval(client, eval_id, timeout, poll, json_output)
     if json_output:
         _print_json(_dump(evaluation))
+
+
+# ------------------------------------------------------------------------------------ files
+def _file_row(file: Any) -> str:
+    created = file.created_at.isoformat(timespec="seconds")
+    fields = ",".join(file.fields)
+    return f"{file.id}\t{file.filename}\t{file.rows} rows\t{file.bytes} B\t{fields}\t{created}"
+
+
+@files_app.command("upload")
+@handle_errors
+def files_upload(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL/JSON/CSV/Parquet."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Upload a dataset; prints its id (use it as dataset_uri)."""
+    with _client(ctx) as client:
+        file = client.files.create(path)
+    if json_output:
+        _print_json(_dump(file))
+    else:
+        typer.echo(f"uploaded {file.filename}: {file.rows} rows, fields {', '.join(file.fields)}")
+        typer.echo(file.id)
+
+
+@files_app.command("list")
+@handle_errors
+def files_list(ctx: typer.Context, json_output: bool = JSON_OPTION) -> None:
+    """This tenant's files, newest first."""
+    with _client(ctx) as client:
+        files = client.files.list()
+    if json_output:
+        _print_json([_dump(f) for f in files])
+        return
+    for file in files:
+        typer.echo(_file_row(file))
+
+
+@files_app.command("show")
+@handle_errors
+def files_show(
+    ctx: typer.Context, file_id: str = typer.Argument(...), json_output: bool = JSON_OPTION
+) -> None:
+    """One file: name, format, rows, fields, size, checksum."""
+    with _client(ctx) as client:
+        file = client.files.retrieve(file_id)
+    if json_output:
+        _print_json(_dump(file))
+    else:
+        typer.echo(_file_row(file) + f"\tsha256 {file.sha256}")
+
+
+@files_app.command("delete")
+@handle_errors
+def files_delete(ctx: typer.Context, file_id: str = typer.Argument(...)) -> None:
+    """Delete a file (jobs that have not read it yet will fail)."""
+    with _client(ctx) as client:
+        client.files.delete(file_id)
+    typer.echo(f"deleted {file_id}")
 
 
 def main() -> None:  # pragma: no cover - `python -m opsd_client.cli` without the engine

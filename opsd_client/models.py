@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "ApiKey",
+    "ApiKeyList",
     "AsyncEval",
     "AsyncEvalList",
     "AsyncJob",
@@ -28,6 +30,9 @@ __all__ = [
     "EvalStatus",
     "Event",
     "EventList",
+    "File",
+    "FileDeleted",
+    "FileList",
     "Job",
     "JobError",
     "JobList",
@@ -328,3 +333,47 @@ def _bound(obj: Any) -> Any:
             "client.evals methods with its id instead"
         )
     return client
+
+
+class File(_Model):
+    """An uploaded dataset (`POST /files`): use its `id` as a job's `dataset_uri`."""
+
+    id: str
+    object: Literal["file"] = "file"
+    filename: str
+    format: str
+    bytes: int
+    rows: int
+    fields: list[str] = Field(default_factory=list)
+    sha256: str
+    created_at: datetime
+
+
+class FileList(_Model):
+    object: Literal["list"] = "list"
+    data: list[File]
+
+
+class FileDeleted(_Model):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class ApiKey(_Model):
+    """An API key as admins see it (`GET /keys`): never the secret."""
+
+    id: str
+    object: Literal["api_key"] = "api_key"
+    tenant: str
+    prefix: str
+    label: str | None = None
+    admin: bool = False
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class ApiKeyList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ApiKey]

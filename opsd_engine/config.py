@@ -9,25 +9,77 @@ at temperature 1.2 and up to 2048 new tokens, LoRA r=64/alpha=128 on all project
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import WithJsonSchema
 
 Method = Literal["opsd", "sft", "grpo"]
 DivergenceName = Literal["jsd", "forward_kl", "reverse_kl", "sampled_token"]
 TeacherMode = Literal["initial", "current"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 AVAILABLE_METHODS: tuple[str, ...] = ("opsd", "sft", "grpo")
+
+# Bounds on what one request may ask for (every number and size has one).
+MAX_NEW_TOKENS = 32768
+MAX_STEPS = 1_000_000
+MAX_ROWS = 10_000_000
+MAX_TOP_K = 1_000_000
+MAX_NAME = 256  # field and module names
+MAX_URI = 2048
+MAX_TEXT = 16384  # prompt templates
+MAX_METADATA_KEYS = 64
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+def _metadata_value(value: Any) -> Any:
+    """A flat JSON scalar: a string of at most 512 characters, a 64-bit integer, a finite
+    number, a boolean or null."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("integers must fit in 64 bits")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("numbers must be finite")
+        return value
+    if isinstance(value, str):
+        if len(value) > 512:
+            raise ValueError("strings are at most 512 characters")
+        return value
+    raise ValueError("values are strings, numbers, booleans or null (no nesting)")
+
+
+MetadataValue = Annotated[
+    Any,
+    AfterValidator(_metadata_value),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": 512},
+                {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
 
 DEFAULT_STUDENT_TEMPLATE = "Problem: {problem}\nAnswer:"
 DEFAULT_TEACHER_TEMPLATE = (
@@ -48,7 +100,9 @@ DEFAULT_TARGET_MODULES = (
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
 
 class DatasetFields(_Group):
@@ -62,15 +116,24 @@ class DatasetFields(_Group):
     """
 
     problem_field: str = Field(
-        "problem", min_length=1, description="Column or dotted path; text or chat messages."
+        "problem",
+        min_length=1,
+        max_length=MAX_NAME,
+        description="Column or dotted path; text or chat messages.",
     )
     solution_field: str = Field(
-        "solution", min_length=1, description="Column or dotted path; text or chat messages."
+        "solution",
+        min_length=1,
+        max_length=MAX_NAME,
+        description="Column or dotted path; text or chat messages.",
     )
     answer_field: str | None = Field(
-        "answer", min_length=1, description="Column or dotted path; null: the rows have none."
+        "answer",
+        min_length=1,
+        max_length=MAX_NAME,
+        description="Column or dotted path; null: the rows have none.",
     )
-    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    limit: int | None = Field(None, ge=1, le=MAX_ROWS, description="Use only the first N rows.")
 
     @field_validator("problem_field", "solution_field", "answer_field")
     @classmethod
@@ -85,15 +148,17 @@ class GenerationConfig(_Group):
 
     temperature: float = Field(1.2, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 disables top-k filtering.")
     num_generations: int = Field(1, ge=1, le=64)
 
 
 class LoraConfig(_Group):
     r: int = Field(64, ge=1, le=1024)
-    alpha: float = Field(128.0, gt=0.0)
+    alpha: float = Field(128.0, gt=0.0, le=8192.0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    target_modules: list[Annotated[str, StringConstraints(max_length=MAX_NAME)]] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES), max_length=64
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -107,17 +172,17 @@ class OptimConfig(_Group):
     learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    batch_size: int = Field(1, ge=1, description="Problems per micro-batch per device.")
-    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
-    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1, le=1024, description="Problems per micro-batch per device.")
+    grad_accum: int = Field(4, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     epochs: float | None = Field(
-        None, gt=0.0, description="Default 1 epoch when max_steps is unset."
+        None, gt=0.0, le=100.0, description="Default 1 epoch when max_steps is unset."
     )
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, le=1e6)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    adam_epsilon: float = Field(1e-8, gt=0.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_length(self) -> OptimConfig:
@@ -130,19 +195,21 @@ class LossConfig(_Group):
     temperature: float = Field(
         1.0, gt=0.0, le=100.0, description="Loss temperature (not sampling)."
     )
-    num_loss_tokens_to_skip: int = Field(0, ge=0)
+    num_loss_tokens_to_skip: int = Field(0, ge=0, le=MAX_NEW_TOKENS)
     clip: float | None = Field(
-        None, gt=0.0, description="Per-token cap on the loss; off by default."
+        None, gt=0.0, le=1e6, description="Per-token cap on the loss; off by default."
     )
     implementation: Literal["chunked", "naive"] = Field(
         "chunked", description="chunked: from hidden states, never builds T x V logits."
     )
-    chunk_size: int | None = Field(None, ge=1, description="Positions per chunk; auto if unset.")
+    chunk_size: int | None = Field(
+        None, ge=1, le=65536, description="Positions per chunk; auto if unset."
+    )
 
 
 class PromptConfig(_Group):
-    student_template: str = DEFAULT_STUDENT_TEMPLATE
-    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    student_template: str = Field(DEFAULT_STUDENT_TEMPLATE, max_length=MAX_TEXT)
+    teacher_template: str = Field(DEFAULT_TEACHER_TEMPLATE, max_length=MAX_TEXT)
     chat_template: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: use the tokenizer's chat template when it has one."
     )
@@ -158,7 +225,9 @@ class PromptConfig(_Group):
         None, description="enable_thinking for the teacher; None: the student's setting."
     )
     system_prompt: str | None = Field(
-        None, description="System message of both roles; None: the row's own, if it has one."
+        None,
+        max_length=MAX_TEXT,
+        description="System message of both roles; None: the row's own, if it has one.",
     )
 
     @field_validator("teacher_thinking")
@@ -215,7 +284,7 @@ class GRPOConfig(_Group):
 
     epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clip range of the importance ratio.")
     kl_beta: float = Field(
-        0.0, ge=0.0, description="KL penalty to the initial policy (Table 6: 0)."
+        0.0, ge=0.0, le=100.0, description="KL penalty to the initial policy (Table 6: 0)."
     )
     scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std.")
     loss_normalization: Literal["sequence", "token"] = Field(
@@ -228,20 +297,22 @@ class GRPOConfig(_Group):
 class EvalSpec(_Group):
     """Evaluation during/after training: avg@n and pass@k on a benchmark (problem/answer)."""
 
-    dataset_uri: str | None = Field(None, description="Benchmark file; no eval when unset.")
-    problem_field: str = Field("problem", min_length=1)
-    answer_field: str = Field("answer", min_length=1)
-    limit: int | None = Field(None, ge=1)
+    dataset_uri: str | None = Field(
+        None, max_length=MAX_URI, description="Benchmark file; no eval when unset."
+    )
+    problem_field: str = Field("problem", min_length=1, max_length=MAX_NAME)
+    answer_field: str = Field("answer", min_length=1, max_length=MAX_NAME)
+    limit: int | None = Field(None, ge=1, le=MAX_ROWS)
     n: int = Field(16, ge=1, le=256, description="Samples per problem (paper: 16).")
-    max_new_tokens: int = Field(2048, ge=1, le=131072)
+    max_new_tokens: int = Field(2048, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.6, ge=0.0, le=10.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k (paper Table 5: -1).")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 disables top-k (paper Table 5: -1).")
     thinking: bool | None = Field(
         None, description="Qwen3 enable_thinking; None: template default."
     )
     every_steps: int | None = Field(
-        None, ge=1, description="Also evaluate every N optimizer steps."
+        None, ge=1, le=MAX_STEPS, description="Also evaluate every N optimizer steps."
     )
     at_end: bool = True
     include_base: bool = Field(False, description="Also evaluate the base model (adapter off).")
@@ -265,26 +336,38 @@ class RuntimeConfig(_Group):
     dtype: DType = "auto"
     gradient_checkpointing: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    attn_implementation: str | None = None
+    attn_implementation: str | None = Field(None, pattern=r"^[A-Za-z0-9_./-]{1,128}$")
 
 
 class JobSpec(BaseModel):
     """A whole training job. The same document is the `POST /jobs` body and `opsd train` spec."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    base_model: str = Field(..., min_length=1, description="Local directory or hub id.")
-    dataset_uri: str = Field(..., min_length=1)
+    base_model: str = Field(
+        ..., min_length=1, max_length=MAX_URI, description="Local directory or hub id."
+    )
+    dataset_uri: str = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_URI,
+        description="An uploaded file's id (file-...) or a location the deployment allows.",
+    )
     method: Method = "opsd"
     divergence: DivergenceName = "jsd"
     beta: float = Field(0.5, ge=0.0, le=1.0)
-    max_new_tokens: int = Field(2048, ge=1, le=131072)
+    max_new_tokens: int = Field(2048, ge=1, le=MAX_NEW_TOKENS)
     teacher: TeacherMode = "initial"
     seed: int = Field(0, ge=0, le=2**32 - 1)
     checkpoint_every: int | None = Field(
-        None, ge=1, description="Optimizer steps between checkpoints."
+        None, ge=1, le=MAX_STEPS, description="Optimizer steps between checkpoints."
     )
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[MetadataKey, MetadataValue] = Field(
+        default_factory=dict,
+        max_length=MAX_METADATA_KEYS,
+        description="Your labels: at most 64 flat key/value pairs (keys up to 64 characters, "
+        "string values up to 512).",
+    )
 
     dataset: DatasetFields = Field(default_factory=DatasetFields)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)

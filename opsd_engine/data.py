@@ -50,6 +50,8 @@ from fsspec.core import split_protocol, url_to_fs
 from fsspec.registry import known_implementations
 from fsspec.utils import compressions
 
+from opsd_engine import access
+
 __all__ = [
     "DEFAULT_FIELDS",
     "SUPPORTED_EXTENSIONS",
@@ -196,7 +198,15 @@ def _split_fragment(uri: str) -> tuple[str, str | None]:
 
 
 def _resolve(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str, str]:
-    """Return ``(filesystem, path, normalised_uri)``; local paths get ``~`` expanded."""
+    """Return ``(filesystem, path, normalised_uri)``; local paths get ``~`` expanded.
+
+    The deployment's access policy (`opsd_engine.access`, when a guard is installed) decides
+    first: it may refuse ``uri`` or name what to open instead (an uploaded file's location).
+    """
+    try:
+        uri, storage_options = access.guard_for_open(uri, storage_options)
+    except access.AccessDenied as exc:
+        raise DatasetError(uri, f"not allowed: {exc}") from None
     check_uri_scheme(uri)
     if "::" not in uri and split_protocol(uri)[0] is None:
         uri = os.path.abspath(os.path.expanduser(uri))
@@ -797,3 +807,47 @@ def load_examples(
     for name, presence in named.items():
         presence.check(name, len(examples))
     return examples
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What :func:`describe_dataset` found: the row count and the fields every row has."""
+
+    rows: int
+    fields: list[str]  # present in every row, in the first row's order
+
+
+def describe_dataset(uri: str, *, max_rows: int | None = None) -> DatasetSummary:
+    """Read every row of the dataset at ``uri`` and summarise it (used to check uploads).
+
+    Raises `DatasetError` naming the first bad line or row (malformed JSON/CSV, a row that is
+    not an object), for an empty dataset, or when it has more than ``max_rows`` rows.
+    """
+    base, split = _split_fragment(uri)
+    fs, path, resolved = _resolve(base, None)
+    if not _exists(fs, path, resolved):
+        raise DatasetError(uri, "dataset not found (no such file or directory)")
+    rows, common = 0, None
+    for source_uri, located in _sources(fs, path, resolved, split, None):
+        try:
+            with contextlib.closing(located):
+                for (line, source_row), raw in located:
+                    if not isinstance(raw, Mapping):
+                        raise DatasetError(
+                            source_uri,
+                            f"expected an object with named fields, got {type(raw).__name__}",
+                            line=line,
+                            row=source_row,
+                        )
+                    present = [k for k, v in raw.items() if isinstance(k, str) and v is not None]
+                    common = present if common is None else [k for k in common if k in present]
+                    rows += 1
+                    if max_rows is not None and rows > max_rows:
+                        raise DatasetError(uri, f"more than {max_rows} rows")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(source_uri, f"not valid UTF-8 text: {exc}") from None
+        except (EOFError, OSError, io.UnsupportedOperation) as exc:
+            raise DatasetError(source_uri, f"cannot read: {type(exc).__name__}: {exc}") from exc
+    if not rows:
+        raise DatasetError(uri, "dataset has no rows")
+    return DatasetSummary(rows=rows, fields=list(common or []))

@@ -30,6 +30,8 @@ from opsd_service.settings import (
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 
 DEFAULT_TENANT = "default"
+EMBEDDED_DATASET_POLICY = '{"*": ["/"]}'
+EMBEDDED_BASE_MODEL_POLICY = '{"*": ["*", "/"]}'
 
 
 def register(app: typer.Typer) -> None:
@@ -81,15 +83,54 @@ def migrate() -> None:
 def keys_create(
     tenant: str = typer.Option(..., "--tenant", help="Tenant name (created if new)."),
     label: str | None = typer.Option(None, "--label", help="A note to recognise the key by."),
+    admin: bool = typer.Option(
+        False, "--admin", help="May also list and revoke every key (GET /keys, DELETE /keys)."
+    ),
 ) -> None:
     """Create an API key; the key is printed once, alone on the last line."""
     store = _open_store(get_settings())
     try:
-        key = store.create_api_key(tenant, label=label)
+        key = store.create_api_key(tenant, label=label, admin=admin)
     finally:
         _close(store)
-    typer.echo(f"created an API key for tenant {tenant!r}; it is shown only once:")
+    kind = "an admin API key" if admin else "an API key"
+    typer.echo(f"created {kind} for tenant {tenant!r}; it is shown only once:")
     typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List every key: id, tenant, prefix, label, admin, created, last used, revoked."""
+    store = _open_store(get_settings())
+    try:
+        records = store.list_api_keys()
+    finally:
+        _close(store)
+    typer.echo("id\ttenant\tprefix\tlabel\tadmin\tcreated\tlast_used\trevoked")
+    for r in records:
+        cells = [r.id, r.tenant_name, r.prefix, r.label or "-", "yes" if r.admin else "no"]
+        for when in (r.created_at, r.last_used_at, r.revoked_at):
+            cells.append(when.isoformat(timespec="seconds") if when else "-")
+        typer.echo("\t".join(cells))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: str = typer.Argument(..., help="The key's id (key_...), its prefix, or the key itself."),
+) -> None:
+    """Revoke a key. API processes refuse it within OPSD_KEY_REVOCATION_CHECK_SECONDS (1 s)."""
+    store = _open_store(get_settings())
+    try:
+        if key.startswith("key_"):
+            revoked = store.revoke_api_key_by_id(key)
+        else:
+            revoked = store.revoke_api_key(key) or None
+    finally:
+        _close(store)
+    if revoked is None:
+        typer.echo(f"no such key (or already revoked): {key}", err=True)
+        raise typer.Exit(3)
+    typer.echo(f"revoked {key}" if revoked else f"{key} was already revoked")
 
 
 def api(
@@ -137,7 +178,7 @@ def _first_key(settings: ServiceSettings) -> None:
             where = f" (the first one is in {saved})" if saved.exists() else ""
             typer.echo(f"API keys already exist{where}")
             return
-        key = store.create_api_key(DEFAULT_TENANT, label="opsd up")
+        key = store.create_api_key(DEFAULT_TENANT, label="opsd up", admin=True)
     finally:
         _close(store)
     path = api_key_file(settings)
@@ -242,6 +283,12 @@ def up(
         overrides["api_host"] = host
     if port is not None:
         overrides["api_port"] = port
+    # One local user: datasets and base models may be that user's own paths (the multi-tenant
+    # `opsd api` default is uploaded files and hub ids only). Said at start; env vars win.
+    if not os.environ.get("OPSD_DATASET_URI_POLICY"):
+        overrides["dataset_uri_policy"] = EMBEDDED_DATASET_POLICY
+    if not os.environ.get("OPSD_BASE_MODEL_POLICY"):
+        overrides["base_model_policy"] = EMBEDDED_BASE_MODEL_POLICY
     settings = get_settings(**overrides)
     if (why := port_in_use(settings.api_host, settings.api_port)) is not None:
         typer.secho(
@@ -254,6 +301,14 @@ def up(
     ensure_home(settings)
     _upgrade(settings)
     typer.echo(f"home: {settings.home}")
+    typer.echo(
+        "datasets: uploaded files and, "
+        + (
+            "as the embedded single-user default, any local path this user can read"
+            if settings.dataset_uri_policy == EMBEDDED_DATASET_POLICY
+            else f"per OPSD_DATASET_URI_POLICY, {settings.dataset_uri_policy}"
+        )
+    )
     _first_key(settings)
 
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}

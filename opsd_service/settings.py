@@ -83,6 +83,69 @@ class ServiceSettings(BaseSettings):
     broker_visibility_timeout_seconds: float = Field(
         3600.0, gt=0, description="Redis: an unacked message is redelivered after this long."
     )
+    # -- untrusted tenants: what a job may read, how much a tenant may ask, store blips
+    dataset_uri_policy: str = Field(
+        "",
+        description="JSON {tenant or '*': [allowed URI prefixes / local roots]}; empty: uploaded "
+        "files only (see opsd_engine.access).",
+    )
+    base_model_policy: str = Field(
+        "", description="JSON {tenant or '*': [hub-id patterns / local roots]}; empty: hub ids."
+    )
+    dataset_private_hosts: str = Field(
+        "", description="Comma-separated host:port of trusted http(s) dataset servers."
+    )
+    max_file_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest upload (bytes).")
+    max_file_rows: int = Field(1_000_000, ge=1, description="Most rows of an uploaded file.")
+    max_tenant_file_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Bytes of uploaded files one tenant may keep."
+    )
+    max_queued_jobs_per_tenant: int = Field(
+        50, ge=1, description="Queued jobs (and queued evals) one tenant may have at once."
+    )
+    rate_limit: str = Field(
+        "25/second", description="Requests per API key (`limits` notation: '25/second;600/minute')."
+    )
+    failed_auth_limit: str = Field(
+        "20/minute", description="Failed authentications per client address before a 429."
+    )
+    rate_limit_storage_uri: str = Field(
+        "memory://", description="Where counters live (`limits` storage URI; redis:// to share)."
+    )
+    key_revocation_check_seconds: float = Field(
+        1.0, ge=0.0, description="How often each API process looks for revoked keys (0: always)."
+    )
+    store_timeout_seconds: float = Field(
+        1.5, gt=0, description="The API answers 503 when the store takes longer than this."
+    )
+    max_job_seconds: float = Field(
+        86_400.0, gt=0, description="Wall-time limit of one job (failed: time_limit_exceeded)."
+    )
+    store_outage_wait_seconds: float = Field(
+        600.0, gt=0, description="How long a worker waits for the store to come back."
+    )
+
+    @model_validator(mode="after")
+    def _check_policies(self) -> ServiceSettings:
+        self.access_policy()  # a malformed policy stops the process at start
+        try:
+            from limits import parse_many
+        except ImportError:  # the SDK-only install: no API to rate-limit
+            return self
+        for name in ("rate_limit", "failed_auth_limit"):
+            try:
+                parse_many(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return self
+
+    def access_policy(self) -> Any:
+        """The parsed `opsd_engine.access.AccessPolicy` of these settings."""
+        from opsd_engine.access import AccessPolicy
+
+        return AccessPolicy.parse(
+            self.dataset_uri_policy, self.base_model_policy, self.dataset_private_hosts
+        )
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> ServiceSettings:

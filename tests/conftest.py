@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suites read datasets and tiny models from their own temporary folders and fire requests
+# in bursts: their services allow local paths and a high request rate. The tests of the access
+# policy and of the rate limits set their own values (tests/api/test_tenant_security.py, ...).
+os.environ.setdefault("OPSD_DATASET_URI_POLICY", '{"*": ["/"]}')
+os.environ.setdefault("OPSD_BASE_MODEL_POLICY", '{"*": ["*", "/"]}')
+os.environ.setdefault("OPSD_RATE_LIMIT", "100000/second")
+os.environ.setdefault("OPSD_FAILED_AUTH_LIMIT", "100000/minute")
 
 
 @pytest.fixture(scope="session")

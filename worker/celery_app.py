@@ -41,6 +41,7 @@ def create_worker_app(settings: ServiceSettings) -> Celery:
             interval=settings.reaper_interval_seconds,
             processed_folder=processed,
             stale_queued_after=timedelta(seconds=settings.requeue_queued_after_seconds),
+            lease_seconds=settings.lease_seconds,
         )
         reaper.start()
         reapers.append(reaper)

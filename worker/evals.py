@@ -124,7 +124,11 @@ def run_eval(
     worker_metrics.job_started(eval_id, "eval")
     with _EvalLease(store, eval_id, worker_id, lease_seconds) as lease, _finished_metrics():
         try:
-            results = compute_eval(record, store=store, settings=settings, progress=progress)
+            from opsd_engine.access import enforcing
+            from worker.access import tenant_guard
+
+            with enforcing(tenant_guard(store, settings, record.tenant_id)):  # policy at open
+                results = compute_eval(record, store=store, settings=settings, progress=progress)
         except Exception as exc:
             if lease.lost.is_set():
                 return LEASE_LOST

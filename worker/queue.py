@@ -97,3 +97,18 @@ def enqueue_eval(celery: Celery, eval_id: str) -> str:
         ignore_result=True,
     )
     return str(result.id)
+
+
+def broker_identity(celery: Celery) -> str | None:
+    """An id of the running broker that changes when it restarts; None for the file broker.
+
+    Redis answers its ``run_id`` (new at every server start): a non-persistent Redis that
+    restarted has lost every queued message, so the caller sends them again. Raises when the
+    broker cannot be reached (within about 2 s).
+    """
+    if urlsplit(celery.conf.broker_url or "").scheme not in {"redis", "rediss"}:
+        return None
+    with celery.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)
+        client = connection.default_channel.client
+        return str(client.info("server")["run_id"])

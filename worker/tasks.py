@@ -8,6 +8,8 @@ even look at the job (the database is away) leaves the task; it is then retried 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +46,8 @@ def process_worker_id() -> str:
     with _lock:
         if not _worker_id:
             _worker_id.append(new_worker_id())
+            # The id is opaque (tenants see it in events); the log says which process it is.
+            log.info("worker id %s is %s pid %s", _worker_id[0], socket.gethostname(), os.getpid())
         return _worker_id[0]
 
 

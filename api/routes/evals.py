@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -20,15 +21,19 @@ from fastapi import APIRouter, Body, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Settings, Store, Tenant, tenant_job
+from api.datasets import check_dataset, eval_dataset
+from api.deps import Settings, Store, Tenant, in_store, tenant_job
 from api.errors import APIError
+from api.routes.jobs import IDEMPOTENCY_KEY_PATTERN, check_queue_quota, find_unstorable_text
 from api.schemas import ErrorResponse, EvalProgressOut, JobErrorOut
+
+log = logging.getLogger("opsd.api")
 
 EvalStatus = Literal["queued", "running", "succeeded", "failed"]
 _EVAL_ID = re.compile(r"eval_[A-Za-z0-9]{1,64}")
 
 EXAMPLE = {
-    "dataset_uri": "s3://my-bucket/benchmarks/aime24.jsonl",
+    "dataset_uri": "file-01jd3y7k8q2t4v6x8z0b2d4f6h",
     "n": 16,
     "max_new_tokens": 2048,
     "temperature": 0.6,
@@ -45,31 +50,36 @@ class EvalRequest(BaseModel):
     `dataset_uri`, else the defaults below.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dataset_uri: str | None = Field(
         None,
         min_length=1,
-        description="Benchmark file (JSONL, CSV, ...); required unless the job's spec has an "
-        "`eval` group with one.",
+        max_length=2048,
+        description="Benchmark: an uploaded file's id (`file-...`) or a location the "
+        "deployment's policy allows; required unless the job's spec has an `eval` group with one.",
     )
-    problem_field: str = Field("problem", min_length=1)
+    problem_field: str = Field("problem", min_length=1, max_length=256)
     answer_field: str = Field(
         "answer",
         min_length=1,
+        max_length=256,
         description="Column or dotted path. Rows without `answer` use the solution's last "
         "\\boxed{}; any other name must be in every row.",
     )
-    limit: int | None = Field(None, ge=1, description="Only the first N problems.")
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="Only the first N problems.")
     n: int = Field(16, ge=1, le=256, description="Samples per problem.")
-    max_new_tokens: int = Field(2048, ge=1, le=131072)
+    max_new_tokens: int = Field(2048, ge=1, le=32768)
     temperature: float = Field(0.6, ge=0.0, le=10.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="0 disables top-k.")
     thinking: bool | None = Field(None, description="enable_thinking; null: as in training.")
     include_base: bool = Field(False, description="Also evaluate the base model (no adapter).")
     checkpoint_step: int | None = Field(
-        None, ge=0, description="Evaluate this checkpoint's adapter; null: the final adapter."
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="Evaluate this checkpoint's adapter; null: the final adapter.",
     )
 
     @field_validator("dataset_uri", "problem_field", "answer_field")
@@ -77,8 +87,8 @@ class EvalRequest(BaseModel):
     def _clean(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if "\x00" in value:
-            raise ValueError("NUL characters are not allowed")
+        if find_unstorable_text(value) is not None:
+            raise ValueError("NUL characters and unpaired surrogates are not allowed")
         if not value.strip():
             raise ValueError("must not be blank")
         return value.strip()
@@ -183,7 +193,8 @@ def build_router() -> APIRouter:
                 "reused with another body",
             },
             422: {"model": ErrorResponse, "description": "Invalid body; `param` names the field"},
-            503: {"model": ErrorResponse, "description": "Queue unavailable"},
+            429: {"model": ErrorResponse, "description": "Rate limit or queued-work quota"},
+            503: {"model": ErrorResponse, "description": "Queue or store unavailable"},
         },
     )
     async def create_eval(
@@ -198,14 +209,17 @@ def build_router() -> APIRouter:
         ],
         idempotency_key: Annotated[
             str | None,
-            Header(max_length=255, description="Retries with the same key return the same eval."),
+            Header(
+                min_length=1,
+                max_length=255,
+                pattern=IDEMPOTENCY_KEY_PATTERN,
+                description="Retries with the same key return the same eval.",
+            ),
         ] = None,
     ) -> Any:
         """Queue an eval of the final adapter (the job must have succeeded) or of the checkpoint
         at `checkpoint_step`. Poll `GET /evals/{id}` for avg@n, pass@k and per-problem rows."""
-        from opsd_engine.data import DatasetError, check_uri_scheme
-
-        job = await tenant_job(store, tenant, job_id)
+        job = await tenant_job(request, tenant, job_id)
         body = _with_job_defaults(body, job.spec)
         if body.dataset_uri is None:
             raise APIError(
@@ -214,10 +228,7 @@ def build_router() -> APIRouter:
                 "dataset_uri: required field is missing (the job's spec has no eval.dataset_uri)",
                 "dataset_uri",
             )
-        try:
-            check_uri_scheme(body.dataset_uri)
-        except DatasetError as exc:
-            raise APIError(422, "invalid_request", f"dataset_uri: {exc}", "dataset_uri") from None
+        await check_dataset(request, tenant, eval_dataset(body))
         if body.checkpoint_step is None:
             if job.status != "succeeded" or not job.adapter_uri:
                 raise APIError(
@@ -228,7 +239,7 @@ def build_router() -> APIRouter:
                     "job_id",
                 )
         else:
-            checkpoints = await run_in_threadpool(store.list_checkpoints, job_id)
+            checkpoints = await in_store(request, lambda: store.list_checkpoints(job_id))
             if not any(c.step == body.checkpoint_step for c in checkpoints):
                 steps = [c.step for c in checkpoints]
                 raise APIError(
@@ -243,15 +254,23 @@ def build_router() -> APIRouter:
         ).hexdigest()
         from jobstore import IdempotencyConflict
 
+        replay = None
+        if idempotency_key is not None:
+            replay = await in_store(
+                request, lambda: store.eval_by_idempotency_key(tenant.id, idempotency_key)
+            )
+        if replay is None:
+            await check_queue_quota(request, tenant)
         try:
-            record, created = await run_in_threadpool(
+            record, created = await in_store(
+                request,
                 lambda: store.create_eval_once(
                     tenant.id,
                     job_id,
                     config=config,
                     idempotency_key=idempotency_key,
                     request_hash=request_hash,
-                )
+                ),
             )
         except IdempotencyConflict as exc:
             raise APIError(409, "idempotency_conflict", str(exc), "Idempotency-Key") from None
@@ -261,29 +280,30 @@ def build_router() -> APIRouter:
             return eval_out(record)
         try:
             await run_in_threadpool(_enqueue_eval, request, record.id)
-        except Exception as exc:  # broker down: fail the eval visibly instead of leaving it stuck
-            from jobstore import JobError
-
-            error = JobError("queue_unavailable", f"could not enqueue: {exc}"[:2000], "system")
-            await run_in_threadpool(lambda: store.fail_eval(record.id, error=error))
-            raise APIError(
-                503, "queue_unavailable", "the job queue is unavailable; retry later"
-            ) from None
+        except Exception as exc:  # broker down: take the eval back, answer 503
+            log.warning("eval %s: could not enqueue: %s", record.id, exc)
+            if await in_store(request, lambda: store.discard_unqueued_eval(record.id)):
+                raise APIError(
+                    503,
+                    "queue_unavailable",
+                    "the job queue is unavailable; nothing was created, retry later",
+                    headers={"Retry-After": "5"},
+                ) from None
         return eval_out(record)
 
     @router.get(
         "/jobs/{job_id}/evals", response_model=EvalList, summary="A job's evals, oldest first"
     )
-    async def list_evals(job_id: str, store: Store, tenant: Tenant) -> Any:
-        await tenant_job(store, tenant, job_id)
-        records = await run_in_threadpool(lambda: store.list_evals(job_id, tenant_id=tenant.id))
+    async def list_evals(job_id: str, request: Request, store: Store, tenant: Tenant) -> Any:
+        await tenant_job(request, tenant, job_id)
+        records = await in_store(request, lambda: store.list_evals(job_id, tenant_id=tenant.id))
         return EvalList(data=[eval_out(r) for r in records])
 
     @router.get("/evals/{eval_id}", response_model=EvalOut, summary="Get an eval")
-    async def get_eval(eval_id: str, store: Store, tenant: Tenant) -> Any:
+    async def get_eval(eval_id: str, request: Request, store: Store, tenant: Tenant) -> Any:
         record = None
         if _EVAL_ID.fullmatch(eval_id):
-            record = await run_in_threadpool(lambda: store.get_eval(eval_id, tenant_id=tenant.id))
+            record = await in_store(request, lambda: store.get_eval(eval_id, tenant_id=tenant.id))
         if record is None:
             raise APIError(404, "eval_not_found", f"no eval {eval_id!r}", "eval_id")
         return eval_out(record)

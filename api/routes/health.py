@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.deps import in_store
+from api.errors import StoreTimeout
 from api.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -34,7 +36,10 @@ async def healthz(request: Request, response: Response) -> Health:
 )
 async def readyz(request: Request) -> Any:
     checks = {}
-    store_ok = await run_in_threadpool(request.app.state.store.ping)
+    try:
+        store_ok = await in_store(request, request.app.state.store.ping)
+    except StoreTimeout:
+        store_ok = False
     checks["store"] = "ok" if store_ok else "unreachable"
     try:
         broker_ok = await run_in_threadpool(request.app.state.broker_ping)

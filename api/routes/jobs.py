@@ -7,6 +7,7 @@ answer. Another tenant's job is indistinguishable from a missing one (404).
 import asyncio
 import hashlib
 import json
+import logging
 import tarfile
 import tempfile
 from collections import OrderedDict
@@ -15,9 +16,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JOB_ID, Settings, Store, Tenant, tenant_job
+from api.datasets import check_base_model, check_dataset, job_datasets
+from api.deps import JOB_ID, Settings, Store, Tenant, in_store, tenant_job
 from api.errors import APIError
 from api.schemas import (
     CheckpointList,
@@ -32,6 +35,10 @@ from api.schemas import (
     job_out,
 )
 
+log = logging.getLogger("opsd.api")
+MAX_INT32 = 2**31 - 1  # INTEGER columns (steps)
+MAX_INT64 = 2**63 - 1  # BIGINT columns (event ids)
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]+$"  # visible ASCII
 JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 SSE_POLL_SECONDS = 0.5
@@ -40,10 +47,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No such job for this tenant"},
 }
 
-MINIMAL_EXAMPLE = {"base_model": "Qwen/Qwen3-4B", "dataset_uri": "s3://my-bucket/math/train.jsonl"}
+EXAMPLE_FILE_ID = "file-01jd3y7k8q2t4v6x8z0b2d4f6h"
+MINIMAL_EXAMPLE = {"base_model": "Qwen/Qwen3-4B", "dataset_uri": EXAMPLE_FILE_ID}
 FULL_EXAMPLE = {
     "base_model": "Qwen/Qwen3-4B",
-    "dataset_uri": "s3://my-bucket/math/train.jsonl",
+    "dataset_uri": EXAMPLE_FILE_ID,
     "method": "opsd",
     "divergence": "jsd",
     "beta": 0.5,
@@ -81,7 +89,8 @@ def build_router(job_spec_model: type) -> APIRouter:
             },
             413: {"model": ErrorResponse, "description": "Body too large"},
             422: {"model": ErrorResponse, "description": "Invalid spec; `param` names the field"},
-            503: {"model": ErrorResponse, "description": "Queue unavailable"},
+            429: {"model": ErrorResponse, "description": "Rate limit or queued-jobs quota"},
+            503: {"model": ErrorResponse, "description": "Queue or store unavailable"},
         },
     )
     async def create_job(
@@ -96,18 +105,20 @@ def build_router(job_spec_model: type) -> APIRouter:
         ],
         idempotency_key: Annotated[
             str | None,
-            Header(max_length=255, description="Retries with the same key return the same job."),
+            Header(
+                min_length=1,
+                max_length=255,
+                pattern=IDEMPOTENCY_KEY_PATTERN,
+                description="Retries with the same key return the same job.",
+            ),
         ] = None,
     ) -> Any:
         """Queue a job. Only `base_model` and `dataset_uri` are required; the rest defaults to
-        the paper (JSD beta 0.5, teacher = initial policy, LoRA r=64, lr 2e-5, ...)."""
+        the paper (JSD beta 0.5, teacher = initial policy, LoRA r=64, lr 2e-5, ...).
+        `dataset_uri` is an uploaded file's id (`POST /files`) or a location the deployment's
+        policy allows for this tenant."""
         from opsd_engine.config import spec_to_dict
-        from opsd_engine.data import DatasetError, check_uri_scheme
 
-        try:
-            check_uri_scheme(spec.dataset_uri)
-        except DatasetError as exc:
-            raise APIError(422, "invalid_request", f"dataset_uri: {exc}", "dataset_uri") from None
         if spec.lora.r > settings.max_lora_rank:
             raise APIError(
                 422,
@@ -116,39 +127,54 @@ def build_router(job_spec_model: type) -> APIRouter:
                 "lora.r",
             )
         body = spec_to_dict(spec)
-        if (where := _find_nul(body)) is not None:
+        if (where := find_unstorable_text(body)) is not None:
             raise APIError(
-                422, "invalid_request", f"{where}: NUL characters are not allowed", where
+                422,
+                "invalid_request",
+                f"{where}: NUL characters and unpaired surrogates are not allowed",
+                where,
             )
+        check_base_model(request, tenant, spec.base_model)
+        for dataset in job_datasets(spec):
+            await check_dataset(request, tenant, dataset)
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         from jobstore import IdempotencyConflict
 
-        def submit() -> tuple[Any, bool]:
-            """Create the row, then send its message: one trip to the thread pool for both."""
-            job, created = store.create_job(
-                tenant.id,
-                spec=body,
-                metadata=spec.metadata,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-                max_attempts=settings.max_attempts,
+        replay = None
+        if idempotency_key is not None:
+            replay = await in_store(
+                request, lambda: store.job_by_idempotency_key(tenant.id, idempotency_key)
             )
-            if created:
-                try:
-                    request.app.state.enqueue(job.id)
-                except Exception as exc:  # broker down: fail the job visibly, not stuck queued
-                    _fail_unqueued(store, job.id, f"could not enqueue: {exc}")
-                    raise _QueueUnavailable from exc
-            return job, created
+        if replay is None:
+            await check_queue_quota(request, tenant)
 
         try:
-            job, created = await run_in_threadpool(submit)
+            job, created = await in_store(
+                request,
+                lambda: store.create_job(
+                    tenant.id,
+                    spec=body,
+                    metadata=spec.metadata,
+                    idempotency_key=idempotency_key,
+                    request_hash=request_hash,
+                    max_attempts=settings.max_attempts,
+                ),
+            )
         except IdempotencyConflict as exc:
             raise APIError(409, "idempotency_conflict", str(exc), "Idempotency-Key") from None
-        except _QueueUnavailable:
-            raise APIError(
-                503, "queue_unavailable", "the job queue is unavailable; retry later"
-            ) from None
+        if created:
+            try:
+                await run_in_threadpool(request.app.state.enqueue, job.id)
+            except Exception as exc:  # broker down: take the job back, answer 503
+                log.warning("job %s: could not enqueue: %s", job.id, exc)
+                if await in_store(request, lambda: store.discard_unqueued_job(job.id)):
+                    raise APIError(
+                        503,
+                        "queue_unavailable",
+                        "the job queue is unavailable; nothing was created, retry later",
+                        headers={"Retry-After": "5"},
+                    ) from None
+                # else a worker got it anyway (the reaper re-sent it): it exists and runs
         if not created:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
@@ -156,6 +182,7 @@ def build_router(job_spec_model: type) -> APIRouter:
 
     @router.get("", response_model=JobList, summary="List jobs, newest first")
     async def list_jobs(
+        request: Request,
         store: Store,
         tenant: Tenant,
         status: Annotated[
@@ -171,24 +198,25 @@ def build_router(job_spec_model: type) -> APIRouter:
                 422, "invalid_request", f"status must be one of {', '.join(JOB_STATUSES)}", "status"
             )
         try:
-            jobs, next_cursor = await run_in_threadpool(
-                lambda: store.list_jobs(tenant.id, status=status, limit=limit, cursor=cursor)
+            jobs, next_cursor = await in_store(
+                request,
+                lambda: store.list_jobs(tenant.id, status=status, limit=limit, cursor=cursor),
             )
         except InvalidCursor:
-            raise APIError(400, "invalid_cursor", "cursor is not valid", "cursor") from None
+            raise APIError(422, "invalid_cursor", "cursor is not valid", "cursor") from None
         return JobList(data=[job_out(j) for j in jobs], next_cursor=next_cursor)
 
     @router.get("/{job_id}", response_model=JobOut, summary="Get a job")
-    async def get_job(job_id: str, store: Store, tenant: Tenant) -> Any:
-        return job_out(await tenant_job(store, tenant, job_id))
+    async def get_job(job_id: str, request: Request, tenant: Tenant) -> Any:
+        return job_out(await tenant_job(request, tenant, job_id))
 
     @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job")
-    async def cancel_job(job_id: str, store: Store, tenant: Tenant) -> Any:
+    async def cancel_job(job_id: str, request: Request, store: Store, tenant: Tenant) -> Any:
         """A queued job is cancelled at once; a running one moves to `cancelling` and stops at its
         next step boundary (keeping a checkpoint). Cancelling a finished job changes nothing."""
         job = None
         if JOB_ID.fullmatch(job_id):
-            job = await run_in_threadpool(lambda: store.request_cancel(job_id, tenant_id=tenant.id))
+            job = await in_store(request, lambda: store.request_cancel(job_id, tenant_id=tenant.id))
         if job is None:
             raise APIError(404, "job_not_found", f"no job {job_id!r}", "job_id")
         return job_out(job)
@@ -200,15 +228,20 @@ def build_router(job_spec_model: type) -> APIRouter:
         store: Store,
         tenant: Tenant,
         name: Annotated[
-            list[str] | None, Query(description="Metric names (repeatable); all if omitted")
+            list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None,
+            Query(max_length=100, description="Metric names (repeatable); all if omitted"),
         ] = None,
-        step_min: Annotated[int | None, Query(ge=0)] = None,
-        step_max: Annotated[int | None, Query(ge=0)] = None,
+        step_min: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
+        step_max: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
         max_points: Annotated[
             int | None, Query(ge=2, le=10_000, description="Downsample long runs")
         ] = None,
     ) -> Any:
-        job = await tenant_job(store, tenant, job_id)
+        job = await tenant_job(request, tenant, job_id)
+        if name and (where := find_unstorable_text(name)) is not None:
+            raise APIError(
+                422, "invalid_request", "name: NUL characters are not allowed", f"name.{where}"
+            )
         if step_min is not None and step_max is not None and step_min > step_max:
             raise APIError(422, "invalid_request", "step_min must be <= step_max", "step_min")
         cache: MetricsCache = request.app.state.metrics_cache
@@ -226,10 +259,11 @@ def build_router(job_spec_model: type) -> APIRouter:
         )
         body = cache.get(key)
         if body is None:
-            series = await run_in_threadpool(
+            series = await in_store(
+                request,
                 lambda: store.query_metrics(
                     job_id, names=name, step_min=step_min, step_max=step_max, max_points=max_points
-                )
+                ),
             )
             out = {
                 metric: MetricSeries(steps=[p[0] for p in points], values=[p[1] for p in points])
@@ -251,22 +285,33 @@ def build_router(job_spec_model: type) -> APIRouter:
         request: Request,
         store: Store,
         tenant: Tenant,
-        after_id: Annotated[int, Query(ge=0)] = 0,
+        after_id: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
         stream: Annotated[
             bool, Query(description="Stream as SSE (same as Accept: text/event-stream)")
         ] = False,
-        last_event_id: Annotated[str | None, Header()] = None,
+        last_event_id: Annotated[
+            str | None,
+            Header(
+                pattern=r"^[0-9]{1,19}$",
+                max_length=19,
+                description="Resume a stream after this event id.",
+            ),
+        ] = None,
     ) -> Any:
-        await tenant_job(store, tenant, job_id)
+        await tenant_job(request, tenant, job_id)
+        if last_event_id and int(last_event_id) > MAX_INT64:
+            raise APIError(
+                422, "invalid_request", "Last-Event-ID: not an event id", "Last-Event-ID"
+            )
         wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
         if not wants_stream:
-            events = await run_in_threadpool(
-                lambda: store.list_events(job_id, after_id=after_id, limit=limit)
+            events = await in_store(
+                request, lambda: store.list_events(job_id, after_id=after_id, limit=limit)
             )
             return EventList(data=[_event_out(e) for e in events])
         start = after_id
-        if last_event_id and last_event_id.isdigit():
+        if last_event_id:
             start = max(start, int(last_event_id))
         return StreamingResponse(
             _event_stream(request, store, job_id, start),
@@ -275,9 +320,9 @@ def build_router(job_spec_model: type) -> APIRouter:
         )
 
     @router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="Checkpoints")
-    async def get_checkpoints(job_id: str, store: Store, tenant: Tenant) -> Any:
-        await tenant_job(store, tenant, job_id)
-        checkpoints = await run_in_threadpool(store.list_checkpoints, job_id)
+    async def get_checkpoints(job_id: str, request: Request, store: Store, tenant: Tenant) -> Any:
+        await tenant_job(request, tenant, job_id)
+        checkpoints = await in_store(request, lambda: store.list_checkpoints(job_id))
         return CheckpointList(
             data=[
                 CheckpointOut(step=c.step, uri=c.uri, created_at=c.created_at) for c in checkpoints
@@ -292,8 +337,8 @@ def build_router(job_spec_model: type) -> APIRouter:
             409: {"model": ErrorResponse, "description": "The job has no adapter yet"},
         },
     )
-    async def get_adapter(job_id: str, store: Store, tenant: Tenant) -> Any:
-        job = await tenant_job(store, tenant, job_id)
+    async def get_adapter(job_id: str, request: Request, tenant: Tenant) -> Any:
+        job = await tenant_job(request, tenant, job_id)
         if job.status != "succeeded" or not job.adapter_uri:
             raise APIError(
                 409,
@@ -310,20 +355,49 @@ def build_router(job_spec_model: type) -> APIRouter:
     return router
 
 
-def _find_nul(value: Any, path: str = "") -> str | None:
-    """Dotted path of the first string holding a NUL (Postgres text/JSON cannot store it)."""
+def _bad_text(text: str) -> bool:
+    """NUL (PostgreSQL text cannot hold it) or an unpaired surrogate (not encodable as UTF-8)."""
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def find_unstorable_text(value: Any, path: str = "") -> str | None:
+    """Dotted path of the first string (or key) the store cannot keep, or None."""
     if isinstance(value, str):
-        return path or "(body)" if "\x00" in value else None
+        return (path or "(body)") if _bad_text(value) else None
     if isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
-            if "\x00" in str(key) or (found := _find_nul(item, where)) is not None:
-                return where if "\x00" in str(key) else found
+            if _bad_text(str(key)):
+                return path or "(body)"
+            if (found := find_unstorable_text(item, where)) is not None:
+                return found
     if isinstance(value, list):
         for index, item in enumerate(value):
-            if (found := _find_nul(item, f"{path}.{index}" if path else str(index))) is not None:
+            where = f"{path}.{index}" if path else str(index)
+            if (found := find_unstorable_text(item, where)) is not None:
                 return found
     return None
+
+
+async def check_queue_quota(request: Request, tenant: Any) -> None:
+    """429 ``quota_exceeded`` when the tenant has as many queued jobs and evals as allowed."""
+    limit = request.app.state.settings.max_queued_jobs_per_tenant
+    store = request.app.state.store
+    queued = await in_store(request, lambda: store.count_queued(tenant.id))
+    if queued >= limit:
+        raise APIError(
+            429,
+            "quota_exceeded",
+            f"this tenant has {queued} queued jobs and evals (at most {limit}); submit more "
+            "once some have started",
+            headers={"Retry-After": "30"},
+        )
 
 
 def _body_examples() -> Any:
@@ -408,17 +482,6 @@ async def _event_stream(
             return
         yield b": keep-alive\n\n"
         await asyncio.sleep(SSE_POLL_SECONDS)
-
-
-class _QueueUnavailable(Exception):
-    """The job was created but its message could not be sent (the job is failed already)."""
-
-
-def _fail_unqueued(store: Any, job_id: str, message: str) -> None:
-    from jobstore import JobError
-
-    store.fail_job(job_id, error=JobError("queue_unavailable", message, "system"))
-    store.release_idempotency_key(job_id)  # the client's retry must submit anew
 
 
 def _tar_directory(uri: str) -> Any:

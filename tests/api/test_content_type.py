@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from api.routes.jobs import EXAMPLE_FILE_ID
 from tests.api.conftest import auth
 
 CONTENT_TYPES = [
@@ -53,13 +54,17 @@ def test_every_json_body_route_accepts_json_under_any_content_type(
     job = client.post(
         "/jobs", json={"base_model": "m", "dataset_uri": "/d.jsonl"}, headers=auth(key)
     ).json()
+    # the examples name an uploaded file (what dataset_uri takes): upload one for them
+    row = b'{"problem": "1 + 1", "solution": "\\boxed{2}", "answer": "2"}\n'
+    upload = {"file": ("d.jsonl", row)}
+    file_id = client.post("/files", files=upload, headers=auth(key)).json()["id"]
     routes = _json_body_routes(app)
     assert ("POST", "/jobs") in {(m, p) for m, p, _ in routes}
     assert ("POST", "/jobs/{job_id}/evals") in {(m, p) for m, p, _ in routes}
     for method, template, example in routes:
         path = template.replace("{job_id}", job["id"])
         assert not re.search(r"\{\w+\}", path), f"no value for the parameters of {template}"
-        body = json.dumps(example).encode()
+        body = json.dumps(example).replace(EXAMPLE_FILE_ID, file_id).encode()
         reference = _send(client, method, path, body, key, "application/json")
         assert reference.status_code != 422, (template, reference.text)
         for content_type in CONTENT_TYPES:

@@ -1,7 +1,7 @@
 """`POST /jobs/{id}/evals`, `GET /jobs/{id}/evals`, `GET /evals/{id}` on the real app, a real store
 (PostgreSQL and SQLite) and a real Redis broker: validation (422 naming the field), 409 without
 an adapter or checkpoint, tenant isolation, defaults from the job's `eval` group, the message
-on the queue, and a visible failure when the broker is down."""
+on the queue, and no eval left behind when the broker is down."""
 
 from __future__ import annotations
 
@@ -231,7 +231,10 @@ def test_unset_fields_come_from_the_jobs_eval_group(client: TestClient, app: Any
     assert explicit["config"]["n"] == 8 and explicit["config"]["dataset_uri"] == "/data/aime.jsonl"
 
 
-def test_broker_down_fails_the_eval_visibly(database_url: str, tmp_path: Path) -> None:
+def test_broker_down_answers_503_and_leaves_no_eval_behind(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Issue 11, fault 8 (the kind): a 503 left a `failed` eval behind."""
     app = _app(database_url, tmp_path, broker_url="redis://127.0.0.1:1/0")
     with TestClient(app, raise_server_exceptions=False) as client:
         store = app.state.store
@@ -241,5 +244,5 @@ def test_broker_down_fails_the_eval_visibly(database_url: str, tmp_path: Path) -
             f"/jobs/{job_id}/evals", json={"dataset_uri": "/b.jsonl"}, headers=headers
         )
         assert response.status_code == 503
-        (record,) = store.list_evals(job_id)
-        assert record.status == "failed" and record.error.code == "queue_unavailable"
+        assert response.json()["error"]["code"] == "queue_unavailable"
+        assert store.list_evals(job_id) == []

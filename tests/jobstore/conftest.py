@@ -38,7 +38,7 @@ from tests.service_fixtures import fresh_postgres_url, sqlite_url
 BACKENDS = ("postgres", "sqlite")
 SPEC: dict[str, Any] = {"base_model": "Qwen/Qwen3-1.7B", "dataset_uri": "file:///data/train.jsonl"}
 WORKER = "worker-1"
-_TABLES = ("checkpoints", "metrics", "job_events", "jobs", "api_keys", "tenants")
+_TABLES = ("checkpoints", "metrics", "job_events", "jobs", "api_keys", "files", "tenants")
 
 
 @pytest.fixture(scope="session")

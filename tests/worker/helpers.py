@@ -17,6 +17,12 @@ from tests.service_fixtures import redis_test_url
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_TEST_URL = redis_test_url(11)  # a dedicated Redis database, flushed by the tests
+SUITE_SETTINGS = (
+    "OPSD_DATASET_URI_POLICY",
+    "OPSD_BASE_MODEL_POLICY",
+    "OPSD_RATE_LIMIT",
+    "OPSD_FAILED_AUTH_LIMIT",
+)
 
 T = TypeVar("T")
 
@@ -72,6 +78,9 @@ def service_env(**settings: object) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         OMP_NUM_THREADS="1",
     )
+    for name in SUITE_SETTINGS:  # tests/conftest.py's: local test data, bursts of requests
+        if name in os.environ:
+            env[name] = os.environ[name]
     for name, value in settings.items():
         env[f"OPSD_{name.upper()}"] = str(value)
     return env

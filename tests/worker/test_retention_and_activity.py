@@ -55,6 +55,7 @@ def test_job_activity_says_what_the_running_job_evaluates(
     callbacks.on_event(
         "eval_started", "evaluating", {"step": 10, "role": "adapter", "done": 0, "total": 128}
     )
+    assert callbacks.flush()  # reports reach the store through the worker's outbox
     shown = job_out(store.get_job(job_id)).progress.eval
     assert shown is not None and (shown.role, shown.step, shown.done, shown.total) == (
         "adapter",
@@ -66,9 +67,11 @@ def test_job_activity_says_what_the_running_job_evaluates(
     callbacks.on_event(
         "eval_progress", "evaluating", {**progress, "seconds": 25.0, "samples_per_s": 12.8}
     )
+    assert callbacks.flush()
     shown = job_out(store.get_job(job_id)).progress.eval
     assert (shown.done, shown.samples_per_s) == (40, 12.8)
     callbacks.on_event("eval_finished", "evaluated", {"step": 10, "role": "adapter"})
+    assert callbacks.flush()
     assert job_out(store.get_job(job_id)).progress.eval is None
     kinds = [e.kind for e in store.list_events(job_id)]
     assert kinds[-3:] == ["eval_started", "eval_progress", "eval_finished"]
