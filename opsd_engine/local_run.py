@@ -5,18 +5,25 @@
 the atomic checkpoints and `DIR/adapter/` the final PEFT adapter. On resume, metric rows past the
 checkpoint being resumed are dropped first: those steps are recomputed (bit-exactly on the CPU),
 so every step appears once.
+
+Under `torchrun` / `accelerate launch` every rank calls :func:`run_local`; rank 0 alone writes
+those files (metrics are already summed over ranks), every rank trains. A stop asked for on any
+rank (``stop_file`` appearing, SIGTERM/SIGINT when :class:`StopRequest` handles them) stops all
+ranks together at the next poll, with a checkpoint and a `cancelled` event.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from opsd_engine import checkpoint as ckpt
 from opsd_engine.config import JobSpec, spec_to_dict
-from opsd_engine.events import CallbackList, TrainerCallbacks
+from opsd_engine.events import CallbackList, NullCallbacks, TrainerCallbacks
 from opsd_engine.trainers import TrainResult, run_training
 
 METRICS_FILE = "metrics.jsonl"
@@ -93,6 +100,30 @@ class ProgressBar:
         return False
 
 
+class StopRequest(NullCallbacks):
+    """Asks the run to stop when ``stop_file`` exists or, after :meth:`handle_signals`, when the
+    process got SIGTERM or SIGINT (a second one is not caught: it ends the process as usual).
+    The run then stops at its next poll (within a fraction of a step), keeps a checkpoint of the
+    last complete step and reports `cancelled`."""
+
+    def __init__(self, stop_file: Path | None = None) -> None:
+        self.stop_file = stop_file
+        self.signalled = threading.Event()
+
+    def handle_signals(self) -> None:
+        """Catch the first SIGTERM/SIGINT (main thread only, as Python requires)."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            self.signalled.set()
+            signal.signal(signum, signal.SIG_DFL)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, handler)
+
+    def should_stop(self) -> bool:
+        return self.signalled.is_set() or (self.stop_file is not None and self.stop_file.exists())
+
+
 def _append(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -121,20 +152,44 @@ def run_local(
     resume: bool = False,
     progress: bool = True,
     extra_callbacks: list[TrainerCallbacks] | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainResult:
-    """Train `spec` into `output_dir` (or continue it with `resume`)."""
+    """Train `spec` into `output_dir` (or continue it with `resume`).
+
+    Launched as a process group (``torchrun``, ``accelerate launch``), each rank calls this; the
+    group forms first (:func:`~opsd_engine.trainers.common.make_accelerator`), every rank checks
+    the directory, then rank 0 alone writes the run's files and reports to ``extra_callbacks``
+    and the progress bar; ``stop`` is polled on every rank. Raises :class:`RunDirectoryError`
+    (on every rank) when `output_dir` already holds a run and `resume` is off.
+    """
+    from opsd_engine.trainers.common import make_accelerator
+
     output_dir = Path(output_dir)
+    accelerator = make_accelerator(spec)
     latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
     if not resume and (latest is not None or (output_dir / METRICS_FILE).exists()):
         raise RunDirectoryError(
             f"{output_dir} already holds a run; pass --resume to continue it "
             "or choose another --out"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        truncate_metrics(output_dir, ckpt.read_state(latest).step if latest else 0)
-    (output_dir / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2))
-    callbacks = CallbackList(
-        [JsonlRecorder(output_dir), ProgressBar(disable=not progress), *(extra_callbacks or [])]
+    accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes anything
+    reporters: list[TrainerCallbacks] = [stop] if stop is not None else []
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            truncate_metrics(output_dir, ckpt.read_state(latest).step if latest else 0)
+        (output_dir / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2))
+        reporters = [
+            JsonlRecorder(output_dir),
+            ProgressBar(disable=not progress),
+            *(extra_callbacks or []),
+            *reporters,
+        ]
+    accelerator.wait_for_everyone()
+    return run_training(
+        spec,
+        output_dir,
+        callbacks=CallbackList(reporters),
+        resume=resume,
+        accelerator=accelerator,
     )
-    return run_training(spec, output_dir, callbacks=callbacks, resume=resume)

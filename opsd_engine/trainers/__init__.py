@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from opsd_engine.config import JobSpec
 from opsd_engine.data import Example
 from opsd_engine.events import TrainerCallbacks
@@ -27,11 +29,21 @@ def run_training(
     resume: bool = False,
     examples: Sequence[Example] | None = None,
     rollout_backend: RolloutFactory | None = None,
+    accelerator: Accelerator | None = None,
 ) -> TrainResult:
+    """Run ``spec`` with its method's trainer. ``accelerator``: the run's (already created, e.g.
+    to know the rank before any file is written); default: one made from the spec."""
     if spec.method == "sft":
         from opsd_engine.trainers import sft
 
-        return sft.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
+        return sft.train(
+            spec,
+            output_dir,
+            callbacks=callbacks,
+            resume=resume,
+            examples=examples,
+            accelerator=accelerator,
+        )
     if spec.method in ("opsd", "grpo"):
         from opsd_engine.trainers import grpo, opsd
 
@@ -42,6 +54,7 @@ def run_training(
             resume=resume,
             examples=examples,
             rollout_backend=rollout_backend,
+            accelerator=accelerator,
         )
     raise ValueError(f"method {spec.method!r} has no trainer in this version")
 

@@ -12,7 +12,7 @@ from opsd_engine.checkpoint import latest_checkpoint, list_checkpoints, read_sta
 from opsd_engine.events import NullCallbacks
 from opsd_engine.losses import rollout_loss_from_logits
 from opsd_engine.prompts import assemble_scoring_batch, rollout_targets
-from opsd_engine.rollout import SamplingParams
+from opsd_engine.rollout import Rollout, SamplingParams
 from opsd_engine.trainers.opsd import OPSDTrainer, train
 
 
@@ -99,8 +99,8 @@ def _fixed_set_divergence(trainer: OPSDTrainer, pairs, rollouts) -> float:
     student = assemble_scoring_batch(
         [p.student_ids for p in pairs], ids, pad_id=trainer.pad_id, rollout_width=width
     )
-    t_hidden = _hidden(trainer, teacher, "initial")[:, teacher.rollout_slice]
-    s_hidden = _hidden(trainer, student, None)[:, student.rollout_slice]
+    t_hidden = teacher.at_rollout(_hidden(trainer, teacher, "initial"))
+    s_hidden = student.at_rollout(_hidden(trainer, student, None))
     head = trainer.policy.output_embeddings
     result = rollout_loss_from_logits(head(s_hidden), head(t_hidden), targets, mask, normalizer=1.0)
     return float(result.divergence_sum / result.valid_tokens)
@@ -162,11 +162,14 @@ def test_micro_batches_share_one_step_normalizer(tiny_spec, tmp_path) -> None:
     """Gradient of 2 micro-batches x 2 == gradient of 1 micro-batch x 4 (same rollouts)."""
     trainer = OPSDTrainer(tiny_spec(lora={"r": 4, "alpha": 8, "dropout": 0.0}), tmp_path)
     pairs = [trainer._prompt_pair(i) for i in range(4)]
-    rollouts = trainer.rollouts.generate(
-        [p.student_ids for p in pairs],
-        SamplingParams(max_new_tokens=9),
+    sampled = trainer.rollouts.generate(
+        [p.student_ids for p in pairs], SamplingParams(max_new_tokens=9), seeds=[0, 1, 2, 3]
     )
-    assert len({len(r.token_ids) for r in rollouts}) > 1, "want uneven rollout lengths"
+    # uneven lengths (the 9 - 2i first sampled tokens), so padding differs between groupings
+    rollouts = [
+        Rollout(r.prompt_index, r.token_ids[: 9 - 2 * i], False) for i, r in enumerate(sampled)
+    ]
+    assert len({len(r.token_ids) for r in rollouts}) == 4
     total = sum(len(r.token_ids) for r in rollouts)
     # A first step so that LoRA B is non-zero and every LoRA parameter gets a gradient.
     trainer.train_step()
