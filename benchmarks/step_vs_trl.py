@@ -14,13 +14,16 @@ CPU, and no gradient checkpointing. Configurations (``--config``):
   on its own at mixed lengths (the table reports the lengths each trainer sampled).
 
 Every (trainer, config) runs in a fresh child process: ``--warmup`` steps, then ``--steps`` timed
-optimizer steps. It reports seconds per step (mean of the timed steps), per-phase seconds per
-step (sampling; scoring = teacher + student forward and loss; backward; optimizer; for TRL the
-phases are timed by wrapping its methods, and "backward + optimizer" is the rest of the step),
-peak RSS after the warm-up (``/proc/self/clear_refs`` then ``VmHWM``) and the step losses. TRL
-runs in its own virtual environment (``benchmarks/.venv-trl``, ignored by git), created on first
-use with ``torch==2.13.0`` (the CPU build on disk) and the same transformers/peft/accelerate
-versions as ours. ``--profile FILE`` also writes a cProfile summary of our timed steps (markdown).
+optimizer steps (``--repeats`` runs of each, ours and TRL alternating, and the run with the
+median seconds per step is reported: on a shared machine this evens out the load). It reports
+seconds per step (mean of the timed steps), per-phase seconds per step (ours: sampling, teacher
+forward, student forward + loss + backward, optimizer; TRL: its methods are wrapped to time
+sampling and the teacher + student forward with the loss, and "backward + optimizer" is the rest
+of the step), peak RSS after the warm-up (``/proc/self/clear_refs`` then ``VmHWM``) and the
+step losses. TRL runs in its own virtual environment (``benchmarks/.venv-trl``, ignored by git),
+created on first use with ``torch==2.13.0`` (the CPU build on disk) and the same
+transformers/peft/accelerate versions as ours. ``--profile FILE`` also writes a cProfile summary
+of our timed steps (markdown).
 
 Usage::
 
@@ -87,16 +90,12 @@ def prepare(workdir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- ours
-def run_ours(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
+def our_spec(config_name: str, workdir: Path, steps: int) -> Any:
+    """Our job spec for a configuration (the same settings TRL gets in :func:`run_trl`)."""
     from opsd_engine.config import parse_spec
-    from opsd_engine.trainers.opsd import OPSDTrainer
 
-    torch.set_num_threads(args.threads)
-    config = CONFIGS[args.config]
-    workdir = Path(args.workdir)
-    spec = parse_spec(
+    config = CONFIGS[config_name]
+    return parse_spec(
         {
             "base_model": str(workdir / "model"),
             "dataset_uri": str(workdir / "train.jsonl"),
@@ -113,12 +112,21 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
                 "warmup_ratio": 0.0,
                 "batch_size": config["batch_size"],
                 "grad_accum": config["grad_accum"],
-                "max_steps": args.warmup + args.steps,
+                "max_steps": steps,
             },
             "prompts": {"student_template": STUDENT_TEMPLATE, "teacher_template": TEACHER_TEMPLATE},
             "runtime": {"dtype": "float32", "device": "cpu", "gradient_checkpointing": False},
         }
     )
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from opsd_engine.trainers.opsd import OPSDTrainer
+
+    torch.set_num_threads(args.threads)
+    spec = our_spec(args.config, Path(args.workdir), args.warmup + args.steps)
     trainer = OPSDTrainer(spec, Path(args.workdir) / f"ours-{args.config}-{os.getpid()}")
     for _ in range(args.warmup):
         trainer.train_step()
@@ -130,13 +138,14 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         profiler = cProfile.Profile()
     rows = []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if profiler is not None:
             profiler.enable()
         metrics = trainer.train_step()
         if profiler is not None:
             profiler.disable()
         metrics["wall_s"] = time.perf_counter() - start
+        metrics["cpu_s"] = time.process_time() - cpu
         rows.append(metrics)
     phases = {
         "sampling": "time_generation_s",
@@ -160,6 +169,7 @@ def _summary(
     n = len(rows)
     return {
         "s_per_step": sum(r["wall_s"] for r in rows) / n,
+        "cpu_s_per_step": sum(r["cpu_s"] for r in rows) / n,
         "steps_s": [round(r["wall_s"], 4) for r in rows],
         "phases": {name: sum(r.get(key, 0.0) for r in rows) / n for name, key in phases.items()},
         "losses": [r["loss"] for r in rows],
@@ -305,13 +315,11 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
-            self.start = 0.0
+            self.start = self.cpu = 0.0
             self.snapshot: dict[str, float] = {}
 
         def on_step_begin(self, *_: Any, **__: Any) -> None:
-            if len(rows) == 0 and self.start == 0.0:
-                pass
-            self.start = time.perf_counter()
+            self.start, self.cpu = time.perf_counter(), time.process_time()
             self.snapshot = dict(phase_time)
             self.lengths_before = len(lengths)
 
@@ -319,6 +327,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             wall = time.perf_counter() - self.start
             row = {name: phase_time[name] - self.snapshot[name] for name in phase_time}
             row["wall_s"] = wall
+            row["cpu_s"] = time.process_time() - self.cpu
             row["backward+optimizer"] = wall - sum(row[name] for name in phase_time)
             row["generated_tokens"] = float(sum(lengths[self.lengths_before :]))
             row["step"] = state.global_step
@@ -392,9 +401,9 @@ def _child(trainer: str, config: str, args: argparse.Namespace, python: str) -> 
 
 def _table(results: dict[tuple[str, str], dict[str, Any]], configs: list[str]) -> str:
     lines = [
-        "| config | trainer | s/step | phases (s/step) | peak RSS (MB) | tokens/step "
-        "| rollout len mean / max | ours / TRL |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| config | trainer | s/step | CPU s/step | phases (s/step) | peak RSS (MB) "
+        "| tokens/step | rollout len mean / max | ours / TRL (s/step; CPU) |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for config in configs:
         ours, trl = results.get(("ours", config)), results.get(("trl", config))
@@ -403,12 +412,14 @@ def _table(results: dict[tuple[str, str], dict[str, Any]], configs: list[str]) -
                 continue
             phases = ", ".join(f"{k} {v:.3f}" for k, v in row["phases"].items())
             ratio = (
-                f"**{ours['s_per_step'] / trl['s_per_step']:.2f}**"
+                f"**{ours['s_per_step'] / trl['s_per_step']:.2f}**; "
+                f"{ours['cpu_s_per_step'] / trl['cpu_s_per_step']:.2f}"
                 if name == "ours" and ours and trl
                 else ""
             )
             lines.append(
-                f"| {config} {CONFIGS[config]} | {name} | {row['s_per_step']:.3f} | {phases} "
+                f"| {config} {CONFIGS[config]} | {name} | {row['s_per_step']:.3f} "
+                f"| {row['cpu_s_per_step']:.3f} | {phases} "
                 f"| {row['peak_rss_mb']:.0f} | {row['generated_tokens_per_step']:.0f} "
                 f"| {row['lengths']['mean']:.1f} / {row['lengths']['max']:.0f} | {ratio} |"
             )
@@ -421,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per trainer, alternated; the median counts"
+    )
     parser.add_argument("--only", choices=["ours", "trl"], help="run one trainer")
     parser.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "step_vs_trl"))
     parser.add_argument("--profile", help="write a cProfile summary of our steps (markdown)")
@@ -443,14 +457,21 @@ def main(argv: list[str] | None = None) -> int:
         pythons["trl"] = str(ensure_trl_venv())
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for config in args.config:
-        for trainer in trainers:
-            results[(trainer, config)] = _child(trainer, config, args, pythons[trainer])
-            row = results[(trainer, config)]
-            print(
-                f"{trainer} config {config}: {row['s_per_step']:.3f} s/step, "
-                f"losses {[round(x, 5) for x in row['losses']]}",
-                file=sys.stderr,
-            )
+        runs: dict[str, list[dict[str, Any]]] = {trainer: [] for trainer in trainers}
+        for _ in range(args.repeats):  # alternate, so both see the same machine load
+            for trainer in trainers:
+                row = _child(trainer, config, args, pythons[trainer])
+                runs[trainer].append(row)
+                print(
+                    f"{trainer} config {config}: {row['s_per_step']:.3f} s/step, "
+                    f"losses {[round(x, 5) for x in row['losses']]}",
+                    file=sys.stderr,
+                )
+        for trainer, rows in runs.items():
+            rows.sort(key=lambda r: r["s_per_step"])
+            median = rows[len(rows) // 2]  # the run with the median s/step
+            median["repeats_s_per_step"] = [round(r["s_per_step"], 4) for r in rows]
+            results[(trainer, config)] = median
     print(_table(results, args.config))
     (workdir / "results.json").write_text(
         json.dumps({f"{t}-{c}": r for (t, c), r in results.items()}, indent=1)

@@ -6,7 +6,9 @@ decoded to text here. Two backends:
 
 * :class:`TransformersRolloutBackend` samples in process with its own decode loop over the
   model's KV cache (left-padded prompts, one forward per new token, finished rows dropped from
-  the batch), as many rows per call as the memory budget allows;
+  the batch), as many rows per call as the memory budget allows; float32 LoRA layers are folded
+  into a temporary copy of their weights for the call (:func:`folded_lora`: one matmul instead
+  of three and none of peft's per-call Python, base weights untouched);
 * :class:`ServedRolloutBackend` has an inference server with runtime LoRA loading (vLLM, or
   `opsd serve-adapters`) sample them: once per optimizer step it saves the current adapter and
   loads it under a new immutable name. It talks to the server through :class:`CompletionServer`,
@@ -26,18 +28,21 @@ backend from a :class:`PolicyView` of the trainer's policy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache
 
 from opsd_engine.checkpoint import save_adapter
 from opsd_engine.events import StepCancelled
@@ -153,6 +158,60 @@ def sample_next_tokens(logits: Tensor, uniforms: Tensor, params: SamplingParams)
     return index.squeeze(1)
 
 
+@contextlib.contextmanager
+def folded_lora(module: nn.Module, *, max_bytes: float = float("inf")) -> Iterator[int]:
+    """Inside the block, every foldable LoRA layer of ``module`` computes
+    ``x @ (W + delta).T + b`` with ``delta`` the adapter's ``get_delta_weight`` (peft), from a
+    temporary folded copy of its weight: the same function as peft's ``W x + s B A x`` in one
+    matmul, without peft's per-call Python. The base weights are never written (this is not
+    peft's in-place merge), and the layers are restored on exit. Yields the number of layers
+    folded.
+
+    Foldable: a peft LoRA ``Linear`` over an ``nn.Linear`` with float32 weights, adapters
+    enabled and not merged, every active adapter plain LoRA (no DoRA or other variant), while
+    the copies fit ``max_bytes``. Lower precisions are left alone: a bf16 copy would round the
+    small LoRA delta away. Gradients are not tracked (for sampling only).
+    """
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is an engine dependency
+        yield 0
+        return
+    patched: list[nn.Module] = []
+    used = 0.0
+    try:
+        with torch.no_grad():
+            for layer in module.modules():
+                if not isinstance(layer, LoraLinear) or layer.disable_adapters or layer.merged:
+                    continue
+                base = layer.base_layer
+                active = [a for a in layer.active_adapters if a in layer.lora_A]
+                if (
+                    not isinstance(base, nn.Linear)
+                    or base.weight.dtype != torch.float32
+                    or any(a in layer.lora_variant for a in active)
+                    or used + base.weight.nbytes > max_bytes
+                ):
+                    continue
+                weight = base.weight.detach().clone()
+                for adapter in active:
+                    weight += layer.get_delta_weight(adapter)
+                layer.forward = _linear_with(weight, base.bias)  # instance attribute: restored
+                patched.append(layer)
+                used += weight.nbytes
+        yield len(patched)
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
+def _linear_with(weight: Tensor, bias: Tensor | None) -> Callable[..., Tensor]:
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    return forward
+
+
 class TransformersRolloutBackend:
     """In-process sampling with a decode loop over the model's KV cache.
 
@@ -261,10 +320,17 @@ class TransformersRolloutBackend:
     def _forward(
         self, input_ids: Tensor, attention: Tensor, positions: Tensor, cache: Any
     ) -> Tensor:
-        """fp32 logits ``[B, V]`` of the last position, the cache extended in place."""
+        """fp32 logits ``[B, V]`` of the last position, the cache extended in place.
+
+        A one-token step under SDPA gets its mask ready-made (``[B, 1, 1, kv]`` bool, True =
+        attend: what transformers' ``sdpa_mask`` builds, and a 4D mask is used as given), which
+        spares rebuilding it from the 2D mask at every token."""
+        mask: Tensor = attention
+        if input_ids.shape[1] == 1 and self._lm.config._attn_implementation == "sdpa":
+            mask = attention.bool()[:, None, None, :]
         out = self._backbone(
             input_ids=input_ids,
-            attention_mask=attention,
+            attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             **{self._cache_arg: cache},
@@ -278,8 +344,6 @@ class TransformersRolloutBackend:
         params: SamplingParams,
         should_stop: StopPoll | None,
     ) -> list[list[int]]:
-        from transformers import DynamicCache
-
         device, stop = self.device, torch.tensor(self.stop_ids, device=self.device)
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -296,7 +360,12 @@ class TransformersRolloutBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            with (
+                torch.inference_mode(),
+                folded_lora(self._backbone, max_bytes=0.5 * self._budget()),
+            ):
+                # (a preallocated cache written in place measured slower on the CPU: SDPA copies
+                # the strided key/value views)
                 cache = DynamicCache(config=self._lm.config)
                 logits = self._forward(input_ids, attention, positions, cache)
                 next_position = positions[:, -1] + 1

@@ -450,14 +450,27 @@ def resume_run(trainer: SteppedTrainer, checkpoint: Path) -> None:
         optimizer=trainer.optimizer,
         scheduler=trainer.scheduler,
     )
+    acc = trainer.accelerator
+    ranks = ckpt.read_rank_rng_states(checkpoint)
+    if ranks is not None and len(ranks) == acc.num_processes:
+        # Each rank continues its own stream (LoRA dropout draws differ between ranks). With
+        # another number of processes every rank keeps rank 0's: rollouts do not depend on it
+        # (seeded per example), dropout masks do.
+        ckpt.restore_rng_state(ranks[acc.process_index])
     trainer.callbacks.on_event(
         "resumed", f"resumed from {checkpoint.name}", {"step": trainer.state.step}
     )
 
 
 def save_run_checkpoint(trainer: SteppedTrainer) -> Path | None:
-    """An atomic checkpoint of the current step (written by the main process only)."""
+    """An atomic checkpoint of the current step (written by the main process only; with several
+    processes it holds every rank's RNG state)."""
     path = None
+    rank_rng_states = None
+    if trainer.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rank_rng_states = gather_object([ckpt.capture_rng_state()])
     if trainer.accelerator.is_main_process:
         path = ckpt.save_checkpoint(
             trainer.checkpoint_dir,
@@ -465,6 +478,7 @@ def save_run_checkpoint(trainer: SteppedTrainer) -> Path | None:
             optimizer=trainer.optimizer,
             scheduler=trainer.scheduler,
             state=trainer.state,
+            rank_rng_states=rank_rng_states,
         )
         trainer.callbacks.on_checkpoint(trainer.state.step, path)
     trainer.accelerator.wait_for_everyone()

@@ -9,8 +9,9 @@ Per optimizer step:
    loss is divided by that one number, so gradient accumulation and DDP give exactly the mean
    over all valid tokens of the step;
 4. per micro-batch (rollouts of similar length grouped together, `grad_accum` of them): teacher
-   hidden states (problem + reference solution + transition prompt + rollout) under no_grad with
-   the adapter disabled (`teacher: initial`); student hidden states with grad; the per-token
+   hidden states at the rollout positions (problem + reference solution + transition prompt +
+   rollout) under no_grad with the adapter disabled (`teacher: initial`; one teacher view for
+   all micro-batches of the step); then student hidden states with grad; the per-token
    divergence at the rollout positions; backward;
 5. clip, AdamW step, LR schedule; metrics, events and (atomic) checkpoints through callbacks.
 
@@ -191,18 +192,28 @@ class OPSDTrainer:
 
         # 4. Teacher scoring, student forward/backward per micro-batch of similar lengths.
         totals = {"loss": 0.0, "div": 0.0, "h_s": 0.0, "h_t": 0.0, "clipped": 0.0}
-        time_teacher = time_student = 0.0
+        time_student = 0.0
         lr = float(self.scheduler.get_last_lr()[0])
         micro_batches = length_sorted_micro_batches(
             [len(p.teacher_ids) + len(r.token_ids) for p, r in rows], spec.optim.grad_accum
         )
-        for position, group in enumerate(micro_batches):
+        batches = [([rows[i][0] for i in g], [rows[i][1] for i in g]) for g in micro_batches]
+        # The teacher's hidden states at the rollout positions of every micro-batch, under one
+        # teacher view (the adapter is switched off and on once per step, not per micro-batch).
+        t0 = time.perf_counter()
+        teacher_hidden = []
+        with self.policy.teacher_view(spec.teacher):
+            for pairs_, rollouts_ in batches:
+                stop_point(self)
+                teacher_hidden.append(self._teacher_hidden(pairs_, rollouts_))
+        time_teacher = time.perf_counter() - t0
+        for position, (pairs_, rollouts_) in enumerate(batches):
             stop_point(self)
-            is_last = position == len(micro_batches) - 1
-            result, t_teacher, t_student = self._score_and_backward(
-                [rows[i][0] for i in group], [rows[i][1] for i in group], normalizer, sync=is_last
+            is_last = position == len(batches) - 1
+            result, _, t_student = self._score_and_backward(
+                pairs_, rollouts_, normalizer, sync=is_last, teacher_hidden=teacher_hidden[position]
             )
-            time_teacher += t_teacher
+            teacher_hidden[position] = None  # freed as soon as used
             time_student += t_student
             totals["loss"] += float(result.loss.detach())
             totals["div"] += float(result.divergence_sum)
@@ -279,32 +290,46 @@ class OPSDTrainer:
             metrics["clip_frac"] = reduced[3] / denominator
         return metrics
 
+    def _teacher_hidden(self, pairs: list[PromptPair], rollouts: list[Rollout]) -> torch.Tensor:
+        """The teacher's final hidden states ``[B, R, H]`` that predict the rollout tokens (call
+        inside ``policy.teacher_view``)."""
+        ids = [r.token_ids for r in rollouts]
+        width = max(max((len(x) for x in ids), default=0), 1)
+        batch = assemble_scoring_batch(
+            [p.teacher_ids for p in pairs], ids, pad_id=self.pad_id, rollout_width=width
+        )
+        with self.accelerator.autocast():
+            hidden = self.policy.hidden_states(
+                batch.input_ids, batch.attention_mask, batch.position_ids
+            )
+            return batch.at_rollout(hidden)
+
     def _score_and_backward(
-        self, pairs: list[PromptPair], rollouts: list[Rollout], normalizer: float, *, sync: bool
+        self,
+        pairs: list[PromptPair],
+        rollouts: list[Rollout],
+        normalizer: float,
+        *,
+        sync: bool,
+        teacher_hidden: torch.Tensor | None = None,
     ) -> tuple[RolloutLoss, float, float]:
-        spec, acc, policy = self.spec, self.accelerator, self.policy
+        """One micro-batch: its loss (over ``normalizer``) and backward; the teacher pass too
+        unless ``teacher_hidden`` is given. Returns the loss and the teacher/student seconds."""
+        spec, acc = self.spec, self.accelerator
         ids = [r.token_ids for r in rollouts]
         width = max(max((len(x) for x in ids), default=0), 1)
         targets, mask = rollout_targets(
             ids, width, pad_id=self.pad_id, skip_first=spec.loss.num_loss_tokens_to_skip
         )
         targets, mask = targets.to(acc.device), mask.to(acc.device)
-        teacher_batch = assemble_scoring_batch(
-            [p.teacher_ids for p in pairs], ids, pad_id=self.pad_id, rollout_width=width
-        )
         student_batch = assemble_scoring_batch(
             [p.student_ids for p in pairs], ids, pad_id=self.pad_id, rollout_width=width
         )
 
         t0 = time.perf_counter()
-        with policy.teacher_view(spec.teacher), acc.autocast():
-            teacher_hidden = teacher_batch.at_rollout(
-                policy.hidden_states(
-                    teacher_batch.input_ids,
-                    teacher_batch.attention_mask,
-                    teacher_batch.position_ids,
-                )
-            )
+        if teacher_hidden is None:
+            with self.policy.teacher_view(spec.teacher):
+                teacher_hidden = self._teacher_hidden(pairs, rollouts)
         t1 = time.perf_counter()
 
         context = acc.no_sync(self.scorer) if not sync else contextlib.nullcontext()

@@ -197,3 +197,39 @@ def test_a_stop_while_sampling_raises_and_restores_the_mode(backend) -> None:
     assert polls == [1], "polled every few decode steps, stopped at the first True"
     assert model.training
     model.eval()
+
+
+def test_folded_lora_computes_the_same_function_and_leaves_the_weights(tiny_model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from opsd_engine.config import LoraConfig
+    from opsd_engine.modeling import attach_lora
+    from opsd_engine.rollout import folded_lora
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = attach_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # non-zero B, so the adapter changes the function
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 9, 30, 41, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits
+        with folded_lora(model) as folded:
+            got = model(input_ids=ids).logits
+        with model.disable_adapter(), folded_lora(model) as folded_disabled:
+            got_disabled = model(input_ids=ids).logits
+    assert folded == 14 and folded_disabled == 0  # 2 layers x 7 projections; none when off
+    assert (expected - base_logits).abs().max() > 1e-3, "the adapter must matter here"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_disabled, base_logits, rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all("forward" not in vars(m) for m in model.modules()), "forwards restored"
+    with torch.no_grad(), folded_lora(model, max_bytes=0) as none_fit:
+        assert none_fit == 0
