@@ -13,6 +13,12 @@ Routes (JSON in and out, as vLLM's OpenAI server answers them):
   ``{"enable_thinking": false}``), with ``model`` naming an adapter or the base model and ``n``
   samples per prompt. Choice ``index`` is ``prompt_index * n + sample_index``; with
   ``return_token_ids`` (as in vLLM >= 0.10.2) each choice also has its ``token_ids``.
+  Generation follows vLLM's semantics (see :mod:`adapter_server.engine`): it stops on the
+  tokenizer's EOS, the generation config's EOS ids and the request's ``stop_token_ids``, and
+  nothing else (``stop_reason`` None for the EOS, the token id otherwise); a ``stop`` string
+  ends it at the token that completes the string (``stop_reason`` = the string, token ids and
+  ``usage`` cut there); ``include_stop_str_in_output`` and ``skip_special_tokens`` shape the
+  text; greedy sampling (temperature 0) needs ``n`` = 1; ``seed`` makes sampling reproducible.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with status 400 (bad request,
 unknown adapter name on load/duplicate name) or 404 (unknown model or adapter).
@@ -35,6 +41,7 @@ from adapter_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoRAAdapterRequest,
+    SamplingFields,
     UnloadLoRAAdapterRequest,
 )
 
@@ -132,10 +139,10 @@ def create_app(engine: AdapterEngine, *, allow_runtime_lora: bool | None = None)
 
     @app.post("/v1/completions")
     def completions(body: CompletionRequest) -> dict[str, Any]:
-        _refuse_unsupported(body.stream, body.echo, body.logprobs is not None)
+        _refuse_unsupported(body, logprobs=body.logprobs is not None)
         _check_model(engine, body.model)
-        prompts = _completion_prompts(engine, body.prompt)
-        sampling = _sampling(body, body.max_tokens or 16)
+        prompts = _completion_prompts(engine, body.prompt, body.add_special_tokens)
+        sampling = _sampling(engine, body, body.max_tokens or 16)
         results = engine.generate(body.model, prompts, sampling)
         choices = [
             {
@@ -143,7 +150,7 @@ def create_app(engine: AdapterEngine, *, allow_runtime_lora: bool | None = None)
                 "text": sample.text,
                 "logprobs": None,
                 "finish_reason": sample.finish_reason,
-                "stop_reason": None,
+                "stop_reason": sample.stop_reason,
                 **({"token_ids": list(sample.token_ids)} if body.return_token_ids else {}),
             }
             for i, samples in enumerate(results)
@@ -160,7 +167,7 @@ def create_app(engine: AdapterEngine, *, allow_runtime_lora: bool | None = None)
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: ChatCompletionRequest) -> dict[str, Any]:
-        _refuse_unsupported(body.stream, body.echo, bool(body.logprobs))
+        _refuse_unsupported(body, logprobs=bool(body.logprobs))
         _check_model(engine, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = engine.encode_chat(
@@ -171,14 +178,14 @@ def create_app(engine: AdapterEngine, *, allow_runtime_lora: bool | None = None)
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
             max_tokens = max(engine.max_model_len - len(prompt), 1)
-        results = engine.generate(body.model, [prompt], _sampling(body, max_tokens))
+        results = engine.generate(body.model, [prompt], _sampling(engine, body, max_tokens))
         choices = [
             {
                 "index": j,
                 "message": {"role": "assistant", "content": sample.text},
                 "logprobs": None,
                 "finish_reason": sample.finish_reason,
-                "stop_reason": None,
+                "stop_reason": sample.stop_reason,
                 **({"token_ids": list(sample.token_ids)} if body.return_token_ids else {}),
             }
             for j, sample in enumerate(results[0])
@@ -195,10 +202,26 @@ def create_app(engine: AdapterEngine, *, allow_runtime_lora: bool | None = None)
     return app
 
 
-def _refuse_unsupported(stream: bool, echo: bool, logprobs: bool) -> None:
-    for name, used in (("stream", stream), ("echo", echo), ("logprobs", logprobs)):
+def _refuse_unsupported(body: SamplingFields, *, logprobs: bool) -> None:
+    """A 400 for each field this server does not implement, when it would change the result
+    (vLLM would honour it; ignoring it silently would make this stand-in differ)."""
+    unsupported = {
+        "stream": body.stream,
+        "echo": body.echo,
+        "logprobs": logprobs,
+        "presence_penalty": body.presence_penalty not in (None, 0.0),
+        "frequency_penalty": body.frequency_penalty not in (None, 0.0),
+        "ignore_eos": body.ignore_eos,
+        "min_tokens": body.min_tokens > 0,
+        "logit_bias": bool(body.logit_bias),
+        "bad_words": bool(body.bad_words),
+        "allowed_token_ids": body.allowed_token_ids is not None,
+    }
+    for name, used in unsupported.items():
         if used:
             raise InvalidRequest(f"'{name}' is not supported by this server", param=name)
+    if any(not s for s in body.stop_strings()):
+        raise InvalidRequest("stop cannot contain an empty string.", param="stop")
 
 
 def _check_model(engine: AdapterEngine, model: str) -> None:
@@ -206,25 +229,54 @@ def _check_model(engine: AdapterEngine, model: str) -> None:
         raise NotFound(f"The model `{model}` does not exist.", param="model")
 
 
-def _completion_prompts(engine: AdapterEngine, prompt: Any) -> list[list[int]]:
+def _completion_prompts(
+    engine: AdapterEngine, prompt: Any, add_special_tokens: bool = True
+) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [engine.encode_text(prompt)]
+        return [engine.encode_text(prompt, add_special_tokens=add_special_tokens)]
     if not prompt:
         raise InvalidRequest("prompt must not be empty", param="prompt")
     if all(isinstance(t, int) for t in prompt):
         return [list(prompt)]
-    return [engine.encode_text(p) if isinstance(p, str) else list(p) for p in prompt]
+    return [
+        engine.encode_text(p, add_special_tokens=add_special_tokens)
+        if isinstance(p, str)
+        else list(p)
+        for p in prompt
+    ]
 
 
-def _sampling(body: Any, max_tokens: int) -> Sampling:
+def _sampling(engine: AdapterEngine, body: SamplingFields, max_tokens: int) -> Sampling:
+    """The request's sampling, unset fields from the model's generation config (vLLM's
+    ``default_sampling_params``), else vLLM's neutral defaults; ``max_new_tokens`` of the
+    generation config caps ``max_tokens``, and a seed of -1 means none, as in vLLM."""
+    defaults = engine.default_sampling
+
+    def value(name: str, neutral: float) -> float:
+        given = getattr(body, name)
+        return float(given if given is not None else defaults.get(name, neutral))
+
+    for name, neutral in (("repetition_penalty", 1.0), ("min_p", 0.0)):
+        if value(name, neutral) != neutral:
+            source = "" if getattr(body, name) is not None else " (the model's generation config)"
+            raise InvalidRequest(
+                f"'{name}' = {value(name, neutral)}{source} is not supported by this server; "
+                f"send {name}: {neutral}",
+                param=name,
+            )
+    top_k = int(value("top_k", 0))
+    cap = defaults.get("max_tokens")
     return Sampling(
         n=body.n,
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=0 if body.top_k is None or body.top_k < 0 else body.top_k,
-        seed=body.seed,
+        max_tokens=min(max_tokens, cap) if cap else max_tokens,
+        temperature=value("temperature", 1.0),
+        top_p=value("top_p", 1.0),
+        top_k=0 if top_k < 0 else top_k,
+        seed=None if body.seed == -1 else body.seed,
         stop=body.stop_strings(),
+        stop_token_ids=tuple(dict.fromkeys(body.stop_token_ids or ())),
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
     )
 
 

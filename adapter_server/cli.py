@@ -24,7 +24,11 @@ def serve_adapters(
         None, "--served-model-name", help="Name of the base model in /v1/models (default: dir)."
     ),
     max_loras: int = typer.Option(8, "--max-loras", help="Adapters kept loaded (LRU eviction)."),
-    max_lora_rank: int = typer.Option(256, "--max-lora-rank", help="Largest LoRA rank accepted."),
+    max_lora_rank: int = typer.Option(
+        256,
+        "--max-lora-rank",
+        help="Largest LoRA rank accepted, of any module (rank_pattern included), as in vLLM.",
+    ),
     max_batch_sequences: int = typer.Option(
         32, "--max-batch-sequences", help="Sequences sampled together in one batch."
     ),

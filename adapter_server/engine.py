@@ -11,6 +11,15 @@ evicts the least recently used.
 Model work (generation, loading, unloading) is serialized by one lock; the ``n`` samples of a
 request, and several prompts of one request, are sampled together in batches of at most
 ``max_batch_sequences`` sequences with the engine's rollout backend (KV cache, left padding).
+
+It is the CPU stand-in for vLLM, so it follows vLLM's documented behaviour, not the engine's
+conveniences: the stop set is the tokenizer's EOS, the generation config's EOS ids and the
+request's ``stop_token_ids`` (nothing else: a ChatML ``<|im_end|>`` that is neither does not
+stop it); stop strings and the text are computed as vLLM's detokenizer does (:meth:`_finish`);
+adapter configs are checked as vLLM checks them (:meth:`_check_config`); unset sampling fields
+take the generation config's defaults (:func:`default_sampling_params`). Serving never changes
+a parameter's ``requires_grad``. The contract tests in ``tests/contract/`` hold it to this, and
+run unchanged against a real vLLM.
 """
 
 from __future__ import annotations
@@ -29,13 +38,7 @@ from typing import Any
 
 import torch
 
-from opsd_engine.modeling import (
-    load_base_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-    stop_token_ids,
-)
+from opsd_engine.modeling import load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from opsd_engine.rollout import SamplingParams, TransformersRolloutBackend
 
 log = logging.getLogger("opsd.adapter_server")
@@ -73,9 +76,12 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class Sample:
+    """One completion, as vLLM reports it (``CompletionOutput``)."""
+
     text: str
-    token_ids: tuple[int, ...]  # the sampled completion ids (the stop token included)
+    token_ids: tuple[int, ...]  # sampled ids, up to and including the token that stopped it
     finish_reason: str  # "stop" | "length"
+    stop_reason: int | str | None = None  # the stop token id (not EOS) or stop string
 
     @property
     def num_tokens(self) -> int:
@@ -84,7 +90,12 @@ class Sample:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings of one request. ``top_k`` <= 0 and ``top_p`` 1 disable those filters."""
+    """Sampling settings of one request (vLLM's ``SamplingParams`` subset we serve).
+
+    ``top_k`` <= 0 and ``top_p`` 1 disable those filters; ``temperature`` 0 is greedy (then
+    ``n`` must be 1, as in vLLM). ``stop_token_ids`` are added to the engine's EOS ids;
+    ``stop`` strings end generation at the token that completes one.
+    """
 
     n: int = 1
     max_tokens: int = 16
@@ -93,6 +104,9 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
 
 def _is_local(uri: str) -> bool:
@@ -132,7 +146,14 @@ class AdapterEngine:
             param.requires_grad_(False)
         self._base: Any = base
         self._peft: Any = None  # the PeftModel once an adapter is loaded
-        self.stop_ids = stop_token_ids(self.tokenizer, base)
+        # vLLM's stop set: the tokenizer's EOS (a stop with stop_reason None) plus the generation
+        # config's EOS ids (SamplingParams.update_from_generation_config), nothing else; a
+        # request adds its own stop_token_ids.
+        self.eos_token_id: int | None = self.tokenizer.eos_token_id
+        generation_config = base.generation_config
+        self.stop_ids = _unique([self.eos_token_id, generation_config.eos_token_id])
+        self.default_sampling = default_sampling_params(generation_config)
+        self.vocab_size = int(base.config.vocab_size)
         config_len = getattr(base.config, "max_position_embeddings", None)
         self.max_model_len = int(max_model_len or config_len or 4096)
         self.created = int(time.time())
@@ -238,6 +259,14 @@ class AdapterEngine:
         return target
 
     def _check_config(self, local: Path, path: str) -> int | None:
+        """vLLM's checks of an adapter config; the adapter's rank (the largest of any module).
+
+        As vLLM's ``PEFTHelper.validate_legal`` (``vllm/lora/peft_helper.py``): the rank
+        checked against ``max_lora_rank`` is ``max(r, *rank_pattern.values())``, and adapters
+        using PEFT features vLLM does not implement (bias, DoRA, ``modules_to_save``, LoRA
+        bias, base-modifying inits such as PiSSA/OLoRA/LoftQ, layer replication) are refused,
+        all messages joined in one 400. ``alpha_pattern`` needs no check: peft applies it.
+        """
         try:
             config = json.loads((local / "adapter_config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -245,15 +274,28 @@ class AdapterEngine:
         if config.get("peft_type", "LORA") != "LORA":
             raise InvalidRequest(f"{path} is a {config.get('peft_type')} adapter, not LoRA")
         rank = config.get("r")
-        if isinstance(rank, int) and rank > self.max_lora_rank:
-            raise InvalidRequest(
-                f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}."
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise InvalidRequest(f"LoRA rank `r` must be a positive integer, got {rank!r}.")
+        pattern = config.get("rank_pattern") or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pattern.values()
+        ):
+            raise InvalidRequest(f"rank_pattern must map module names to ranks, got {pattern!r}")
+        max_rank = max([rank, *pattern.values()])
+        errors = _unsupported_features(config)
+        if max_rank > self.max_lora_rank:
+            errors.append(
+                f"LoRA rank {max_rank} is greater than max_lora_rank {self.max_lora_rank}."
             )
-        return rank if isinstance(rank, int) else None
+        if config.get("bias", "none") != "none":
+            errors.append("Adapter bias is not supported.")
+        if errors:
+            raise InvalidRequest(" ".join(errors))
+        return max_rank
 
     # ---------------------------------------------------------------------------- prompts
-    def encode_text(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    def encode_text(self, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
     def encode_chat(
         self,
@@ -282,6 +324,18 @@ class AdapterEngine:
         """``sampling.n`` samples for each prompt, with ``model`` (an adapter or the base)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequest("prompt must not be empty", param="prompt")
+        greedy = sampling.temperature < _SAMPLING_EPS
+        if greedy and sampling.n > 1:
+            raise InvalidRequest(
+                f"n must be 1 when using greedy sampling, got {sampling.n}.", param="n"
+            )
+        outside = [t for t in sampling.stop_token_ids if not 0 <= t < self.vocab_size]
+        if outside:
+            raise InvalidRequest(
+                f"token_id(s) {outside} in stop_token_ids contain out-of-vocab token ids. "
+                f"Vocabulary size: {self.vocab_size}",
+                param="stop_token_ids",
+            )
         vocab = len(self.tokenizer)
         for prompt in prompts:
             if any(not 0 <= int(t) < vocab for t in prompt):
@@ -293,44 +347,97 @@ class AdapterEngine:
                     f"({len(prompt)} in the messages, {sampling.max_tokens} in the completion).",
                     param="max_tokens",
                 )
-        # Greedy decoding gives one answer per prompt: sample it once and repeat it n times.
-        greedy = sampling.temperature == 0
-        per_prompt = 1 if greedy else sampling.n
         params = SamplingParams(
             max_new_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=max(sampling.top_k, 0),
-            num_generations=per_prompt,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy else max(sampling.top_k, 0),
+            num_generations=sampling.n,
         )
+        stop_ids = _unique([*self.stop_ids, *sampling.stop_token_ids])
         with self._lock, self._selected(model) as runnable, self._rng(sampling.seed):
             backend = TransformersRolloutBackend(
                 runnable,
                 pad_id=int(self.tokenizer.pad_token_id),
-                stop_ids=self.stop_ids,
+                stop_ids=stop_ids,
                 device=self.device,
-                batch_size=max(1, self.max_batch_sequences // per_prompt),
+                batch_size=max(1, self.max_batch_sequences // sampling.n),
             )
             rollouts = backend.generate([list(map(int, p)) for p in prompts], params)
         out: list[list[Sample]] = [[] for _ in prompts]
         for rollout in rollouts:
-            text = self.tokenizer.decode(rollout.token_ids, skip_special_tokens=True)
-            reason = "stop" if rollout.finished else "length"
-            cut = _cut_at_stop_strings(text, sampling.stop)
-            if cut is not None:
-                text, reason = cut, "stop"
-            sample = Sample(text, tuple(rollout.token_ids), reason)
-            out[rollout.prompt_index].extend([sample] * (sampling.n if greedy else 1))
+            out[rollout.prompt_index].append(
+                self._finish(list(rollout.token_ids), rollout.finished, sampling)
+            )
         return out
+
+    def _finish(self, token_ids: list[int], stopped: bool, sampling: Sampling) -> Sample:
+        """Text, stop strings and stop reason of one completion, as vLLM's output processor does.
+
+        vLLM (``vllm/v1/engine/detokenizer.py``, ``BaseIncrementalDetokenizer.update`` and
+        ``check_stop_strings``) detokenizes incrementally; a completion ended by a stop token
+        leaves that token out of the text unless ``include_stop_str_in_output``; after each
+        token the new text is searched for the stop strings (in list order), and the first hit
+        ends the completion at that token: ``finish_reason="stop"``, ``stop_reason`` = the
+        string, text cut before it (after it with ``include_stop_str_in_output``). Token ids
+        (and so ``usage``) end at the token that completed the string. A completion ended by
+        the tokenizer's EOS has ``stop_reason`` None; by another stop token, that token's id.
+        """
+        reason: str = "stop" if stopped else "length"
+        stop_reason: int | str | None = None
+        if stopped and token_ids[-1] != self.eos_token_id:
+            stop_reason = token_ids[-1]
+        shown = token_ids[:-1] if stopped and not sampling.include_stop_str_in_output else token_ids
+        text = ""
+        for position, piece in enumerate(self._pieces(shown, sampling.skip_special_tokens)):
+            text += piece
+            if not sampling.stop or not piece:
+                continue
+            hit = _check_stop_strings(
+                text, len(piece), sampling.stop, sampling.include_stop_str_in_output
+            )
+            if hit is not None:
+                stop_string, truncate_to = hit
+                if truncate_to != -1:
+                    text = text[:truncate_to]
+                return Sample(text, tuple(token_ids[: position + 1]), "stop", stop_string)
+        return Sample(text, tuple(token_ids), reason, stop_reason)
+
+    def _pieces(self, token_ids: Sequence[int], skip_special_tokens: bool) -> Iterator[str]:
+        """The text each token adds, decoded incrementally (tokenizers' ``DecodeStream``, as
+        vLLM's fast detokenizer; a token ending inside a UTF-8 character adds "")."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            for token in token_ids:
+                yield stream.step(backend, int(token)) or ""
+            return
+        previous = ""  # a slow tokenizer: decode each prefix
+        for end in range(1, len(token_ids) + 1):
+            current = self.tokenizer.decode(
+                list(token_ids[:end]), skip_special_tokens=skip_special_tokens
+            )
+            if current.endswith("\ufffd") or not current.startswith(previous):
+                yield ""
+                continue
+            yield current[len(previous) :]
+            previous = current
 
     @contextlib.contextmanager
     def _selected(self, model: str) -> Iterator[Any]:
-        """The module to sample from for ``model`` (adapter active, or adapters disabled)."""
+        """The module to sample from for ``model`` (adapter active, or adapters disabled).
+
+        peft's ``set_adapter`` marks the active adapter trainable and leaving
+        ``disable_adapter()`` re-enables adapter layers; serving must change no parameter's
+        ``requires_grad``, so the flags are put back as they were afterwards.
+        """
         if model == self.served_model_name:
             if self._peft is None:
                 yield self._base
             else:
-                with self._peft.disable_adapter():
+                with self._kept_flags(), self._peft.disable_adapter():
                     yield self._peft
             return
         info = self._adapters.get(model)
@@ -338,8 +445,19 @@ class AdapterEngine:
             raise NotFound(f"The model `{model}` does not exist.", param="model")
         self._adapters.move_to_end(model)
         info.last_used = time.time()
-        self._peft.set_adapter(model)
-        yield self._peft
+        with self._kept_flags():
+            self._peft.set_adapter(model)
+            yield self._peft
+
+    @contextlib.contextmanager
+    def _kept_flags(self) -> Iterator[None]:
+        flags = [(p, p.requires_grad) for p in self._peft.parameters()]
+        try:
+            yield
+        finally:
+            for param, flag in flags:
+                if param.requires_grad != flag:
+                    param.requires_grad_(flag)
 
     @contextlib.contextmanager
     def _rng(self, seed: int | None) -> Iterator[None]:
@@ -352,7 +470,75 @@ class AdapterEngine:
             yield
 
 
-def _cut_at_stop_strings(text: str, stop: Sequence[str]) -> str | None:
-    """``text`` up to the first stop string (excluded), or None when none occurs."""
-    positions = [i for s in stop if s and (i := text.find(s)) >= 0]
-    return text[: min(positions)] if positions else None
+_SAMPLING_EPS = 1e-5  # vLLM: a temperature below this is greedy sampling
+
+# init_lora_weights values that only set initial weights (a saved adapter is a plain LoRA);
+# other strings (pissa, olora, corda, loftq, ...) modify the base weights: vLLM refuses them.
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def _unsupported_features(config: dict[str, Any]) -> list[str]:
+    """vLLM's ``PEFTHelper._validate_features`` messages for an adapter config."""
+    errors = []
+    unsupported = [
+        m for m in config.get("modules_to_save") or [] if m not in ("classifier", "score")
+    ]
+    if unsupported:
+        errors.append(
+            "vLLM only supports modules_to_save being either None or "
+            f'["classifier", "score"] for classification models. Unsupported modules_to_save: '
+            f"{unsupported}"
+        )
+    if config.get("use_dora"):
+        errors.append("vLLM does not yet support DoRA.")
+    if config.get("lora_bias"):
+        errors.append("vLLM does not support LoRA bias (lora_bias).")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        errors.append(f"vLLM does not support init_lora_weights={init!r}.")
+    if config.get("layer_replication"):
+        errors.append("vLLM does not support layer_replication.")
+    return errors
+
+
+def _check_stop_strings(
+    text: str, new_chars: int, stop: Sequence[str], include_in_output: bool
+) -> tuple[str, int] | None:
+    """vLLM's ``check_stop_strings``: ``(stop string, length to cut the text to or -1)`` for the
+    first string of ``stop`` (in list order) that occurs in the last ``new_chars`` characters
+    (or straddles them), else None."""
+    for stop_string in stop:
+        index = text.find(stop_string, 1 - new_chars - len(stop_string))
+        if index == -1:
+            continue
+        if include_in_output:
+            index += len(stop_string)
+            if index >= len(text):
+                return stop_string, -1
+        return stop_string, index
+    return None
+
+
+def _unique(candidates: Sequence[Any]) -> list[int]:
+    ids: list[int] = []
+    for candidate in candidates:
+        for value in candidate if isinstance(candidate, list | tuple) else [candidate]:
+            if value is not None and int(value) not in ids:
+                ids.append(int(value))
+    return ids
+
+
+#: The sampling defaults vLLM takes from a model's generation config (``ModelConfig.
+#: get_diff_sampling_param``): used when a request leaves the parameter unset.
+GENERATION_CONFIG_DEFAULTS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+
+
+def default_sampling_params(generation_config: Any) -> dict[str, Any]:
+    """The request defaults vLLM (``--generation-config auto``) reads from a model's generation
+    config: the non-default values of :data:`GENERATION_CONFIG_DEFAULTS`, and ``max_new_tokens``
+    as ``max_tokens``, a cap on every request's."""
+    diff = generation_config.to_diff_dict()
+    out = {key: diff[key] for key in GENERATION_CONFIG_DEFAULTS if diff.get(key) is not None}
+    if diff.get("max_new_tokens") is not None:
+        out["max_tokens"] = int(diff["max_new_tokens"])
+    return out

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from api.deps import KeyCache
 from api.errors import install_error_handlers
-from api.middleware import BodySizeLimit
+from api.middleware import BodySizeLimit, JsonBodyAnyContentType
 
 DESCRIPTION = """
 Training-as-a-service for **On-Policy Self-Distillation** (OPSD) of LLMs.
@@ -35,7 +35,7 @@ def create_app(
     broker_ping: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """Build the app from settings (environment by default); parts can be injected for tests."""
-    from api.routes import evals, health, jobs, ui
+    from api.routes import evals, health, jobs, prometheus, ui
     from opsd_engine.config import JobSpec  # pure pydantic: no torch
     from opsd_service.settings import get_settings
 
@@ -44,10 +44,10 @@ def create_app(
         from jobstore import Store
 
         store = Store(settings.database_url)
-    if enqueue is None or broker_ping is None:
-        from worker.queue import enqueue_job, make_celery
+    from worker.queue import enqueue_job, make_celery
 
-        celery = make_celery(settings)
+    celery = make_celery(settings)  # connects only when used
+    if enqueue is None or broker_ping is None:
         enqueue = enqueue or (lambda job_id: enqueue_job(celery, job_id))
         broker_ping = broker_ping or (lambda: _broker_ping(celery))
 
@@ -72,11 +72,21 @@ def create_app(
     app.state.broker_ping = broker_ping
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.state.metrics_cache = jobs.MetricsCache()
+    app.state.prometheus = prometheus.ApiMetrics(
+        store,
+        lambda: prometheus.celery_queue_depths(celery),
+        tenant_classes=settings.metrics_tenant_classes,
+    )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.build_router(JobSpec))
     app.include_router(evals.build_router())
     app.include_router(ui.router)
+    app.include_router(prometheus.router)
+    # Innermost first: the latency middleware sees the matched route's template.
+    app.add_middleware(prometheus.RequestMetrics, metrics=lambda: app.state.prometheus)
+    # Added last = outermost: the size limit counts the body before anything reads it.
+    app.add_middleware(JsonBodyAnyContentType)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     logging.getLogger("opsd.api").setLevel(logging.INFO)
     return app

@@ -26,9 +26,25 @@ class JobErrorOut(BaseModel):
     category: Literal["user", "system"]
 
 
+class EvalProgressOut(BaseModel):
+    """How far a running evaluation is (of a job's spec `eval` group, or of `POST .../evals`)."""
+
+    role: Literal["adapter", "base"] = Field(
+        description="adapter: the trained student; base: the base model (adapter off)"
+    )
+    done: int = Field(description="Problems sampled so far")
+    total: int = Field(description="Problems in the benchmark")
+    samples_per_s: float = Field(0.0, description="Samples (n per problem) per second so far")
+    step: int | None = Field(None, description="The training step evaluated (job evals)")
+
+
 class Progress(BaseModel):
     step: int
     total_steps: int | None
+    eval: EvalProgressOut | None = Field(
+        None,
+        description="Set while the job evaluates (its spec's `eval` group) between steps.",
+    )
 
 
 class JobOut(BaseModel):
@@ -101,7 +117,9 @@ def job_out(job: Any) -> JobOut:
         id=job.id,
         status=job.status,
         attempt=job.attempt,
-        progress=Progress(step=job.progress_step, total_steps=job.total_steps),
+        progress=Progress(
+            step=job.progress_step, total_steps=job.total_steps, eval=_eval_activity(job)
+        ),
         error=JobErrorOut(**job.error.to_dict()) if job.error else None,
         adapter_uri=job.adapter_uri,
         spec=job.spec,
@@ -111,3 +129,14 @@ def job_out(job: Any) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
+
+
+def _eval_activity(job: Any) -> EvalProgressOut | None:
+    """The eval a running job is doing, from its `activity` (stale once the job stopped)."""
+    activity = getattr(job, "activity", None)
+    if not activity or activity.get("kind") != "eval" or job.status not in ("running",):
+        return None
+    try:
+        return EvalProgressOut.model_validate(activity, strict=False)
+    except ValueError:
+        return None

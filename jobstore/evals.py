@@ -11,7 +11,8 @@ attempt, or fails it with ``worker_lost`` once ``max_attempts`` runs were lost. 
 whose message was lost is sent again (:meth:`EvalQueries.resend_stale_queued_evals`).
 
 The table is defined on :data:`jobstore.tables.metadata` (the migrations create it: revisions
-``0002_evals``, ``0003_eval_attempts``). Rows are deleted with their job (``ON DELETE CASCADE``).
+``0002_evals``, ``0003_eval_attempts``, ``0005_eval_progress``). Rows are deleted with their
+job (``ON DELETE CASCADE``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ evals = sa.Table(
     sa.Column("resent_at", UTCDateTime(), nullable=True),
     sa.Column("idempotency_key", sa.String(255), nullable=True),
     sa.Column("request_hash", sa.String(128), nullable=True),
+    # the running eval's progress {"role", "done", "total", "samples", "seconds",
+    # "samples_per_s"}, kept once it finished (revision 0005_eval_progress)
+    sa.Column("progress", JSONDoc, nullable=True),
     sa.CheckConstraint(f"status IN ({_eval_status_list})", name="status"),
     sa.Index(None, "job_id", "created_at"),
     sa.Index(None, "tenant_id", "created_at"),
@@ -96,6 +100,7 @@ class EvalRecord:
     started_at: datetime | None
     finished_at: datetime | None
     attempt: int = 1
+    progress: dict[str, Any] | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -125,6 +130,7 @@ def _eval_record(row: Row[Any]) -> EvalRecord:
         started_at=m["started_at"],
         finished_at=m["finished_at"],
         attempt=m["attempt"],
+        progress=dict(m["progress"]) if m["progress"] is not None else None,
     )
 
 
@@ -242,6 +248,7 @@ class EvalQueries:
                     lease_owner=worker_id,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
                     started_at=sa.func.coalesce(evals.c.started_at, sa.literal(now, UTCDateTime())),
+                    progress=None,  # a new attempt samples from the start
                     attempt=sa.case((lost, evals.c.attempt + 1), else_=evals.c.attempt),
                 )
                 .returning(*evals.c)
@@ -262,6 +269,13 @@ class EvalQueries:
                 .returning(evals.c.id)
             ).first()
         return result is not None
+
+    def set_eval_progress(self, eval_id: str, worker_id: str, progress: dict[str, Any]) -> bool:
+        """Record a running eval's progress (lease owner only); False if it is not its own."""
+        return self._set_eval(
+            [evals.c.id == eval_id, evals.c.status == RUNNING, evals.c.lease_owner == worker_id],
+            progress=progress,
+        )
 
     def finish_eval(
         self, eval_id: str, *, results: dict[str, Any], worker_id: str | None = None

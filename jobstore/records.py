@@ -97,6 +97,9 @@ class JobRecord:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # what the job is doing besides its steps, e.g. {"kind": "eval", "step", "role", "done",
+    # "total", "samples_per_s"}; None when nothing (set by the worker while it runs)
+    activity: dict[str, Any] | None = None
 
     @property
     def is_terminal(self) -> bool:

@@ -153,6 +153,7 @@ def _job_record(row: Row[Any]) -> JobRecord:
         updated_at=m["updated_at"],
         started_at=m["started_at"],
         finished_at=m["finished_at"],
+        activity=dict(m["activity"]) if m["activity"] is not None else None,
     )
 
 
@@ -650,6 +651,22 @@ class Store(EvalQueries):
                 .values(**values)
             )
 
+    def set_activity(self, job_id: str, worker_id: str, activity: dict[str, Any] | None) -> None:
+        """What a running job does besides its steps (None: nothing), for the lease owner only.
+
+        Touches ``updated_at`` like progress does, so cached answers about the job refresh.
+        """
+        with self._write() as session:
+            session.execute(
+                sa.update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.status.in_((RUNNING, CANCELLING)),
+                    jobs.c.lease_owner == worker_id,
+                )
+                .values(activity=activity, updated_at=_now())
+            )
+
     def finish_job(self, job_id: str, worker_id: str, *, adapter_uri: str) -> bool:
         """running|cancelling -> succeeded with the adapter's URI, for the lease owner only."""
         now = _now()
@@ -991,6 +1008,26 @@ class Store(EvalQueries):
                 session.execute(stmt)
         except IntegrityError as exc:
             raise JobNotFound(job_id) from exc
+
+    def count_jobs_by_tenant_and_status(self) -> list[tuple[str, str, int]]:
+        """`(tenant name, status, number of jobs)` for every pair that has jobs (metrics)."""
+        query = (
+            sa.select(tenants.c.name, jobs.c.status, sa.func.count())
+            .select_from(jobs.join(tenants, tenants.c.id == jobs.c.tenant_id))
+            .group_by(tenants.c.name, jobs.c.status)
+        )
+        with self._read() as connection:
+            return [(name, status, int(count)) for name, status, count in connection.execute(query)]
+
+    def remove_checkpoint(self, job_id: str, step: int) -> bool:
+        """Forget the checkpoint of `step` (retention removed it); False if none was recorded."""
+        with self._write() as session:
+            row = session.execute(
+                sa.delete(checkpoints)
+                .where(checkpoints.c.job_id == job_id, checkpoints.c.step == step)
+                .returning(checkpoints.c.step)
+            ).first()
+        return row is not None
 
     def list_checkpoints(
         self, job_id: str, *, tenant_id: str | None = None

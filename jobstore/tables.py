@@ -110,6 +110,8 @@ jobs = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.Column("started_at", UTCDateTime(), nullable=True),
     sa.Column("finished_at", UTCDateTime(), nullable=True),
+    # what a running job does besides its steps (an eval of its spec's `eval` group); 0005
+    sa.Column("activity", JSONDoc, nullable=True),
     sa.UniqueConstraint("tenant_id", "idempotency_key"),
     sa.CheckConstraint(f"status IN ({_status_list})", name="status"),
     sa.CheckConstraint("attempt >= 1 AND max_attempts >= 1", name="attempts"),

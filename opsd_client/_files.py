@@ -7,6 +7,7 @@ links, so an archive can never write outside the destination.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tarfile
 from pathlib import Path, PurePosixPath
@@ -52,4 +53,6 @@ def extract_adapter(archive: Path, dest: Path) -> Path:
                 continue
             with source, open(target, "wb") as out:
                 shutil.copyfileobj(source, out)
+            if member.mtime > 0:  # the file's time on the server (archives of old servers: 0)
+                os.utime(target, (member.mtime, member.mtime))
     return dest

@@ -511,17 +511,22 @@ def _wait(
     def update(job: Job) -> None:
         loss = _latest_loss(client, job, seen) if job.status == "running" else seen.get("loss")
         total = job.progress.total_steps
+        evaluating = job.progress.eval if job.status == "running" else None
+        status = f"{job.status} · {evaluating.describe()}" if evaluating else job.status
         bar.update(
             task,
             total=total,
             completed=job.progress.step,
-            status=job.status,
+            status=status,
             steps=render.progress(job),
             loss=render.number(loss),
         )
-        if not show_bar and not quiet and not json_output and last_status[-1:] != [job.status]:
-            err.print(f"{job.id}: {job.status} (step {render.progress(job)})")
-        last_status.append(job.status)
+        # without a terminal: a line per status change, and per tenth of a running eval
+        tenth = evaluating.done * 10 // max(evaluating.total, 1) if evaluating else -1
+        key = f"{job.status}/{evaluating.role if evaluating else ''}/{tenth}"
+        if not show_bar and not quiet and not json_output and last_status[-1:] != [key]:
+            err.print(f"{job.id}: {status} (step {render.progress(job)})")
+        last_status.append(key)
 
     try:
         with bar:
@@ -640,11 +645,52 @@ def evals_create(
         typer.echo(f"  follow it: opsd evals wait {evaluation.id}")
 
 
+def _eval_status(evaluation: Any) -> str:
+    """`running: evaluating the adapter: 40/128 problems, 12.3 samples/s` (or the status)."""
+    if evaluation.status == "running" and evaluation.progress is not None:
+        return f"running: {evaluation.progress.describe()}"
+    return str(evaluation.status)
+
+
 def _wait_eval(
     client: Client, eval_id: str, timeout: float | None, poll: float, json_output: bool
 ) -> Any:
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    err = render.console(stderr=True)
+    show_bar = not json_output and err.is_terminal
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not show_bar,
+    )
+    task = bar.add_task(eval_id, total=None, status="")
+    shown: list[str] = []
+
+    def update(evaluation: Any) -> None:
+        progress = evaluation.progress if evaluation.status == "running" else None
+        bar.update(
+            task,
+            total=progress.total if progress else None,
+            completed=progress.done if progress else 0,
+            status=_eval_status(evaluation),
+        )
+        # without a terminal (logs, CI): a line when the status or the sampled model changes
+        # and at every tenth of the problems
+        if not show_bar and not json_output:
+            tenth = progress.done * 10 // max(progress.total, 1) if progress else -1
+            key = f"{evaluation.status}/{progress.role if progress else ''}/{tenth}"
+            if shown[-1:] != [key]:
+                shown.append(key)
+                err.print(f"{eval_id}: {_eval_status(evaluation)}")
+
     try:
-        evaluation = client.evals.wait(eval_id, timeout=timeout, poll=poll)
+        with bar:
+            evaluation = client.evals.wait(eval_id, timeout=timeout, poll=poll, on_update=update)
     except EvalFailedError as exc:
         if not json_output:
             render.show(render.eval_sheet(exc.eval))

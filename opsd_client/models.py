@@ -54,9 +54,30 @@ class JobError(_Model):
     category: Literal["user", "system"]
 
 
+class EvalProgress(_Model):
+    """How far a running evaluation is: `done` of `total` problems sampled for `role`
+    (`adapter` or `base`), at `samples_per_s`; `step` is the training step a job's own eval
+    scores (`None` for evals made with `client.evals.create`)."""
+
+    role: str
+    done: int
+    total: int
+    samples_per_s: float = 0.0
+    step: int | None = None
+
+    def describe(self) -> str:
+        """One line for people: `evaluating the adapter: 40/128 problems, 12.3 samples/s`."""
+        at = f" (step {self.step})" if self.step is not None else ""
+        return (
+            f"evaluating the {self.role}{at}: {self.done}/{self.total} problems, "
+            f"{self.samples_per_s:.1f} samples/s"
+        )
+
+
 class Progress(_Model):
     step: int
     total_steps: int | None = None
+    eval: EvalProgress | None = None  # set while the job's spec `eval` group runs
 
     @property
     def fraction(self) -> float | None:
@@ -238,6 +259,7 @@ class _EvalFields(_Model):
     config: dict[str, Any] = Field(default_factory=dict)
     results: EvalResults | None = None
     error: JobError | str | None = None
+    progress: EvalProgress | None = None  # sampling progress (kept once finished)
     created_at: datetime
     finished_at: datetime | None = None
 
@@ -251,9 +273,16 @@ class Eval(_EvalFields):
 
     _client: Any = PrivateAttr(default=None)
 
-    def wait(self, *, timeout: float | None = None, poll: float = 2.0) -> Eval:
-        """Block until the eval finishes; raises `EvalFailedError` when it failed."""
-        return _bound(self).evals.wait(self.id, timeout=timeout, poll=poll)
+    def wait(
+        self,
+        *,
+        timeout: float | None = None,
+        poll: float = 2.0,
+        on_update: Callable[[Eval], None] | None = None,
+    ) -> Eval:
+        """Block until the eval finishes (`on_update` sees every poll, with its `progress`);
+        raises `EvalFailedError` when it failed."""
+        return _bound(self).evals.wait(self.id, timeout=timeout, poll=poll, on_update=on_update)
 
     def refresh(self) -> Eval:
         return _bound(self).evals.retrieve(self.id)
@@ -264,8 +293,16 @@ class AsyncEval(_EvalFields):
 
     _client: Any = PrivateAttr(default=None)
 
-    async def wait(self, *, timeout: float | None = None, poll: float = 2.0) -> AsyncEval:
-        return await _bound(self).evals.wait(self.id, timeout=timeout, poll=poll)
+    async def wait(
+        self,
+        *,
+        timeout: float | None = None,
+        poll: float = 2.0,
+        on_update: Callable[[AsyncEval], None] | None = None,
+    ) -> AsyncEval:
+        return await _bound(self).evals.wait(
+            self.id, timeout=timeout, poll=poll, on_update=on_update
+        )
 
     async def refresh(self) -> AsyncEval:
         return await _bound(self).evals.retrieve(self.id)

@@ -3,9 +3,11 @@
 A checkpoint directory `step-000123/` holds everything needed to continue bit-for-bit:
 `adapter/` (standard PEFT format: adapter_config.json + adapter_model.safetensors), the
 optimizer and LR-scheduler state, every RNG state (python, numpy, torch CPU and CUDA), and
-`trainer_state.json` (step, data position, token counters). It is written into a temporary
-sibling directory and renamed into place only when complete, so a crash mid-write never leaves
-a directory that looks like a checkpoint.
+`trainer_state.json` (step, data position, token counters, the spec). It is written into a
+temporary sibling directory and renamed into place only when complete, so a crash mid-write
+never leaves a directory that looks like a checkpoint. Retention (`checkpoint.keep_last`) removes
+old ones only after a newer one is complete, each by one rename out of the namespace. Files get
+the mode a plain `open()` gives (safetensors alone would leave the weights 0600).
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ class TrainerState:
     total_steps: int = 0
     spec_fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # the whole spec that wrote the checkpoint (`spec_to_dict`), so a resume can name each field
+    # that differs; empty in checkpoints of older versions (then only the fingerprint is known)
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint cannot be resumed with this spec; the message names each differing field."""
 
 
 def step_dir_name(step: int) -> str:
@@ -70,6 +79,27 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(root: str | Path) -> None:
+    """Give every file under `root` the mode a plain `open()` would (0666 less the umask).
+
+    safetensors writes `*.safetensors` through a private temporary file and keeps its 0600
+    mode, so a saved model or adapter was readable by its owner only (an inference server or a
+    colleague running as another user could not load it). Directories get 0777 less the umask.
+    """
+    mask = _umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def save_checkpoint(
     directory: str | Path,
     *,
@@ -95,6 +125,7 @@ def save_checkpoint(
         if rank_rng_states is not None:
             torch.save(rank_rng_states, tmp / RANK_RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
+        normalize_modes(tmp)
         _fsync_tree(tmp)
         if final.exists():  # re-saving a step after a resume: swap, never leave a gap
             trash = directory / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -120,6 +151,30 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         if match and (child / STATE_FILE).is_file() and (child / ADAPTER_DIR).is_dir():
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
+
+
+def retired_checkpoints(
+    directory: str | Path, *, keep_last: int, final_step: int | None = None
+) -> list[Path]:
+    """The complete checkpoints retention removes: all but the `keep_last` newest, never the
+    one at `final_step` (the end of the run is kept in addition). Oldest first."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    steps = [(read_state(path).step, path) for path in list_checkpoints(directory)]
+    periodic = [path for step, path in steps if step != final_step]
+    return periodic[: max(0, len(periodic) - keep_last)]
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Remove a checkpoint directory atomically: it is renamed out of the checkpoint namespace
+    first (so it is no checkpoint from that instant on, even if the process dies while the files
+    are deleted), then deleted. Leftovers of an earlier interrupted removal go too."""
+    path = Path(path)
+    trash = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    for leftover in path.parent.glob(".old-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -174,6 +229,7 @@ def save_adapter(peft_model: Any, directory: str | Path) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".tmp-{directory.name}-{uuid.uuid4().hex[:8]}"
     peft_model.save_pretrained(str(tmp))
+    normalize_modes(tmp)
     _fsync_tree(tmp)
     if directory.exists():
         shutil.rmtree(directory)

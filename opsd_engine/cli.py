@@ -1,6 +1,8 @@
 """The `opsd` command line: local training and developer helpers.
 
-`opsd train SPEC --out DIR [--resume]` runs a job locally; `opsd spec show SPEC` prints the
+`opsd train SPEC --out DIR [--resume]` runs a job locally (Ctrl-C stops it after the current
+step with a checkpoint, records an `interrupted` event, prints the command that resumes it and
+exits 130); `opsd spec show SPEC` prints the
 resolved spec with every default; `opsd dev tiny-model DIR` / `opsd dev tiny-dataset FILE` build
 an offline tiny Qwen3-architecture model and a matching dataset. User mistakes (bad spec, bad
 dataset, missing model) print one readable error and exit with status 2.
@@ -11,7 +13,7 @@ data-parallel group (gloo on the CPU, NCCL on GPUs). ``accelerate launch --cpu -
 N`` starts a single process unless MPI is configured (accelerate's multi-CPU path), so `train`
 hands such a launch to ``torch.distributed.run`` with the N read from the launcher's own
 arguments (:func:`_relaunch_accelerate_cpu`). Rank 0 alone writes DIR's files and prints the
-result line; SIGTERM/SIGINT or ``--stop-file`` stop every rank at the next poll, with a checkpoint.
+result line; SIGTERM or ``--stop-file`` stop every rank at the next poll, with a checkpoint.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ def _fail(message: str) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from opsd_engine.checkpoint import ResumeMismatchError
     from opsd_engine.config import SpecError
     from opsd_engine.data import DatasetError
     from opsd_engine.local_run import RunDirectoryError
     from opsd_engine.modeling import ModelLoadError
 
-    return (SpecError, DatasetError, ModelLoadError, RunDirectoryError)
+    return (SpecError, DatasetError, ModelLoadError, RunDirectoryError, ResumeMismatchError)
 
 
 @app.command()
@@ -72,13 +75,15 @@ def train(
     stop_file: Path | None = typer.Option(
         None,
         "--stop-file",
-        help="Stop (with a checkpoint) when this file appears; SIGTERM/SIGINT do the same.",
+        help="Stop (with a checkpoint) when this file appears; SIGTERM does the same.",
     ),
 ) -> None:
     """Train a LoRA adapter locally (or as one rank of a torchrun / accelerate launch group)."""
+    import shlex
+
     _relaunch_accelerate_cpu()
     from opsd_engine.config import load_spec, parse_spec, spec_to_dict
-    from opsd_engine.local_run import StopRequest, run_local
+    from opsd_engine.local_run import RunInterrupted, StopRequest, run_local
 
     stop = StopRequest(stop_file)
     stop.handle_signals()
@@ -92,6 +97,21 @@ def train(
     except _user_errors() as exc:
         _fail(str(exc))
         return
+    except RunInterrupted as exc:
+        again = ["opsd", "train", str(spec_file), "--out", str(out), "--resume"]
+        if max_steps is not None:
+            again += ["--max-steps", str(max_steps)]
+        where = (
+            f"the latest checkpoint is {exc.checkpoint}"
+            if exc.checkpoint
+            else "no checkpoint was written yet, so a resume starts from step 0"
+        )
+        typer.secho(
+            f"interrupted after step {exc.step}; {where}.\nresume with: {shlex.join(again)}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(130) from None
     rank = next(
         (os.environ[n] for n in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK") if n in os.environ),
         "0",

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Method = Literal["opsd", "sft", "grpo"]
 DivergenceName = Literal["jsd", "forward_kl", "reverse_kl", "sampled_token"]
@@ -44,12 +52,32 @@ class _Group(BaseModel):
 
 
 class DatasetFields(_Group):
-    """Which columns of the dataset hold the problem, the reference solution and the answer."""
+    """Which fields of the dataset hold the problem, the reference solution and the answer.
 
-    problem_field: str = Field("problem", min_length=1)
-    solution_field: str = Field("solution", min_length=1)
-    answer_field: str | None = "answer"
+    A name is a column or a dotted path into nested fields (``reward_model.ground_truth``). A
+    problem or solution field may hold a list of chat messages: the problem is the last user
+    message (a system message becomes the system prompt unless ``prompts.system_prompt`` is set),
+    the solution the last assistant message. ``answer_field`` other than ``answer`` must be in
+    every row; ``answer`` is used when present (else the solution's last ``\\boxed{}``).
+    """
+
+    problem_field: str = Field(
+        "problem", min_length=1, description="Column or dotted path; text or chat messages."
+    )
+    solution_field: str = Field(
+        "solution", min_length=1, description="Column or dotted path; text or chat messages."
+    )
+    answer_field: str | None = Field(
+        "answer", min_length=1, description="Column or dotted path; null: the rows have none."
+    )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+    @field_validator("problem_field", "solution_field", "answer_field")
+    @classmethod
+    def _dotted_path(cls, value: str | None) -> str | None:
+        if value is not None and any(not part.strip() for part in value.split(".")):
+            raise ValueError(f"{value!r} is not a field name or dotted path (empty part)")
+        return value
 
 
 class GenerationConfig(_Group):
@@ -121,8 +149,33 @@ class PromptConfig(_Group):
     student_thinking: bool | None = Field(
         None, description="Qwen3 enable_thinking for the student; None leaves the template default."
     )
-    teacher_thinking: bool | None = None
-    system_prompt: str | None = None
+    allow_thinking_mismatch: bool = Field(
+        False,
+        description="Accept a teacher_thinking different from student_thinking (the two prompts "
+        "then end in different generation-prompt states).",
+    )
+    teacher_thinking: bool | None = Field(
+        None, description="enable_thinking for the teacher; None: the student's setting."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message of both roles; None: the row's own, if it has one."
+    )
+
+    @field_validator("teacher_thinking")
+    @classmethod
+    def _same_thinking_as_student(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        _check_thinking(
+            info.data.get("student_thinking"), value, info.data.get("allow_thinking_mismatch")
+        )
+        return value
+
+    @model_validator(mode="after")
+    def _teacher_follows_student(self) -> PromptConfig:
+        if self.teacher_thinking is None and self.student_thinking is not None:
+            self.teacher_thinking = self.student_thinking
+        # an assignment to student_thinking after construction is checked here
+        _check_thinking(self.student_thinking, self.teacher_thinking, self.allow_thinking_mismatch)
+        return self
 
     @field_validator("student_template")
     @classmethod
@@ -137,6 +190,21 @@ class PromptConfig(_Group):
             value, required={"problem", "solution"}, allowed={"problem", "solution", "answer"}
         )
         return value
+
+
+def _check_thinking(student: bool | None, teacher: bool | None, allowed: bool | None) -> None:
+    """Teacher and student score the same rollout tokens, so both prompts must end in the same
+    generation-prompt state: with Qwen3's switch, enable_thinking=False pre-fills
+    "<think>\\n\\n</think>\\n\\n" and True leaves the model to open "<think>" itself."""
+    if teacher is None or teacher == student or allowed:
+        return
+    raise ValueError(
+        f"teacher_thinking={teacher} differs from student_thinking={student}: the teacher and "
+        "student prompts would end in different generation-prompt states, and the teacher "
+        "would score the student's first tokens where it expects others; leave "
+        "teacher_thinking unset (it follows student_thinking) or set "
+        "prompts.allow_thinking_mismatch: true"
+    )
 
 
 class GRPOConfig(_Group):
@@ -179,6 +247,20 @@ class EvalSpec(_Group):
     include_base: bool = Field(False, description="Also evaluate the base model (adapter off).")
 
 
+class CheckpointConfig(_Group):
+    """Checkpoint retention (`checkpoint_every` says how often they are written)."""
+
+    keep_last: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the N most recent checkpoints, plus the final one; older ones are "
+        "removed once a newer one is complete. Unset: keep all.",
+    )
+
+
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+
+
 class RuntimeConfig(_Group):
     dtype: DType = "auto"
     gradient_checkpointing: bool = True
@@ -213,6 +295,19 @@ class JobSpec(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="Experiment trackers that mirror every metric and the spec (HF Trainer's "
+        "names): tensorboard, wandb, mlflow. Where they write and their credentials come from "
+        "the environment of the process that trains (TENSORBOARD_LOGGING_DIR, WANDB_*, "
+        "MLFLOW_TRACKING_URI, ...), never from the spec.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique_trackers(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _method_defaults(self) -> JobSpec:

@@ -4,8 +4,10 @@ This module owns everything between "the user gave us a dataset URI" and "a list
 `Example` objects": resolving the URI to a filesystem (local paths, ``file://`` and any
 fsspec-backed remote such as ``s3://``, ``gs://``, ``memory://``, ``http(s)://``),
 picking a reader from the file extension, streaming the rows, mapping user column names
-onto ``problem`` / ``solution`` / ``answer``, and producing readable `DatasetError`
-messages that name the source, the line or row, and the field at fault.
+(or dotted paths into nested fields) onto ``problem`` / ``solution`` / ``answer``, reading
+chat-message lists (TRL conversational and prompt-completion layouts, verl's parquet layout),
+and producing readable `DatasetError` messages that name the source, the line or row, and the
+field at fault. Which locations may be opened at all is not decided here (a caller's policy).
 
 Supported sources
 -----------------
@@ -49,11 +51,13 @@ from fsspec.registry import known_implementations
 from fsspec.utils import compressions
 
 __all__ = [
+    "DEFAULT_FIELDS",
     "SUPPORTED_EXTENSIONS",
     "DatasetError",
     "Example",
     "check_uri_scheme",
     "load_examples",
+    "lookup_field",
 ]
 
 _TEXT_FORMATS: dict[str, str] = {
@@ -90,7 +94,8 @@ class Example:
     it is required for training sets and may be ``None`` for eval sets. ``index`` is the
     0-based position of the row among the data rows of the source (blank JSONL lines are
     not rows; for a directory of shards it counts across shards in sorted order).
-    ``extra`` holds every other field of the row, untouched, for metadata.
+    ``extra`` holds every other field of the row, untouched, for metadata. ``system_prompt`` is
+    the system message of a chat-message problem (see :func:`load_examples`), else ``None``.
     """
 
     problem: str
@@ -98,6 +103,7 @@ class Example:
     answer: str | None
     index: int
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
+    system_prompt: str | None = None
 
 
 class DatasetError(ValueError):
@@ -402,6 +408,95 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
+_MISSING: Any = object()  # "the row has no such field" (a null value is not missing)
+
+#: The default column name of each role. A field the user names (any other name) must be present
+#: in every row; the default names are used when present (``answer``, and ``solution`` of eval
+#: sets, may be absent).
+DEFAULT_FIELDS: dict[str, str] = {"problem": "problem", "solution": "solution", "answer": "answer"}
+
+
+def lookup_field(row: Mapping[str, Any], path: str) -> Any:
+    """The value at ``path`` in ``row``, or ``_MISSING``.
+
+    ``path`` is a column name, or a dotted path into nested objects and lists
+    (``reward_model.ground_truth``, ``extra_info.answer``, ``choices.0.text``). A column whose
+    name itself contains dots is found first.
+    """
+    if path in row:
+        return row[path]
+    if "." not in path:
+        return _MISSING
+    value: Any = row
+    for part in path.split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, list | tuple) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def _is_messages(value: Any) -> bool:
+    """A chat-message list: ``[{"role": ..., "content": ...}, ...]`` (OpenAI / TRL / verl)."""
+    return (
+        isinstance(value, list | tuple)
+        and len(value) > 0
+        and all(isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in value)
+    )
+
+
+def _message_text(message: Mapping[str, Any]) -> str | None:
+    """A message's text: a string ``content``, or its ``text`` parts joined by newlines (as
+    vLLM and the OpenAI API join multi-part content)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list | tuple):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping)
+            and part.get("type", "text") == "text"
+            and isinstance(part.get("text"), str)
+        ]
+        return "\n".join(texts) if texts else None
+    return None
+
+
+# Which message of a chat-message list holds each role's text.
+_MESSAGE_ROLE = {"problem": "user", "solution": "assistant"}
+
+
+def _from_messages(
+    messages: list[Any] | tuple[Any, ...], role: str, **loc: Any
+) -> tuple[str, str | None]:
+    """``(text, system prompt)`` of a chat-message list: the problem is the last user message,
+    the solution the last assistant message; the system prompt is the first system message."""
+    wanted = _MESSAGE_ROLE.get(role)
+    field_name = loc.pop("field_name")
+
+    def error(message: str) -> DatasetError:
+        return DatasetError(
+            loc["uri"], message, line=loc["line"], row=loc["index"], field=field_name
+        )
+
+    if wanted is None:
+        raise error(
+            f"expected a string or a number, got a list of chat messages ({_short_repr(messages)})"
+        )
+    chosen = [m for m in messages if m["role"] == wanted]
+    text = _message_text(chosen[-1]) if chosen else None
+    if not text or not text.strip():
+        roles = ", ".join(repr(m["role"]) for m in messages)
+        what = f"no {wanted!r} message" if not chosen else f"the last {wanted!r} message is empty"
+        raise error(f"chat messages have {what} (roles: {roles})")
+    systems = [m for m in messages if m["role"] == "system"]
+    system = _message_text(systems[0]) if systems else None
+    return text, (system if system and system.strip() else None)
+
+
 def _text_value(
     row: Mapping[str, Any],
     field_name: str,
@@ -412,10 +507,14 @@ def _text_value(
     uri: str,
     line: int | None,
     index: int | None,
-) -> str | None:
-    if field_name not in row:
+) -> tuple[Any, str | None]:
+    """``(text, system prompt)`` of ``field_name`` in ``row``; text is ``_MISSING`` when the row
+    has no such field and ``None`` when its value is null or empty (both only when not
+    ``required``)."""
+    value = lookup_field(row, field_name)
+    if value is _MISSING:
         if not required:
-            return None
+            return _MISSING, None
         raise DatasetError(
             uri,
             f"missing required field; the row has fields {_describe_keys(row)}"
@@ -424,19 +523,20 @@ def _text_value(
             row=index,
             field=field_name,
         )
-    value = row[field_name]
-    if _is_missing(value):
+    if _is_missing(value) or (isinstance(value, list | tuple) and not value):
         if not required:
-            return None
+            return None, None
         shown = "null" if value is None or isinstance(value, float) else "empty"
         raise DatasetError(
             uri, f"required field is {shown}", line=line, row=index, field=field_name
         )
     if isinstance(value, str):
-        return value
+        return value, None
     if allow_numbers and isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        return str(value)
-    expected = "a string or a number" if allow_numbers else "a string"
+        return str(value), None
+    if _is_messages(value):
+        return _from_messages(value, role, field_name=field_name, uri=uri, line=line, index=index)
+    expected = "a string or a number" if allow_numbers else "a string or a list of chat messages"
     raise DatasetError(
         uri,
         f"expected {expected}, got {type(value).__name__} ({_short_repr(value)})",
@@ -462,18 +562,21 @@ def _to_example(
     solution_field: str | None,
     answer_field: str | None,
     require_solution: bool,
-) -> Example:
+) -> tuple[Example, set[str]]:
+    """The example of one row, and the names of the optional fields the row does not have."""
     if not isinstance(raw, Mapping):
         kind = "JSON " + type(raw).__name__ if line is not None else type(raw).__name__
         raise DatasetError(
             uri, f"expected an object with named fields, got {kind}", line=line, row=source_row
         )
     loc = {"uri": uri, "line": line, "index": source_row}
-    problem = _text_value(
+    problem, system = _text_value(
         raw, problem_field, role="problem", required=True, allow_numbers=False, **loc
     )
-    solution = (
-        _text_value(
+    absent: set[str] = set()
+    solution: Any = None
+    if solution_field is not None:
+        solution, _ = _text_value(
             raw,
             solution_field,
             role="solution",
@@ -481,18 +584,60 @@ def _to_example(
             allow_numbers=False,
             **loc,
         )
-        if solution_field is not None
-        else None
-    )
-    answer = (
-        _text_value(raw, answer_field, role="answer", required=False, allow_numbers=True, **loc)
-        if answer_field is not None
-        else None
-    )
-    used = {problem_field, solution_field, answer_field}
+    answer: Any = None
+    if answer_field is not None:
+        answer, _ = _text_value(
+            raw, answer_field, role="answer", required=False, allow_numbers=True, **loc
+        )
+    for name, value in ((solution_field, solution), (answer_field, answer)):
+        if value is _MISSING:
+            absent.add(str(name))
+    used = {
+        f.split(".", 1)[0] if f not in raw else f
+        for f in (problem_field, solution_field, answer_field)
+        if f is not None
+    }
     extra = {k: v for k, v in raw.items() if k not in used}
-    assert problem is not None  # required=True never returns None
-    return Example(problem=problem, solution=solution, answer=answer, index=index, extra=extra)
+    example = Example(
+        problem=problem,
+        solution=None if solution is _MISSING else solution,
+        answer=None if answer is _MISSING else answer,
+        index=index,
+        extra=extra,
+        system_prompt=system,
+    )
+    return example, absent
+
+
+@dataclass
+class _Presence:
+    """How many rows have a named optional field, and where the first one without it is."""
+
+    role: str
+    rows_with: int = 0
+    first_without: tuple[str, int | None, int | None, Mapping[str, Any]] | None = None
+
+    def check(self, name: str, rows: int) -> None:
+        if self.first_without is None:
+            return
+        uri, line, row, raw = self.first_without
+        if self.rows_with == 0:
+            raise DatasetError(
+                uri,
+                f"no row has this field (checked {rows} rows); this row has fields "
+                f"{_describe_keys(raw)}{_mapping_hint(raw, self.role, name)}",
+                line=line,
+                row=row,
+                field=name,
+            )
+        raise DatasetError(
+            uri,
+            f"field missing from this row, the first of {rows - self.rows_with} of {rows} rows "
+            f"without it; the row has fields {_describe_keys(raw)}",
+            line=line,
+            row=row,
+            field=name,
+        )
 
 
 # --------------------------------------------------------------------------- entry point
@@ -568,11 +713,22 @@ def load_examples(
     """Load and validate the examples at ``uri``.
 
     ``problem_field`` / ``solution_field`` / ``answer_field`` name the source columns that
-    hold each part (``None`` for solution/answer: the source has none). The problem is
-    always required; the solution is required when ``require_solution`` (training sets)
-    and otherwise ``None`` when absent (eval sets); the answer is optional, and an integer
-    or float answer is converted to ``str``. ``limit`` stops reading after that many rows.
-    ``storage_options`` are passed to the fsspec filesystem (credentials, endpoints, ...).
+    hold each part (``None`` for solution/answer: the source has none); a name may be a dotted
+    path into nested objects (``reward_model.ground_truth``, see :func:`lookup_field`). The
+    problem is always required; the solution is required when ``require_solution`` (training
+    sets) and otherwise ``None`` when absent (eval sets); the answer is optional, and an integer
+    or float answer is converted to ``str``. An optional field named other than its default
+    (``answer``, ``solution``) must be in every row: a name no row has (a typo) or a row without
+    it is an error naming the field, the file and the (first such) row.
+
+    A problem or solution may be a list of chat messages (``[{"role", "content"}, ...]``, the
+    layout of TRL's conversational and prompt-completion datasets and of verl's parquet files):
+    the problem is the last ``user`` message, the solution the last ``assistant`` message, and
+    the first ``system`` message of the problem becomes ``Example.system_prompt``.
+
+    ``limit`` stops reading after that many rows. ``storage_options`` are passed to the fsspec
+    filesystem (credentials, endpoints, ...). Which URIs a caller may open is the caller's
+    policy: this function reads what it is given.
 
     Raises `DatasetError` naming the source, line/row and field for any unreadable source
     or invalid row; a source with zero rows is an error.
@@ -597,30 +753,47 @@ def load_examples(
             shown = uri if resolved == base else f"{uri} (resolved to {resolved})"
             raise DatasetError(shown, "dataset not found (no such file or directory)")
 
+    # Optional fields the user named (not the default name) must be in every row.
+    named = {
+        name: _Presence(role)
+        for role, name, required in (
+            ("solution", solution_field, require_solution),
+            ("answer", answer_field, False),
+        )
+        if name is not None and not required and name != DEFAULT_FIELDS[role]
+    }
     examples: list[Example] = []
     for source_uri, rows in _sources(fs, path, resolved, split, storage_options):
         try:
             with contextlib.closing(rows):  # closes the open file when `limit` stops early
                 for (line, source_row), raw in rows:
-                    examples.append(
-                        _to_example(
-                            raw,
-                            uri=source_uri,
-                            line=line,
-                            source_row=source_row,
-                            index=len(examples),
-                            problem_field=problem_field,
-                            solution_field=solution_field,
-                            answer_field=answer_field,
-                            require_solution=require_solution,
-                        )
+                    example, absent = _to_example(
+                        raw,
+                        uri=source_uri,
+                        line=line,
+                        source_row=source_row,
+                        index=len(examples),
+                        problem_field=problem_field,
+                        solution_field=solution_field,
+                        answer_field=answer_field,
+                        require_solution=require_solution,
                     )
+                    examples.append(example)
+                    for name, presence in named.items():
+                        if name not in absent:
+                            presence.rows_with += 1
+                        elif presence.first_without is None:
+                            presence.first_without = (source_uri, line, source_row, raw)
                     if limit is not None and len(examples) >= limit:
-                        return examples
+                        break
         except UnicodeDecodeError as exc:
             raise DatasetError(source_uri, f"not valid UTF-8 text: {exc}") from None
         except (EOFError, OSError, io.UnsupportedOperation) as exc:
             raise DatasetError(source_uri, f"cannot read: {type(exc).__name__}: {exc}") from exc
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise DatasetError(resolved, "dataset has no rows")
+    for name, presence in named.items():
+        presence.check(name, len(examples))
     return examples

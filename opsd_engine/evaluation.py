@@ -19,7 +19,8 @@ solution is used; when it has neither, :class:`EvalDataError` names the row.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,14 +35,17 @@ from opsd_engine.rollout import SamplingParams, TransformersRolloutBackend
 
 __all__ = [
     "EvalDataError",
+    "EvalProgress",
     "EvalResult",
     "EvalSettings",
+    "ProgressCallback",
     "SampleResult",
     "evaluate_model",
     "evaluate_texts",
     "reference_answers",
     "student_prompt_ids",
     "summary_metrics",
+    "throttled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +88,56 @@ class EvalSettings:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class EvalProgress:
+    """How far an evaluation is: problems done of ``total``, samples drawn, seconds spent.
+
+    ``samples`` counts the ``n`` samples of every problem done (greedy decoding samples once and
+    counts ``n``: it stands for them). ``samples_per_s`` is ``samples / seconds`` (0 before any
+    time has passed).
+    """
+
+    done: int
+    total: int
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        """``{"done", "total", "samples", "seconds", "samples_per_s"}`` (JSON-able)."""
+        return {
+            "done": self.done,
+            "total": self.total,
+            "samples": self.samples,
+            "seconds": round(self.seconds, 3),
+            "samples_per_s": round(self.samples_per_s, 3),
+        }
+
+
+ProgressCallback = Callable[[EvalProgress], None]
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+def throttled(
+    callback: ProgressCallback, every: float = PROGRESS_EVERY_SECONDS
+) -> ProgressCallback:
+    """`callback`, called at the start (0 done), at the end (all done) and in between at most
+    once per `every` seconds of the evaluation's own clock (`EvalProgress.seconds`): what a
+    store or an event log can take from an eval of thousands of batches."""
+    last: list[float] = []
+
+    def forward(progress: EvalProgress) -> None:
+        due = not last or progress.seconds - last[-1] >= every
+        if due or progress.done in (0, progress.total):
+            last.append(progress.seconds)
+            callback(progress)
+
+    return forward
 
 
 @dataclass
@@ -137,11 +191,21 @@ def reference_answers(examples: Sequence[Example]) -> list[str]:
 
 
 def student_prompt_ids(
-    tokenizer: Any, problem: str, prompts: PromptConfig, *, thinking: bool | None
+    tokenizer: Any,
+    problem: str,
+    prompts: PromptConfig,
+    *,
+    thinking: bool | None,
+    system_prompt: str | None = None,
 ) -> list[int]:
-    """Token ids of the student prompt of training for ``problem`` (chat template when used)."""
+    """Token ids of the student prompt of training for ``problem`` (chat template when used;
+    ``system_prompt`` is the row's own, used unless the spec sets one)."""
     return encode_prompt(
-        tokenizer, render_student_text(problem, prompts), prompts, thinking=thinking
+        tokenizer,
+        render_student_text(problem, prompts),
+        prompts,
+        thinking=thinking,
+        system_prompt=system_prompt,
     )
 
 
@@ -218,13 +282,16 @@ def evaluate_model(
     prompts: PromptConfig | None = None,
     device: torch.device | None = None,
     progress: bool = False,
+    on_progress: ProgressCallback | None = None,
 ) -> EvalResult:
     """Sample ``settings.n`` completions per example from ``model`` and grade them.
 
     ``model`` is anything with ``generate`` (a transformers causal LM or a PEFT model, in the
     adapter state the caller chose). Prompts are the student prompts of ``prompts`` (default
     :class:`PromptConfig`). Sampling draws from torch's global RNG; the caller seeds or
-    saves/restores it. The model's train/eval mode is restored afterwards.
+    saves/restores it. The model's train/eval mode is restored afterwards. ``on_progress`` is
+    called with an :class:`EvalProgress` before the first batch (0 done) and after every batch
+    of ``generate`` (problems done so far); ``progress`` shows a tqdm bar instead.
     """
     if not examples:
         raise ValueError("evaluate_model needs at least one example")
@@ -236,7 +303,13 @@ def evaluate_model(
         raise ValueError("the tokenizer has no pad token (load it with load_tokenizer)")
     thinking = settings.thinking if settings.thinking is not None else prompts.student_thinking
     prompt_ids = [
-        student_prompt_ids(tokenizer, example.problem, prompts, thinking=thinking)
+        student_prompt_ids(
+            tokenizer,
+            example.problem,
+            prompts,
+            thinking=thinking,
+            system_prompt=example.system_prompt,
+        )
         for example in examples
     ]
     # Greedy decoding (temperature 0) has one answer per problem: sample it once, repeat it n times.
@@ -245,7 +318,7 @@ def evaluate_model(
     backend = TransformersRolloutBackend(
         model,
         pad_id=int(tokenizer.pad_token_id),
-        stop_ids=stop_token_ids(tokenizer, model),
+        stop_ids=stop_token_ids(tokenizer, model, prompts=prompts),
         device=device,
         batch_size=per_call,
     )
@@ -264,6 +337,10 @@ def evaluate_model(
         from tqdm.auto import tqdm
 
         iterator = tqdm(starts, desc="eval", unit="batch", total=len(starts))
+    began = time.perf_counter()
+    total = len(prompt_ids)
+    if on_progress is not None:
+        on_progress(EvalProgress(done=0, total=total, samples=0, seconds=0.0))
     for start in iterator:
         chunk = prompt_ids[start : start + per_call]
         for rollout in backend.generate(chunk, params):
@@ -272,6 +349,10 @@ def evaluate_model(
             text = tokenizer.decode(rollout.token_ids, skip_special_tokens=True)
             texts[index].extend([text] * copies)
             lengths[index].extend([len(rollout.token_ids)] * copies)
+        if on_progress is not None:
+            done = min(total, start + len(chunk))
+            seconds = time.perf_counter() - began
+            on_progress(EvalProgress(done, total, done * settings.n, seconds))
     logger.info(
         "evaluated %d problems x %d samples (%d tokens)",
         len(examples),

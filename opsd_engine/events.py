@@ -28,6 +28,13 @@ class TrainerCallbacks(Protocol):
         """True when the run must stop (cancellation); polled often, so it must be cheap."""
 
 
+class CheckpointRemovalCallback(Protocol):
+    def on_checkpoint_removed(self, step: int, path: Path) -> None:
+        """Retention is about to remove the complete checkpoint of `step` at `path` (called
+        before the files go, so a record of it is dropped first; a crash in between leaves
+        files that are no longer listed, never a listed checkpoint without files)."""
+
+
 class NullCallbacks:
     """Ignores every report; never asks to stop."""
 
@@ -61,6 +68,11 @@ class CallbackList:
     def on_checkpoint(self, step: int, path: Path) -> None:
         for callback in self.callbacks:
             callback.on_checkpoint(step, path)
+
+    def on_checkpoint_removed(self, step: int, path: Path) -> None:
+        for callback in self.callbacks:  # optional: callbacks written before retention lack it
+            if (removed := getattr(callback, "on_checkpoint_removed", None)) is not None:
+                removed(step, path)
 
     def should_stop(self) -> bool:
         return any(callback.should_stop() for callback in self.callbacks)

@@ -8,9 +8,14 @@ This module owns everything between a model's raw output and a benchmark number:
   box. The result is an :class:`Extraction` that says which rule matched.
 * **Equivalence** with a reference answer (:func:`grade`, :func:`is_correct`): a normalized string
   comparison (:func:`normalize_answer`) first, because equal normalized strings are equal
-  answers, then ``math_verify`` (``verify(gold, prediction)``, gold first: it is not symmetric)
-  for everything else. If ``math_verify`` runs past its time limit or its worker dies, the
-  string comparison decides (``decided_by="timeout->string_match"`` / ``"error->string_match"``).
+  answers; then, when both sides are plain numbers (:func:`exact_number`: integers, decimals,
+  separators, percentages, scientific notation, integer powers, fractions of these), an exact
+  rational comparison; then ``math_verify`` (``verify(gold, prediction)``, gold first: it is not
+  symmetric) for everything symbolic, with its numeric comparisons made exact (math_verify
+  rounds floats to 6 decimals and chops differences below 1e-15; a verdict must never rest on
+  rounding the user did not ask for). If ``math_verify`` runs past its time limit or its
+  worker dies, the string comparison decides (``decided_by="timeout->string_match"`` /
+  ``"error->string_match"``).
 * **Metrics**: the unbiased ``pass@k`` estimator (:func:`pass_at_k`), average@k
   (:func:`avg_at_k`, the paper's "average@16"), majority vote (:func:`majority_vote`) and a
   per-benchmark :class:`BenchmarkSummary` (:func:`summarize`).
@@ -52,6 +57,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,6 +75,7 @@ __all__ = [
     "VerifierUnavailable",
     "avg_at_k",
     "call_with_timeout",
+    "exact_number",
     "extract_answer",
     "grade",
     "is_correct",
@@ -86,7 +93,8 @@ T = TypeVar("T")
 DECIDED_BY: tuple[str, ...] = (
     "no_answer",  # nothing could be extracted from the model output -> incorrect
     "string_match",  # normalized strings equal, or math_verify could not parse a side
-    "math_verify",  # math_verify parsed both sides and decided
+    "exact_number",  # both sides are plain numbers, compared exactly as rationals
+    "math_verify",  # math_verify parsed both sides and decided (numbers compared exactly)
     "timeout->string_match",  # math_verify ran past the limit; the string comparison decided
     "error->string_match",  # math_verify's helper process died; the string comparison decided
 )
@@ -349,6 +357,91 @@ def normalize_answer(answer: str) -> str:
     if len(s) > 1 and re.fullmatch(r"[A-Za-z]+(?: [A-Za-z]+)*", s):
         s = s.lower()
     return s
+
+
+# --------------------------------------------------------------------------------------------
+# Exact comparison of plain numbers
+# --------------------------------------------------------------------------------------------
+
+_DECIMAL = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_EXPONENT = r"(?:\{(?P<braced>[-+]?\d+)\}|(?P<bare>[-+]?\d+))"
+_DECIMAL_RE = re.compile(_DECIMAL)
+_E_NOTATION_RE = re.compile(rf"(?P<mantissa>{_DECIMAL})[eE](?P<exp>[-+]?\d+)")
+_TIMES_TEN_RE = re.compile(rf"(?P<mantissa>{_DECIMAL})(?:\\times|\\cdot|×|\*)10\^{_EXPONENT}")
+_POWER_RE = re.compile(rf"(?P<base>\d+)\^{_EXPONENT}")
+#: Largest exponent (and digits of a power's value) an exact parse accepts: beyond it the
+#: value is not a "plain number" any more and math_verify decides (in its time-limited helper).
+_MAX_EXPONENT = 1000
+_MAX_POWER_DIGITS = 10_000
+
+
+def _exponent(match: re.Match[str]) -> int | None:
+    text = match.group("braced") if match.group("braced") is not None else match.group("bare")
+    value = int(text)
+    return value if abs(value) <= _MAX_EXPONENT else None
+
+
+def _unsigned_number(s: str) -> Fraction | None:
+    if _DECIMAL_RE.fullmatch(s):
+        return Fraction(Decimal(s))
+    if (m := _E_NOTATION_RE.fullmatch(s)) is not None:
+        exp = int(m.group("exp"))
+        return Fraction(Decimal(m.group("mantissa"))) * Fraction(10) ** exp
+    if (m := _TIMES_TEN_RE.fullmatch(s)) is not None:
+        exp = _exponent(m)
+        return None if exp is None else Fraction(Decimal(m.group("mantissa"))) * Fraction(10) ** exp
+    if (m := _POWER_RE.fullmatch(s)) is not None:
+        base, exp = int(m.group("base")), _exponent(m)
+        if exp is None or (base == 0 and exp < 0):
+            return None
+        if len(str(base)) * abs(exp) > _MAX_POWER_DIGITS:
+            return None
+        return Fraction(base) ** exp
+    if s.startswith("\\frac{"):
+        numerator = _balanced_group(s, len("\\frac"))
+        if numerator is None or not s.startswith("{", numerator[1]):
+            return None
+        denominator = _balanced_group(s, numerator[1])
+        if denominator is None or denominator[1] != len(s):
+            return None
+        return _ratio(_signed_number(numerator[0]), _signed_number(denominator[0]))
+    if s.count("/") == 1 and "{" not in s:
+        top, bottom = s.split("/")
+        return _ratio(_signed_number(top), _signed_number(bottom))
+    return None
+
+
+def _ratio(top: Fraction | None, bottom: Fraction | None) -> Fraction | None:
+    if top is None or bottom is None or bottom == 0:
+        return None
+    return top / bottom
+
+
+def _signed_number(s: str) -> Fraction | None:
+    s = s.strip()
+    while s.startswith("{") and _balanced_group(s, 0) == (s[1:-1], len(s)):
+        s = s[1:-1].strip()
+    sign = 1
+    if s[:1] in ("-", "+"):
+        sign, s = (-1 if s[0] == "-" else 1), s[1:].lstrip()
+    value = _unsigned_number(s)
+    return None if value is None else sign * value
+
+
+def exact_number(answer: str) -> Fraction | None:
+    """The exact value of ``answer`` when it is a plain number, else ``None``.
+
+    Plain numbers are integers and decimals (``-12``, ``0.0000001``, ``.5``), with thousands
+    separators (``1,000,000``, ``1{,}000``, ``1\\,000``), percentages (compared by their number,
+    as :func:`normalize_answer` does: ``50\\%`` is 50), scientific notation (``1.5e-7``,
+    ``1.5\\times10^{-7}``, ``6.02\\cdot 10^{23}``), integer powers (``2^{98}``, ``10^{-3}``),
+    and fractions of these (``\\frac{1}{2^{98}}``, ``-3/4``, ``\\dfrac{-1}{2}``). The value is a
+    :class:`fractions.Fraction`, so two plain numbers compare exactly: no rounding, no floating
+    point (``0.0000001 != 0.0000002``, ``1/2^{98} != 1/2^{99}``). Exponents beyond
+    ``±1000`` (or powers of more than 10,000 digits) are not plain numbers.
+    """
+    s = normalize_answer(answer).replace("−", "-")
+    return _signed_number(s) if s else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,6 +762,8 @@ def _math_verify_equal(gold: str, prediction: str) -> bool | None:
     """
     from math_verify import parse, verify
 
+    _install_exact_numeric_comparison()
+
     def parsed(answer: str) -> list[Any]:
         for candidate in (f"\\boxed{{{answer}}}", f"${answer}$", answer):
             result = parse(candidate, parsing_timeout=None)  # type: ignore[arg-type]
@@ -681,6 +776,53 @@ def _math_verify_equal(gold: str, prediction: str) -> bool | None:
     if not gold_parsed or not prediction_parsed:
         return None
     return bool(verify(gold_parsed, prediction_parsed, timeout_seconds=None))
+
+
+def _install_exact_numeric_comparison() -> None:
+    """Make math_verify compare numbers exactly (in the helper process only).
+
+    ``math_verify.grader.sympy_numeric_eq`` rounds: a Float side is compared after
+    ``round(float_rounding=6)`` (``1.0000001 == 1.0000004``), and otherwise the difference is
+    evaluated to 15 digits with ``chop=True`` (``1/2^98 - 1/2^99`` chops to 0). Every numeric
+    comparison of math_verify (plain values, set/tuple/interval elements, equation sides,
+    matrix entries) goes through that one function, so it is replaced by
+    :func:`_exact_numeric_eq`: Floats become the exact decimals they were written as, and two
+    values are equal only when their difference simplifies to exactly 0. Symbolic equality
+    (``sympy_symbolic_eq``) is untouched.
+    """
+    import math_verify.grader as grader
+
+    if getattr(grader, "sympy_numeric_eq", None) is not _exact_numeric_eq:
+        if not hasattr(grader, "sympy_numeric_eq"):  # pragma: no cover - a math_verify change
+            raise RuntimeError("math_verify.grader.sympy_numeric_eq is gone; update grading.py")
+        grader.sympy_numeric_eq = _exact_numeric_eq
+
+
+def _exact_numeric_eq(a: Any, b: Any, float_rounding: int, numeric_precision: int) -> bool:
+    """math_verify's ``sympy_numeric_eq`` signature, without rounding (see above)."""
+    from math_verify.grader import get_pct_val, safe_sympy_doit
+    from sympy import Float, MatrixBase, Rational, simplify
+
+    a, b = safe_sympy_doit(a), safe_sympy_doit(b)
+    if isinstance(a, MatrixBase) or isinstance(b, MatrixBase):
+        if not (isinstance(a, MatrixBase) and isinstance(b, MatrixBase)) or a.shape != b.shape:
+            return False
+        return all(
+            _exact_numeric_eq(x, y, float_rounding, numeric_precision)
+            for x, y in zip(a.flat(), b.flat(), strict=True)
+        )
+    # a percentage is compared by its number (9\% == 9), as math_verify and the string rule do
+    a, b = get_pct_val(a, a), get_pct_val(b, b)
+    try:
+        exact = [e.xreplace({f: Rational(str(f)) for f in e.atoms(Float)}) for e in (a, b)]
+        difference = exact[0] - exact[1]
+        if difference == 0:
+            return True
+        if difference.free_symbols:
+            return False  # symbolic: math_verify's sympy_symbolic_eq decides next
+        return bool(simplify(difference) == 0)
+    except Exception:
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,9 +853,12 @@ def grade(
     """Grade ``model_output`` against ``reference_answer`` (bare, ``$...$`` or ``\\boxed{}``).
 
     Extraction as in :func:`extract_answer`; no answer -> incorrect (``"no_answer"``). Equal
-    :func:`normalize_answer` forms -> correct (``"string_match"``). Otherwise
-    ``math_verify.verify(gold, prediction)`` decides (``"math_verify"``), run in a helper process
-    under ``timeout`` seconds; if it cannot parse one side, or times out, or its helper dies, the
+    :func:`normalize_answer` forms -> correct (``"string_match"``). Two plain numbers
+    (:func:`exact_number`) are compared exactly (``"exact_number"``): a verdict never rests on
+    rounding. Otherwise ``math_verify.verify(gold, prediction)`` decides (``"math_verify"``), with
+    its numeric comparisons made exact (:func:`_install_exact_numeric_comparison`), run in a helper
+    process under ``timeout`` seconds; if it cannot parse one side, or times out, or its helper
+    dies, the
     (failed) string comparison stands: incorrect, with ``"string_match"``,
     ``"timeout->string_match"`` or ``"error->string_match"``. Safe to call from any thread.
     """
@@ -731,6 +876,9 @@ def grade(
 
     if normalize_answer(gold) == normalize_answer(extraction.answer):
         return verdict(True, "string_match")
+    gold_value, answer_value = exact_number(gold), exact_number(extraction.answer)
+    if gold_value is not None and answer_value is not None:
+        return verdict(gold_value == answer_value, "exact_number")
     try:
         equal = call_with_timeout(_math_verify_equal, gold, extraction.answer, timeout=timeout)
     except GradingTimeout:

@@ -8,14 +8,19 @@ so every step appears once.
 
 Under `torchrun` / `accelerate launch` every rank calls :func:`run_local`; rank 0 alone writes
 those files (metrics are already summed over ranks), every rank trains. A stop asked for on any
-rank (``stop_file`` appearing, SIGTERM/SIGINT when :class:`StopRequest` handles them) stops all
+rank (``stop_file`` appearing, SIGTERM when :class:`StopRequest` handles it) stops all
 ranks together at the next poll, with a checkpoint and a `cancelled` event.
+
+Ctrl-C stops the run at the end of the current optimizer step with a checkpoint (a second
+Ctrl-C stops at once, keeping the last checkpoint); either way an `interrupted` event is
+recorded and :class:`RunInterrupted` tells the caller where the run can be resumed from.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,14 +39,69 @@ class RunDirectoryError(ValueError):
     pass
 
 
+class RunInterrupted(Exception):
+    """The user interrupted the run (Ctrl-C); `step` steps are done, `checkpoint` is the latest
+    complete checkpoint (None before the first), from which `--resume` continues."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
+        super().__init__(f"interrupted after step {step} ({where})")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class CtrlC:
+    """SIGINT during a run: the first asks the trainer to stop after its current step (it saves
+    a checkpoint), the second raises KeyboardInterrupt at once. A callback (`should_stop`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nCtrl-C: stopping after the current step (a checkpoint is saved); "
+            "press Ctrl-C again to stop at once",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        return None
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        return None
+
+    def should_stop(self) -> bool:
+        return self.requested
+
+
 class JsonlRecorder:
     """Appends metrics and events of a run to JSONL files in its output directory."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, interrupt: CtrlC | None = None) -> None:
         self.metrics_path = output_dir / METRICS_FILE
         self.events_path = output_dir / EVENTS_FILE
+        self.interrupt = interrupt
 
     def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        if kind == "cancelled" and self.interrupt is not None and self.interrupt.requested:
+            kind, message = "interrupted", f"interrupted by Ctrl-C: {message}"
         row = {"time": time.time(), "kind": kind, "message": message, "data": data or {}}
         _append(self.events_path, row)
 
@@ -50,6 +110,13 @@ class JsonlRecorder:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.on_event("checkpoint", f"checkpoint at step {step}", {"step": step, "path": str(path)})
+
+    def on_checkpoint_removed(self, step: int, path: Path) -> None:
+        self.on_event(
+            "checkpoint_removed",
+            f"removed the checkpoint of step {step} (checkpoint.keep_last)",
+            {"step": step, "path": str(path)},
+        )
 
     def should_stop(self) -> bool:
         return False
@@ -75,7 +142,7 @@ class ProgressBar:
                 disable=self.disable,
                 dynamic_ncols=True,
             )
-        elif kind in ("finished", "cancelled") and self.bar is not None:
+        elif kind in ("finished", "cancelled", "interrupted") and self.bar is not None:
             self.bar.close()
         elif self.bar is not None and kind != "checkpoint":
             self.bar.write(message)
@@ -102,23 +169,22 @@ class ProgressBar:
 
 class StopRequest(NullCallbacks):
     """Asks the run to stop when ``stop_file`` exists or, after :meth:`handle_signals`, when the
-    process got SIGTERM or SIGINT (a second one is not caught: it ends the process as usual).
-    The run then stops at its next poll (within a fraction of a step), keeps a checkpoint of the
-    last complete step and reports `cancelled`."""
+    process got SIGTERM (a second one is not caught: it ends the process as usual; Ctrl-C is
+    :class:`CtrlC`'s). The run then stops at its next poll (within a fraction of a step), keeps
+    a checkpoint of the last complete step and reports `cancelled`."""
 
     def __init__(self, stop_file: Path | None = None) -> None:
         self.stop_file = stop_file
         self.signalled = threading.Event()
 
     def handle_signals(self) -> None:
-        """Catch the first SIGTERM/SIGINT (main thread only, as Python requires)."""
+        """Catch the first SIGTERM (main thread only, as Python requires)."""
 
         def handler(signum: int, _frame: Any) -> None:
             self.signalled.set()
             signal.signal(signum, signal.SIG_DFL)
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGTERM, handler)
 
     def should_stop(self) -> bool:
         return self.signalled.is_set() or (self.stop_file is not None and self.stop_file.exists())
@@ -160,7 +226,8 @@ def run_local(
     group forms first (:func:`~opsd_engine.trainers.common.make_accelerator`), every rank checks
     the directory, then rank 0 alone writes the run's files and reports to ``extra_callbacks``
     and the progress bar; ``stop`` is polled on every rank. Raises :class:`RunDirectoryError`
-    (on every rank) when `output_dir` already holds a run and `resume` is off.
+    (on every rank) when `output_dir` already holds a run and `resume` is off, and
+    :class:`RunInterrupted` after Ctrl-C (an `interrupted` event is recorded first).
     """
     from opsd_engine.trainers.common import make_accelerator
 
@@ -173,23 +240,42 @@ def run_local(
             "or choose another --out"
         )
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes anything
-    reporters: list[TrainerCallbacks] = [stop] if stop is not None else []
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             truncate_metrics(output_dir, ckpt.read_state(latest).step if latest else 0)
         (output_dir / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2))
-        reporters = [
-            JsonlRecorder(output_dir),
-            ProgressBar(disable=not progress),
-            *(extra_callbacks or []),
-            *reporters,
-        ]
     accelerator.wait_for_everyone()
-    return run_training(
-        spec,
-        output_dir,
-        callbacks=CallbackList(reporters),
-        resume=resume,
-        accelerator=accelerator,
-    )
+    with CtrlC() as interrupt:
+        recorder = JsonlRecorder(output_dir, interrupt) if main else None
+        reporters: list[TrainerCallbacks] = [interrupt, *([stop] if stop is not None else [])]
+        if recorder is not None:
+            reporters = [
+                recorder,
+                ProgressBar(disable=not progress),
+                *reporters,
+                *(extra_callbacks or []),
+            ]
+        try:
+            result = run_training(
+                spec,
+                output_dir,
+                callbacks=CallbackList(reporters),
+                resume=resume,
+                accelerator=accelerator,
+            )
+        except KeyboardInterrupt:
+            latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
+            rows = read_metrics(output_dir)
+            step = rows[-1]["step"] if rows else 0
+            if recorder is not None:
+                recorder.on_event(
+                    "interrupted",
+                    f"interrupted by Ctrl-C during step {step + 1}",
+                    {"step": step, "checkpoint": str(latest) if latest else None},
+                )
+            raise RunInterrupted(step, latest) from None
+    if result.status == "cancelled" and interrupt.requested:
+        raise RunInterrupted(result.step, result.last_checkpoint)
+    return result

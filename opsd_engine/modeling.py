@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from opsd_engine.config import JobSpec, LoraConfig
+from opsd_engine.config import JobSpec, LoraConfig, PromptConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,7 +86,14 @@ def attach_lora(model: nn.Module, lora: LoraConfig, *, gradient_checkpointing: b
             f"{sorted(n for n in present if n.endswith('proj'))[:12]})"
         )
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:  # the older name, deprecated (FutureWarning) where the new one exists
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.config.use_cache = False
     peft_config = PeftLoraConfig(
         r=lora.r,
@@ -107,6 +114,7 @@ class PolicyModel:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    prompts: PromptConfig | None = None  # how prompts are rendered (decides the stop set)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -125,7 +133,8 @@ class PolicyModel:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return stop_token_ids(self.tokenizer, self.causal_lm)
+        """The engine's stop set for this model and prompt config (:func:`stop_token_ids`)."""
+        return stop_token_ids(self.tokenizer, self.causal_lm, prompts=self.prompts)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.peft_model.parameters() if p.requires_grad]
@@ -158,26 +167,57 @@ class PolicyModel:
             self.peft_model.train(was_training)
 
 
-def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
-    """Every id that ends a rollout: the tokenizer's EOS, the generation config's, `<|im_end|>`."""
+def load_generation_config(name_or_path: str) -> Any:
+    """The model's generation config without loading its weights.
+
+    ``generation_config.json`` if the model has one, else the one derived from ``config.json``
+    (what ``from_pretrained`` gives a model, and what vLLM's ``try_get_generation_config`` reads
+    for its stop set). Raises :class:`ModelLoadError` when neither can be read.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(name_or_path)
+    except OSError:
+        pass
+    try:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(name_or_path))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load the generation config of {name_or_path!r}: {exc}"
+        ) from exc
+
+
+def stop_token_ids(
+    tokenizer: Any, model: Any = None, *, prompts: PromptConfig | None = None
+) -> list[int]:
+    """The engine's stop set: every token id that ends a rollout, in process and when served.
+
+    In this order, without repeats: the tokenizer's EOS, the generation config's EOS id(s)
+    (``model`` is a model, whose ``generation_config`` is used, or a ``GenerationConfig``), and,
+    when prompts go through the chat template (``prompts``; default :class:`PromptConfig`: when
+    the tokenizer has one), the template's end-of-turn token (:func:`end_of_turn_token_id`, e.g.
+    ``<|im_end|>``). An inference server stops on the first two by itself (vLLM:
+    ``SamplingParams.update_from_generation_config``); the third only when the request's
+    ``stop_token_ids`` name it, so every request carries this whole set. A Qwen3 *-Base model
+    (EOS ``<|endoftext|>`` everywhere) with a ChatML template ends its turns with ``<|im_end|>``.
+    """
+    from opsd_engine.prompts import end_of_turn_token_id, uses_chat_template
+
     ids: list[int] = []
-    candidates: list[Any] = [tokenizer.eos_token_id]
-    gen_config = getattr(model, "generation_config", None)
-    if gen_config is not None:
-        candidates.append(gen_config.eos_token_id)
+    gen_config = getattr(model, "generation_config", model)
+    candidates: list[Any] = [
+        tokenizer.eos_token_id,
+        getattr(gen_config, "eos_token_id", None),
+    ]
+    if uses_chat_template(tokenizer, prompts or PromptConfig()):
+        candidates.append(end_of_turn_token_id(tokenizer))
     for candidate in candidates:
         if candidate is None:
             continue
         for value in candidate if isinstance(candidate, list | tuple) else [candidate]:
             if value is not None and int(value) not in ids:
                 ids.append(int(value))
-    im_end = (
-        tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if "<|im_end|>" in tokenizer.get_vocab()
-        else None
-    )
-    if im_end is not None and im_end not in ids:
-        ids.append(int(im_end))
     return ids
 
 
@@ -193,4 +233,6 @@ def load_policy(spec: JobSpec, *, device: torch.device | None = None) -> PolicyM
         base, spec.lora, gradient_checkpointing=spec.runtime.gradient_checkpointing
     )
     peft_model.to(device)
-    return PolicyModel(peft_model=peft_model, tokenizer=tokenizer, device=device, dtype=dtype)
+    return PolicyModel(
+        peft_model=peft_model, tokenizer=tokenizer, device=device, dtype=dtype, prompts=spec.prompts
+    )

@@ -2,13 +2,18 @@
 
 The student sees only the problem; the teacher sees the problem, the reference solution and the
 transition instruction. Prompts are rendered with the tokenizer's chat template when it has one
-(the generation prompt included, special tokens kept) and encoded once. A rollout only ever
+(the generation prompt included, special tokens kept) and encoded once. The chat template's
+structure is read from the template itself: the token that ends an assistant turn
+(:func:`end_of_turn_token_id`, part of the engine's stop set) and the generation-prompt header
+after which both roles' prompts must be in the same state (:func:`compare_generation_prompts`,
+e.g. Qwen3's thinking switch). A rollout only ever
 exists as token ids: teacher and student sequences are `prompt_ids + rollout_ids`, never a
 decode/re-encode of the sampled text.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +48,24 @@ def uses_chat_template(tokenizer: Any, prompts: PromptConfig) -> bool:
 
 
 def encode_prompt(
-    tokenizer: Any, user_text: str, prompts: PromptConfig, *, thinking: bool | None
+    tokenizer: Any,
+    user_text: str,
+    prompts: PromptConfig,
+    *,
+    thinking: bool | None,
+    system_prompt: str | None = None,
 ) -> list[int]:
-    """Encode one prompt, through the chat template (with generation prompt) when enabled."""
+    """Encode one prompt, through the chat template (with generation prompt) when enabled.
+
+    The system message is ``prompts.system_prompt``, else ``system_prompt`` (the row's own, from
+    a chat-message dataset), else none. Without a chat template both are ignored.
+    """
     if not uses_chat_template(tokenizer, prompts):
         return list(tokenizer(user_text, add_special_tokens=True)["input_ids"])
     messages = []
-    if prompts.system_prompt:
-        messages.append({"role": "system", "content": prompts.system_prompt})
+    system = prompts.system_prompt or system_prompt
+    if system:
+        messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": user_text})
     kwargs: dict[str, Any] = {}
     if thinking is not None:
@@ -64,18 +79,146 @@ def encode_prompt(
 
 
 def build_prompt_pair(
-    tokenizer: Any, *, problem: str, solution: str, answer: str | None, prompts: PromptConfig
+    tokenizer: Any,
+    *,
+    problem: str,
+    solution: str,
+    answer: str | None,
+    prompts: PromptConfig,
+    system_prompt: str | None = None,
 ) -> PromptPair:
+    """Both roles' prompt ids; ``system_prompt`` is the row's own (see :func:`encode_prompt`).
+
+    The teacher's thinking switch is ``prompts.teacher_thinking``, which follows the student's
+    unless the spec opted into a mismatch (:class:`~opsd_engine.config.PromptConfig`), so both
+    prompts end in the same generation-prompt state (:func:`compare_generation_prompts`).
+    """
     student = encode_prompt(
-        tokenizer, render_student_text(problem, prompts), prompts, thinking=prompts.student_thinking
+        tokenizer,
+        render_student_text(problem, prompts),
+        prompts,
+        thinking=prompts.student_thinking,
+        system_prompt=system_prompt,
     )
     teacher = encode_prompt(
         tokenizer,
         render_teacher_text(problem, solution, answer, prompts),
         prompts,
         thinking=prompts.teacher_thinking,
+        system_prompt=system_prompt,
     )
     return PromptPair(student_ids=student, teacher_ids=teacher)
+
+
+# ---------------------------------------------------------------------- chat template structure
+_PROBE = "OPSD-PROBE-7f3a"
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(int(token_id))
+    return ids
+
+
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with, or ``None``.
+
+    Found by rendering a user turn and an assistant turn whose content is a probe string: the
+    first special token after the probe (``<|im_end|>`` for ChatML/Qwen, ``<|eot_id|>`` for
+    Llama 3, ``<end_of_turn>`` for Gemma). ``None`` without a chat template, or when the turn
+    ends without a special token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": _PROBE}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if _PROBE not in text:
+        return None
+    after = text[text.rindex(_PROBE) + len(_PROBE) :]
+    special = _special_ids(tokenizer)
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if int(token_id) in special:
+            return int(token_id)
+    return None
+
+
+def generation_prompt_header_ids(tokenizer: Any) -> list[int]:
+    """Token ids the chat template adds for a generation prompt with no template arguments
+    (Qwen3: ``<|im_start|>assistant\n``): the header after which both roles' prompts must be in
+    the same state. Empty without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    messages = [{"role": "user", "content": _PROBE}]
+    bare = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not full.startswith(bare) or full == bare:
+        return []
+    return list(tokenizer(full[len(bare) :], add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class GenerationPromptComparison:
+    """Whether two prompts end in the same generation-prompt state, and how they differ.
+
+    ``student_tail`` / ``teacher_tail`` are the ids after the last generation-prompt header of
+    each prompt (Qwen3 with ``enable_thinking=False``: ``<think>\n\n</think>\n\n``; with
+    thinking on: nothing); empty for a prompt without the header (``found`` says which prompts
+    have it). ``aligned`` is True when both have the header and the same tail, or when neither
+    has one (plain prompts: no generation-prompt state).
+    """
+
+    aligned: bool
+    student_tail: tuple[int, ...]
+    teacher_tail: tuple[int, ...]
+    found: tuple[bool, bool]  # (student, teacher) prompt contains the header
+
+    def describe(self, tokenizer: Any | None = None) -> str:
+        """One line for people: the two tails (decoded when a tokenizer is given)."""
+
+        def shown(ids: tuple[int, ...]) -> str:
+            if tokenizer is None:
+                return repr(list(ids))
+            return repr(tokenizer.decode(list(ids), skip_special_tokens=False))
+
+        if self.aligned:
+            return (
+                f"both prompts end in the same generation-prompt state ({shown(self.student_tail)})"
+            )
+        if self.found[0] != self.found[1]:
+            missing = "student" if not self.found[0] else "teacher"
+            return f"the {missing} prompt has no generation prompt (chat template not applied?)"
+        return (
+            f"student prompt ends {shown(self.student_tail)} after the generation-prompt header, "
+            f"teacher prompt ends {shown(self.teacher_tail)}"
+        )
+
+
+def _tail_after(ids: Sequence[int], header: Sequence[int]) -> tuple[int, ...] | None:
+    width = len(header)
+    for start in range(len(ids) - width, -1, -1):
+        if list(ids[start : start + width]) == list(header):
+            return tuple(ids[start + width :])
+    return None
+
+
+def compare_generation_prompts(
+    student_ids: Sequence[int], teacher_ids: Sequence[int], header_ids: Sequence[int]
+) -> GenerationPromptComparison:
+    """Compare the generation-prompt state two prompts end in (pure; no tokenizer needed).
+
+    ``header_ids`` is :func:`generation_prompt_header_ids` of the tokenizer. Each prompt's state
+    is what follows its last occurrence of the header; the prompts are aligned when those tails
+    are equal (or neither prompt has the header). An empty header compares nothing: aligned.
+    """
+    if not header_ids:
+        return GenerationPromptComparison(True, (), (), (False, False))
+    student = _tail_after(student_ids, header_ids)
+    teacher = _tail_after(teacher_ids, header_ids)
+    found = (student is not None, teacher is not None)
+    aligned = student == teacher
+    return GenerationPromptComparison(aligned, student or (), teacher or (), found)
 
 
 @dataclass

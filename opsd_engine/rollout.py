@@ -459,6 +459,7 @@ class CompletionServer(Protocol):
         temperature: float,
         top_p: float,
         top_k: int = 0,
+        stop_token_ids: Sequence[int],
     ) -> Sequence[Sequence[ServedChoice]]: ...
 
 
@@ -469,9 +470,12 @@ class ServedRolloutBackend:
     ``adapter_dir/<run_name>-step<N>`` and loaded on the server under that name (names are
     immutable there: a new name per weight version, and ``run_name`` is unique per run so a
     resumed run never reuses one); the previous version is unloaded and its files deleted.
-    ``adapter_dir`` must be visible to the server at the same path. The server returns token ids
-    (vLLM >= 0.10.2 ``return_token_ids``); they are cut at the first stop token like the local
-    backend's. :meth:`close` unloads the last version.
+    ``adapter_dir`` must be visible to the server at the same path. Every request carries the
+    engine's stop set (``view.stop_ids``) as ``stop_token_ids``: vLLM stops by itself only on
+    the tokenizer's and generation config's EOS, so without it a Qwen3 *-Base model would write
+    past ``<|im_end|>``. The server returns token ids (vLLM >= 0.10.2 ``return_token_ids``);
+    they are cut at the first stop token like the local backend's. :meth:`close` unloads the
+    last version.
 
     In a data-parallel group every rank asks for its own share of the step's prompts (no prompt
     is sampled twice); rank 0 alone saves, loads and retires adapters, and the other ranks wait
@@ -530,6 +534,7 @@ class ServedRolloutBackend:
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
+            stop_token_ids=list(self.view.stop_ids),
         )
         rollouts = []
         for prompt_index, choices in enumerate(results):

@@ -381,4 +381,7 @@ def build_tiny_model(
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    from opsd_engine.checkpoint import normalize_modes
+
+    normalize_modes(out)  # safetensors leaves model.safetensors 0600
     return out

@@ -146,19 +146,82 @@ def _first_key(settings: ServiceSettings) -> None:
     typer.echo(f"  {key}")
 
 
-def _wait_healthy(url: str, supervisor: Any, timeout: float) -> bool:
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served (another program listens there), or None when free.
+
+    Binds a socket the way uvicorn does (SO_REUSEADDR, so a port in TIME_WAIT counts as free)
+    and closes it again. Port 0 (any free port) is always free.
+    """
+    if port == 0:
+        return None
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def own_api_ready(url: str, instance_id: str) -> bool:
+    """True when `url/readyz` answers 200 from the API process named `instance_id`.
+
+    Another program on the port (or an `opsd` of another `opsd up`) may answer too: its answer
+    carries no or another `X-OPSD-Instance` header and does not count.
+    """
     import httpx
 
+    from api.routes.health import INSTANCE_HEADER
+
+    try:
+        response = httpx.get(f"{url}/readyz", timeout=2.0)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and response.headers.get(INSTANCE_HEADER) == instance_id
+
+
+def last_error_line(log_file: Path, offset: int) -> str:
+    """The line of `log_file` (written past `offset`) that best says why a child failed: the
+    last one mentioning an error, else the last line."""
+    try:
+        with open(log_file, "rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [""])[-1]
+
+
+def wait_for_own_api(
+    url: str, instance_id: str, supervisor: Any, log_file: Path, *, offset: int, timeout: float
+) -> str | None:
+    """Wait until this `opsd up`'s API child is ready; None then, else why it is not.
+
+    The API child dying while it starts (a port taken after our check, a broken install...) is
+    reported at once with the error line of its log, instead of being restarted in a loop.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not supervisor.stopping.is_set():
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
+    while not supervisor.stopping.is_set():
+        code = supervisor.exit_code("api")
+        if code is not None:
+            line = last_error_line(log_file, offset)
+            return f"the API exited with code {code} while starting: {line} (log: {log_file})"
+        if own_api_ready(url, instance_id):
+            return None
+        if time.monotonic() > deadline:
+            return f"the API was not ready after {timeout:.0f}s (log: {log_file})"
         supervisor.check()
         time.sleep(0.3)
-    return False
+    return "stopped while starting"
 
 
 def up(
@@ -168,9 +231,11 @@ def up(
     grace: float = typer.Option(30.0, "--grace", help="Seconds children get to stop."),
 ) -> None:
     """Run the whole service on this machine: migrations, a first key, the API and a worker."""
+    import secrets
+
     from opsd_service.supervisor import ChildSpec, Supervisor
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"instance_id": secrets.token_hex(8)}
     if home is not None:
         overrides["home"] = home
     if host is not None:
@@ -178,6 +243,14 @@ def up(
     if port is not None:
         overrides["api_port"] = port
     settings = get_settings(**overrides)
+    if (why := port_in_use(settings.api_host, settings.api_port)) is not None:
+        typer.secho(
+            f"error: cannot serve on {settings.api_host}:{settings.api_port}: {why} (another "
+            "program is using it); stop it or pick another port with --port",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
     ensure_home(settings)
     _upgrade(settings)
     typer.echo(f"home: {settings.home}")
@@ -186,13 +259,15 @@ def up(
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
     python = [sys.executable, "-m", "opsd_service"]
     logs = logs_dir(settings)
+    api_log = logs / "api.log"
+    api_log_offset = api_log.stat().st_size if api_log.exists() else 0
     supervisor = Supervisor(
         [
             ChildSpec(
                 "api",
                 [*python, "api", "--host", settings.api_host, "--port", str(settings.api_port)],
                 env,
-                logs / "api.log",
+                api_log,
             ),
             ChildSpec("worker", [*python, "worker"], env, logs / "worker.log"),
         ],
@@ -204,11 +279,16 @@ def up(
     shown_host = "127.0.0.1" if settings.api_host in {"0.0.0.0", "::"} else settings.api_host
     url = f"http://{shown_host}:{settings.api_port}"
     typer.echo(f"logs: {logs}")
-    typer.echo(f"API: {url}  (docs: {url}/docs)")
-    if _wait_healthy(url, supervisor, timeout=120.0):
+    typer.echo(f"API: {url}  (docs: {url}/docs, dashboard: {url}/ui)")
+    failure = wait_for_own_api(
+        url, settings.instance_id, supervisor, api_log, offset=api_log_offset, timeout=120.0
+    )
+    if failure is not None and not supervisor.stopping.is_set():
+        typer.secho(f"error: {failure}", fg=typer.colors.RED, err=True)
+        supervisor.stop_children()
+        raise typer.Exit(1)
+    if failure is None:
         typer.echo("ready; press Ctrl-C to stop")
-    elif not supervisor.stopping.is_set():
-        typer.echo(f"the API did not answer {url}/healthz yet; see {logs / 'api.log'}")
     code = supervisor.run()
     typer.echo("stopped")
     raise typer.Exit(code)

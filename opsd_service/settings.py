@@ -12,6 +12,7 @@ Values left empty are derived from `home` when the settings are built, so a reso
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +65,21 @@ class ServiceSettings(BaseSettings):
         description="Where the worker writes each step's adapter for the inference server to "
         "load (the same path on both); default: `rollout-adapters` under a local artifacts root.",
     )
+    metrics_tenant_classes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Tenant name -> class for the `opsd_jobs` metric of GET /metrics (a JSON "
+        "object); tenants not named are `default`.",
+    )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of a worker's Prometheus /metrics; 0: none."
+    )
+    worker_metrics_host: str = Field("127.0.0.1", description="Bind address of that endpoint.")
+    instance_id: str = Field(
+        "",
+        description="Set by `opsd up` for its API child, which echoes it in the X-OPSD-Instance "
+        "header of /healthz and /readyz: `opsd up` tells its own API from another server on the "
+        "port.",
+    )
     broker_visibility_timeout_seconds: float = Field(
         3600.0, gt=0, description="Redis: an unacked message is redelivered after this long."
     )
@@ -95,7 +111,9 @@ class ServiceSettings(BaseSettings):
         env: dict[str, str] = {}
         for name, value in self.model_dump().items():
             if value is not None:
-                env[ENV_PREFIX + name.upper()] = str(value)
+                # complex fields travel as JSON, the form pydantic-settings reads them in
+                text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+                env[ENV_PREFIX + name.upper()] = text
         return env
 
 

@@ -88,6 +88,15 @@ class Supervisor:
     def pids(self) -> dict[str, int]:
         return {c.spec.name: c.process.pid for c in self.children if c.process is not None}
 
+    def exit_code(self, name: str) -> int | None:
+        """The exit code of child `name` if its current process has exited (not restarted yet),
+        else None. Lets a caller notice a child that died while starting before `check` restarts
+        it."""
+        for child in self.children:
+            if child.spec.name == name and child.process is not None:
+                return child.process.poll()
+        return None
+
     def check(self) -> None:
         """One supervision round: notice exits, schedule and perform restarts."""
         now = time.monotonic()

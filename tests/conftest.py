@@ -20,6 +20,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_base_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model in the Qwen3 *-Base layout: EOS ``<|endoftext|>`` in the tokenizer, config
+    and generation config, Qwen3's published chat template (see ``tests/qwen3_layout.py``)."""
+    from tests.qwen3_layout import write_base_layout_model
+
+    return write_base_layout_model(tiny_model_dir, tmp_path_factory.mktemp("qwen3") / "qwen3-base")
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from opsd_engine.tiny import write_tiny_dataset
 

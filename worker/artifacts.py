@@ -141,6 +141,17 @@ class ArtifactStore:
         steps = sorted(n for n in names if n.startswith("step-") and n[5:].isdigit())
         return [f"{base}/{name}" for name in steps]
 
+    def remove_published(self, job_id: str, uri: str) -> None:
+        """Delete a published checkpoint under a remote root (under a local root the engine's
+        own removal already took it: the run directory is where it is published)."""
+        if self.local:
+            return
+        prefix = f"{self.job_uri(job_id)}/{CHECKPOINTS}/"
+        if not uri.startswith(prefix):  # only this job's checkpoints, never another path
+            raise ValueError(f"{uri} is not a checkpoint of job {job_id}")
+        if self.fs.exists(uri):
+            self.fs.rm(uri, recursive=True)
+
     def remove_run_dir(self, job_id: str) -> None:
         """Drop the local scratch copy of a remote-root job (never the published files)."""
         if not self.local:

@@ -31,15 +31,18 @@ another attempt (``worker.reaper``), up to ``EVAL_MAX_ATTEMPTS`` runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobstore.records import SUCCEEDED, JobError
 from opsd_service.settings import ServiceSettings
+from worker import prometheus as worker_metrics
 
 log = logging.getLogger("opsd.worker")
 
@@ -93,8 +96,10 @@ class _EvalLease:
                     self.eval_id, self.worker_id, lease_seconds=self.lease_seconds
                 )
             except Exception as exc:  # the database is away for a moment: try again later
+                worker_metrics.lease_renewed("error")
                 log.warning("eval %s: lease renewal failed: %s", self.eval_id, exc)
                 continue
+            worker_metrics.lease_renewed("ok" if owned else "lost")
             if not owned:
                 self.lost.set()
                 return
@@ -115,9 +120,11 @@ def run_eval(
         log.info("eval %s not claimable; skipping", eval_id)
         return SKIPPED
     log.info("eval %s of job %s claimed by %s", eval_id, record.job_id, worker_id)
-    with _EvalLease(store, eval_id, worker_id, lease_seconds) as lease:
+    progress = EvalProgressReport(store, record, worker_id)
+    worker_metrics.job_started(eval_id, "eval")
+    with _EvalLease(store, eval_id, worker_id, lease_seconds) as lease, _finished_metrics():
         try:
-            results = compute_eval(record, store=store, settings=settings)
+            results = compute_eval(record, store=store, settings=settings, progress=progress)
         except Exception as exc:
             if lease.lost.is_set():
                 return LEASE_LOST
@@ -130,12 +137,69 @@ def run_eval(
                 exc_info=error.category == "system",
             )
             store.fail_eval(eval_id, error=error, worker_id=worker_id)
+            progress.event("eval_failed", f"eval {eval_id} failed: {error.code}", {})
             return "failed"
     if lease.lost.is_set():
         return LEASE_LOST
     if not store.finish_eval(eval_id, results=results, worker_id=worker_id):
         return LEASE_LOST
+    avg = (results.get("adapter") or {}).get("avg_at_n")
+    score = f": avg@n {avg:.3f}" if isinstance(avg, int | float) else ""
+    progress.event("eval_finished", f"eval {eval_id} finished{score}", {"avg_at_n": avg})
     return "succeeded"
+
+
+@contextlib.contextmanager
+def _finished_metrics() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        worker_metrics.job_finished()
+
+
+class EvalProgressReport:
+    """Where a running eval's progress goes: the eval row (`progress`: role, problems done of
+    total, samples per second; what `GET /evals/{id}` shows) and its job's events
+    (`eval_started`, throttled `eval_progress`, `eval_finished` / `eval_failed`). Store errors
+    are logged, never raised: progress must not fail an eval."""
+
+    def __init__(self, store: Any, record: Any, worker_id: str) -> None:
+        self.store, self.record, self.worker_id = store, record, worker_id
+
+    def event(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        try:
+            self.store.add_event(
+                self.record.job_id, kind, message, {"eval_id": self.record.id, **data}
+            )
+        except Exception as exc:
+            log.warning("eval %s: could not record %s: %s", self.record.id, kind, exc)
+
+    def for_role(self, role: str, total: int) -> Any:
+        """A progress callback for sampling `role` ("adapter" or "base") on `total` problems."""
+        from opsd_engine.evaluation import EvalProgress, throttled
+
+        eval_id = self.record.id
+        self.event(
+            "eval_started",
+            f"eval {eval_id}: sampling the {role} on {total} problems",
+            {"role": role, "done": 0, "total": total},
+        )
+
+        def report(progress: EvalProgress) -> None:
+            document = {"role": role, **progress.to_dict()}
+            try:
+                self.store.set_eval_progress(eval_id, self.worker_id, document)
+            except Exception as exc:
+                log.warning("eval %s: could not record progress: %s", eval_id, exc)
+            if progress.done:
+                self.event(
+                    "eval_progress",
+                    f"eval {eval_id} ({role}): {progress.done}/{progress.total} problems, "
+                    f"{progress.samples_per_s:.1f} samples/s",
+                    document,
+                )
+
+        return throttled(report)
 
 
 def classify_eval_error(exc: BaseException) -> JobError:
@@ -172,8 +236,15 @@ def resolve_adapter(store: Any, job: Any, checkpoint_step: int | None) -> Adapte
     )
 
 
-def compute_eval(record: Any, *, store: Any, settings: ServiceSettings) -> dict[str, Any]:
-    """Sample and grade the eval described by ``record``; the results document it stores."""
+def compute_eval(
+    record: Any,
+    *,
+    store: Any,
+    settings: ServiceSettings,
+    progress: EvalProgressReport | None = None,
+) -> dict[str, Any]:
+    """Sample and grade the eval described by ``record``; the results document it stores.
+    ``progress`` receives the sampling progress of each model (adapter, then base)."""
     from opsd_engine.config import parse_spec
     from opsd_engine.data import load_examples
     from opsd_engine.evaluation import EvalSettings, reference_answers
@@ -202,12 +273,25 @@ def compute_eval(record: Any, *, store: Any, settings: ServiceSettings) -> dict[
         thinking=config.get("thinking"),
     )
     include_base = bool(config.get("include_base", False))
+
+    def reporter(role: str) -> Any:
+        return progress.for_role(role, len(examples)) if progress is not None else None
+
     if settings.inference_url:
         runs = _sample_over_http(
-            settings.inference_url, spec, adapter, examples, answers, eval_settings, include_base
+            settings.inference_url,
+            spec,
+            adapter,
+            examples,
+            answers,
+            eval_settings,
+            include_base,
+            reporter=reporter,
         )
     else:
-        runs = _sample_in_process(spec, adapter, examples, eval_settings, include_base)
+        runs = _sample_in_process(
+            spec, adapter, examples, eval_settings, include_base, reporter=reporter
+        )
     out: dict[str, Any] = {"adapter": None, "base": None}
     for role, result in runs.items():
         out[role] = _summary_document(result, examples, answers)
@@ -253,7 +337,13 @@ def _prompt_ids(tokenizer: Any, spec: Any, examples: list[Any], settings: Any) -
 
     thinking = settings.thinking if settings.thinking is not None else spec.prompts.student_thinking
     return [
-        student_prompt_ids(tokenizer, example.problem, spec.prompts, thinking=thinking)
+        student_prompt_ids(
+            tokenizer,
+            example.problem,
+            spec.prompts,
+            thinking=thinking,
+            system_prompt=example.system_prompt,
+        )
         for example in examples
     ]
 
@@ -266,13 +356,21 @@ def _sample_over_http(
     answers: list[str],
     settings: Any,
     include_base: bool,
+    *,
+    reporter: Any = None,
 ) -> Runs:
-    from opsd_engine.evaluation import evaluate_texts
-    from opsd_engine.modeling import load_tokenizer
+    import time
+
+    from opsd_engine.evaluation import EvalProgress, evaluate_texts
+    from opsd_engine.modeling import load_generation_config, load_tokenizer, stop_token_ids
     from worker.inference_client import InferenceClient
 
     tokenizer = load_tokenizer(spec.base_model)
     prompts = _prompt_ids(tokenizer, spec, examples, settings)
+    # the engine's stop set, as in process: the server stops only on EOS and these ids
+    stop_ids = stop_token_ids(
+        tokenizer, load_generation_config(spec.base_model), prompts=spec.prompts
+    )
     per_request = max(1, SEQUENCES_PER_REQUEST // settings.n)
     runs: Runs = {}
     with InferenceClient(url) as client:
@@ -283,6 +381,10 @@ def _sample_over_http(
             models["base"] = base_name
         for role, model in models.items():
             choices: list[list[Any]] = []
+            report = reporter(role) if reporter is not None else None
+            began = time.perf_counter()
+            if report is not None:
+                report(EvalProgress(0, len(prompts), 0, 0.0))
             for start in range(0, len(prompts), per_request):
                 choices.extend(
                     client.completions(
@@ -293,8 +395,13 @@ def _sample_over_http(
                         temperature=settings.temperature,
                         top_p=settings.top_p,
                         top_k=settings.top_k,
+                        stop_token_ids=stop_ids,
                     )
                 )
+                if report is not None:
+                    done = len(choices)
+                    seconds = time.perf_counter() - began
+                    report(EvalProgress(done, len(prompts), done * settings.n, seconds))
             texts = [[c.text for c in row] for row in choices]
             lengths = [[c.num_tokens or 0 for c in row] for row in choices]  # 0: not returned
             runs[role] = evaluate_texts(
@@ -304,7 +411,13 @@ def _sample_over_http(
 
 
 def _sample_in_process(
-    spec: Any, adapter: AdapterRef, examples: list[Any], settings: Any, include_base: bool
+    spec: Any,
+    adapter: AdapterRef,
+    examples: list[Any],
+    settings: Any,
+    include_base: bool,
+    *,
+    reporter: Any = None,
 ) -> Runs:
     import torch
     from peft import PeftModel
@@ -325,17 +438,23 @@ def _sample_in_process(
         model = PeftModel.from_pretrained(base, str(local), is_trainable=False).to(device)
         model.eval()
 
-        def sample() -> Any:
+        def sample(role: str) -> Any:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(IN_PROCESS_SEED)
                 return evaluate_model(
-                    model, tokenizer, examples, settings, prompts=spec.prompts, device=device
+                    model,
+                    tokenizer,
+                    examples,
+                    settings,
+                    prompts=spec.prompts,
+                    device=device,
+                    on_progress=reporter(role) if reporter is not None else None,
                 )
 
-        runs["adapter"] = sample()
+        runs["adapter"] = sample("adapter")
         if include_base:
             with model.disable_adapter():
-                runs["base"] = sample()
+                runs["base"] = sample("base")
     return runs
 
 

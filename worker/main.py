@@ -31,4 +31,9 @@ def run_worker(*, loglevel: str = "INFO") -> None:
     """Run a worker in this process until it is told to stop (SIGTERM/SIGINT: warm shutdown)."""
     from worker.celery_app import app
 
-    app.worker_main(argv=worker_argv(get_settings(), loglevel=loglevel))
+    settings = get_settings()
+    if settings.worker_metrics_port:  # Prometheus: steps/s, tokens/s, current job, leases, GPU
+        from worker.prometheus import serve
+
+        serve(settings.worker_metrics_host, settings.worker_metrics_port)
+    app.worker_main(argv=worker_argv(settings, loglevel=loglevel))

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from jobstore.records import CANCELLING, TERMINAL_STATUSES, JobError
 from opsd_service.settings import ServiceSettings, runs_dir
+from worker import prometheus as worker_metrics
 from worker.artifacts import ArtifactStore
 from worker.inference_client import InferenceError
 from worker.served_rollouts import served_rollouts
@@ -38,6 +39,7 @@ LEASE_LOST = "lease_lost"  # another worker owns the job now; nothing terminal w
 INTERRUPTED = "interrupted"  # shutting down and the release failed; the lease expiry requeues it
 RELEASED = "released"  # shutting down: handed back to the queue as the same attempt
 
+EVAL_ACTIVITY_EVENTS = ("eval_started", "eval_progress", "eval_finished")
 MAX_ERROR_MESSAGE = 4000
 MAX_EVENT_DATA = 4000
 OOM_ADVICE = (
@@ -94,10 +96,13 @@ def _clip(text: str, limit: int = MAX_ERROR_MESSAGE) -> str:
 
 def classify_error(exc: BaseException) -> JobError:
     """The readable error a failed job carries: a code, a message, user or system at fault."""
+    from opsd_engine.checkpoint import ResumeMismatchError
     from opsd_engine.config import SpecError
     from opsd_engine.data import DatasetError
     from opsd_engine.modeling import ModelLoadError
 
+    if isinstance(exc, ResumeMismatchError):
+        return JobError("resume_mismatch", _clip(str(exc)), "user")
     if isinstance(exc, SpecError):
         return JobError("invalid_spec", _clip(str(exc)), "user")
     if isinstance(exc, DatasetError):
@@ -152,15 +157,18 @@ class LeaseKeeper:
                 self.job_id, self.worker_id, lease_seconds=self.lease_seconds
             )
         except Exception as exc:  # the database is away: keep trying until the lease is over
+            worker_metrics.lease_renewed("error")
             log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
             if time.monotonic() - self._last_ok > self.lease_seconds:
                 log.error("job %s: no heartbeat for a whole lease; giving it up", self.job_id)
                 self.lost.set()
             return
         if status is None:
+            worker_metrics.lease_renewed("lost")
             log.warning("job %s: lease lost (another worker owns it now)", self.job_id)
             self.lost.set()
             return
+        worker_metrics.lease_renewed("ok")
         self._last_ok = time.monotonic()
         self.status = status
 
@@ -225,6 +233,12 @@ class StoreCallbacks:
                 lambda: self.store.add_event(self.job_id, kind, message, payload),
                 what=f"event {kind}",
             )
+            if kind in EVAL_ACTIVITY_EVENTS:  # what the job does while its spec's eval runs
+                activity = None if kind == "eval_finished" else {"kind": "eval", **(payload or {})}
+                _retry(
+                    lambda: self.store.set_activity(self.job_id, self.worker_id, activity),
+                    what="activity",
+                )
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if not self.owned:
@@ -235,6 +249,7 @@ class StoreCallbacks:
             for name, value in metrics.items()
             if isinstance(value, int | float) and math.isfinite(value)
         }
+        worker_metrics.observe_step(finite)
         _retry(lambda: self.store.record_metrics(self.job_id, step, finite), what="metrics")
         _retry(
             lambda: self.store.update_progress(
@@ -249,6 +264,23 @@ class StoreCallbacks:
         uri = self.artifacts.publish_checkpoint(self.job_id, path)
         _retry(lambda: self.store.add_checkpoint(self.job_id, step, uri), what="checkpoint")
         self.on_event("checkpoint", f"checkpoint at step {step}", {"step": step, "uri": uri})
+
+    def on_checkpoint_removed(self, step: int, path: Path) -> None:
+        """Retention removes a checkpoint: the store forgets it first, then its copies go."""
+        if not self.owned:
+            return
+        known = {c.step: c.uri for c in self.store.list_checkpoints(self.job_id)}
+        _retry(lambda: self.store.remove_checkpoint(self.job_id, step), what="checkpoint removal")
+        if step in known:
+            try:
+                self.artifacts.remove_published(self.job_id, known[step])
+            except Exception as exc:  # a stray copy is harmless: the store no longer lists it
+                log.warning("job %s: could not delete checkpoint %s: %s", self.job_id, step, exc)
+        self.on_event(
+            "checkpoint_removed",
+            f"removed the checkpoint of step {step} (checkpoint.keep_last)",
+            {"step": step},
+        )
 
     def should_stop(self) -> bool:
         return not self.owned or self.lease.status == CANCELLING or _shutdown.is_set()
@@ -330,6 +362,7 @@ def run_job(
         status=job.status,
     )
     lease.start()
+    worker_metrics.job_started(job_id, "job")
     try:
         outcome = _run_claimed(
             job,
@@ -341,6 +374,7 @@ def run_job(
         )
     finally:
         lease.stop()
+        worker_metrics.job_finished()
         _release_memory()
     if outcome in TERMINAL_STATUSES:
         artifacts.remove_run_dir(job_id)  # remote roots: the scratch copy is no longer needed

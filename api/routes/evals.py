@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Settings, Store, Tenant, tenant_job
 from api.errors import APIError
-from api.schemas import ErrorResponse, JobErrorOut
+from api.schemas import ErrorResponse, EvalProgressOut, JobErrorOut
 
 EvalStatus = Literal["queued", "running", "succeeded", "failed"]
 _EVAL_ID = re.compile(r"eval_[A-Za-z0-9]{1,64}")
@@ -55,7 +55,10 @@ class EvalRequest(BaseModel):
     )
     problem_field: str = Field("problem", min_length=1)
     answer_field: str = Field(
-        "answer", min_length=1, description="Rows without it use the solution's last \\boxed{}."
+        "answer",
+        min_length=1,
+        description="Column or dotted path. Rows without `answer` use the solution's last "
+        "\\boxed{}; any other name must be in every row.",
     )
     limit: int | None = Field(None, ge=1, description="Only the first N problems.")
     n: int = Field(16, ge=1, le=256, description="Samples per problem.")
@@ -93,6 +96,11 @@ class EvalOut(BaseModel):
         "n_samples, avg_at_n, pass_at_k {k: value}, majority_vote and per-problem rows.",
     )
     error: JobErrorOut | None
+    progress: EvalProgressOut | None = Field(
+        None,
+        description="While running (and kept after): which model is sampled, problems done of "
+        "total, samples per second.",
+    )
     created_at: datetime
     finished_at: datetime | None
 
@@ -110,9 +118,19 @@ def eval_out(record: Any) -> EvalOut:
         config=record.config,
         results=record.results,
         error=JobErrorOut(**record.error.to_dict()) if record.error else None,
+        progress=_progress_out(getattr(record, "progress", None)),
         created_at=record.created_at,
         finished_at=record.finished_at,
     )
+
+
+def _progress_out(progress: dict[str, Any] | None) -> EvalProgressOut | None:
+    if not progress:
+        return None
+    try:
+        return EvalProgressOut.model_validate(progress)
+    except ValueError:
+        return None
 
 
 def _with_job_defaults(body: EvalRequest, spec: dict[str, Any]) -> EvalRequest:

@@ -433,10 +433,23 @@ def _tar_directory(uri: str) -> Any:
             relative = path[len(root.rstrip("/")) + 1 :]
             info = tarfile.TarInfo(name=f"adapter/{relative}")
             info.size = fs.size(path)
+            # TarInfo defaults to mtime 0 (files unpack dated 1970) and mode 0644: keep the
+            # file's own time; the mode stays 0644 whatever the writer's umask made it.
+            info.mtime = int(_modified(fs, path))
             with fs.open(path, "rb") as handle:
                 tar.addfile(info, handle)
     spool.seek(0)
     return spool
+
+
+def _modified(fs: Any, path: str) -> float:
+    """The file's modification time in epoch seconds (now when the filesystem cannot say)."""
+    import time
+
+    try:
+        return fs.modified(path).timestamp()
+    except (NotImplementedError, AttributeError, OSError, ValueError):
+        return time.time()
 
 
 async def _iter_file(handle: Any, chunk: int = 1 << 20) -> AsyncIterator[bytes]:

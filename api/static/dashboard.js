@@ -39,6 +39,8 @@
     statusFilter: '',
     nextCursor: null,
     extraJobs: [],
+    compare: new Set(),
+    compareMetrics: {},
     timers: {},
     generation: 0,
   };
@@ -253,7 +255,7 @@
         onclick: () => selectJob(job.id),
         onkeydown: (event) => { if (event.key === 'Enter') selectJob(job.id); },
       },
-      el('div', { class: 'row' }, el('code', { text: job.id }), badge(job.status)),
+      el('div', { class: 'row' }, compareBox(job), el('code', { text: job.id }), badge(job.status)),
       el('div', {
         class: 'sub',
         text: `${job.spec.method || 'opsd'} · ${shortModel(job.spec.base_model)} · step ${stepsText(job)} · ${fmtAgo(job.created_at)}`,
@@ -286,6 +288,127 @@
     $('#jobs').append(...jobs.map(jobItem));
   }
 
+  // ------------------------------------------------------------------------ run comparison
+  // Tick jobs in the list, then "Compare": one metric of every ticked job overlaid by step, and
+  // held-out accuracy (eval/avg@n) against cumulative generated tokens (the paper's Figure 3).
+  function compareBox(job) {
+    const box = el('input', {
+      type: 'checkbox',
+      class: 'compare-box',
+      'data-id': job.id,
+      title: 'compare this job',
+      'aria-label': `compare ${job.id}`,
+      onclick: (event) => event.stopPropagation(),
+      onchange: (event) => {
+        if (event.target.checked) state.compare.add(job.id);
+        else state.compare.delete(job.id);
+        updateCompareButton();
+      },
+    });
+    box.checked = state.compare.has(job.id);
+    return box;
+  }
+
+  function updateCompareButton() {
+    const button = $('#compare-open');
+    button.hidden = state.compare.size < 2;
+    button.textContent = `Compare ${state.compare.size} jobs`;
+  }
+
+  async function openCompare() {
+    const ids = [...state.compare];
+    try {
+      const answers = await Promise.all(
+        ids.map((id) => api(jobPath(id, '/metrics'), { max_points: MAX_POINTS })),
+      );
+      state.compareMetrics = {};
+      ids.forEach((id, i) => { state.compareMetrics[id] = answers[i].metrics; });
+    } catch (error) {
+      handleError(error);
+      return;
+    }
+    clearTimeout(state.timers.job);
+    state.generation += 1;
+    state.selected = null;
+    $('#job').hidden = true;
+    $('#no-job').hidden = true;
+    $('#compare').hidden = false;
+    $('#compare-jobs').textContent = ids.join(' · ');
+    const names = [...new Set(ids.flatMap((id) => Object.keys(state.compareMetrics[id])))].sort();
+    const select = $('#compare-metric');
+    const current = select.value;
+    select.replaceChildren(...names.map((n) => el('option', { value: n, text: n })));
+    select.value = names.includes(current) ? current : (names.includes('loss') ? 'loss' : names[0] || '');
+    renderCompare();
+  }
+
+  function closeCompare() {
+    $('#compare').hidden = true;
+    $('#no-job').hidden = false;
+  }
+
+  function accuracyName(metrics) {
+    return Object.keys(metrics).find((n) => /^eval\/avg@\d+$/.test(n));
+  }
+
+  // (tokens, accuracy) points of one job: each eval step's accuracy at the cumulative generated
+  // tokens of that step (0 before the first step: the base model).
+  function accuracyByTokens(metrics) {
+    const name = accuracyName(metrics);
+    const tokens = metrics.generated_tokens_total;
+    if (!name) return null;
+    const x = [];
+    const y = [];
+    metrics[name].steps.forEach((step, i) => {
+      let total = 0;
+      if (step > 0 && tokens) {
+        const at = tokens.steps.findIndex((s) => s >= step);
+        total = tokens.values[at === -1 ? tokens.values.length - 1 : at];
+      }
+      x.push(total);
+      y.push(metrics[name].values[i]);
+    });
+    return { name, x, y };
+  }
+
+  function renderCompare() {
+    if (typeof Plotly === 'undefined') return;
+    const ids = Object.keys(state.compareMetrics);
+    const metric = $('#compare-metric').value;
+    const traces = ids
+      .filter((id) => state.compareMetrics[id][metric])
+      .map((id, i) => ({ ...trace(id, state.compareMetrics[id][metric], i), name: id }));
+    const layout = chartLayout(metric, null);
+    layout.showlegend = true;
+    layout.margin.t = 52;
+    Plotly.react($('#chart-compare'), traces, layout, { displaylogo: false, responsive: true });
+
+    const points = ids.map((id, i) => [id, i, accuracyByTokens(state.compareMetrics[id])])
+      .filter(([, , p]) => p);
+    $('#compare-tokens-empty').hidden = points.length > 0;
+    $('#chart-compare-tokens').hidden = points.length === 0;
+    const accuracy = points.map(([id, i, p]) => ({
+      type: 'scatter',
+      mode: 'lines+markers',
+      name: `${id} (${p.name})`,
+      x: p.x,
+      y: p.y,
+      line: { color: COLORS[i % COLORS.length], width: 2 },
+      marker: { size: 6 },
+      hovertemplate: `${id}<br>%{x:,} tokens: %{y:.3f}<extra></extra>`,
+    }));
+    const tokensLayout = chartLayout('Held-out accuracy vs generated tokens', { unit: true });
+    tokensLayout.xaxis.title.text = 'generated tokens (cumulative)';
+    tokensLayout.yaxis.range = [-0.03, 1.03];
+    tokensLayout.showlegend = true;
+    tokensLayout.margin.t = 52;
+    if (points.length) {
+      Plotly.react($('#chart-compare-tokens'), accuracy, tokensLayout, {
+        displaylogo: false, responsive: true,
+      });
+    }
+  }
+
   // ------------------------------------------------------------------------------- one job
   function selectJob(id) {
     if (state.selected === id && state.job) return;
@@ -303,6 +426,7 @@
       item.classList.toggle('selected', item.dataset.id === id);
     }
     $('#no-job').hidden = true;
+    $('#compare').hidden = true;
     $('#job').hidden = false;
     $('#job-id').textContent = id;
     $('#job-status').textContent = '';  // never show the previous job's status under this id
@@ -391,7 +515,9 @@
     const fraction = total ? Math.min(1, job.progress.step / total) : 0;
     $('#progress-fill').style.width = `${Math.round(fraction * 100)}%`;
     const left = eta(job);
-    $('#progress-text').textContent = `step ${stepsText(job)}${left ? ` · ETA ${left}` : ''}`;
+    const doing = evalActivityText(job);
+    $('#progress-text').textContent =
+      `step ${stepsText(job)}${left ? ` · ETA ${left}` : ''}${doing ? ` · ${doing}` : ''}`;
 
     const error = $('#job-error');
     error.hidden = !job.error;
@@ -425,6 +551,21 @@
         el('dd', { text: value === undefined || value === null ? '–' : String(value) }),
       ]),
     );
+  }
+
+  // What a running job evaluates (its spec's eval group), from `progress.eval`.
+  function evalActivityText(job) {
+    const ev = job.progress && job.progress.eval;
+    if (job.status !== 'running' || !ev) return '';
+    const who = ev.role === 'base' ? 'the base model' : `step ${ev.step}`;
+    return `evaluating ${who}: ${ev.done}/${ev.total} problems, ${Number(ev.samples_per_s || 0).toFixed(1)} samples/s`;
+  }
+
+  // An eval's own progress for the evaluations table.
+  function evalProgressText(evaluation) {
+    const p = evaluation.progress;
+    if (evaluation.status !== 'running' || !p) return '';
+    return `${p.role} ${p.done}/${p.total} · ${Number(p.samples_per_s || 0).toFixed(1)}/s`;
   }
 
   // ----------------------------------------------------------------------------------- charts
@@ -505,6 +646,7 @@
       shown += 1;
     }
     $('#charts-empty').hidden = shown > 0;
+    $('#charts-empty').textContent = noMetricsText(state.job);
 
     const others = names.filter((n) => !CHARTED.has(n) && !n.startsWith('eval/'));
     const select = $('#extra-metric');
@@ -520,6 +662,16 @@
     }
     $('#extra-row').hidden = others.length === 0;
     renderExtraChart();
+  }
+
+  // Why a job has no metrics: it has not reached its first step yet, or it never will.
+  function noMetricsText(job) {
+    if (job && job.status === 'failed') {
+      return 'This job failed before recording any metrics (see its error and events).';
+    }
+    if (job && job.status === 'cancelled') return 'This job was cancelled before its first step.';
+    if (job && job.status === 'succeeded') return 'This job recorded no metrics.';
+    return 'No metrics yet: they appear after the first optimizer step.';
   }
 
   function renderExtraChart() {
@@ -585,6 +737,8 @@
         const n = e.config.n;
         const status = badge(e.status);
         if (e.error) status.title = `${e.error.code}: ${e.error.message}`;
+        const doing = evalProgressText(e);
+        if (doing) status.append(el('span', { class: 'eval-progress muted', text: ` ${doing}` }));
         return el(
           'tr',
           { 'data-eval': e.id },
@@ -662,6 +816,9 @@
     $('#more').addEventListener('click', loadMore);
     $('#adapter-link').addEventListener('click', downloadAdapter);
     $('#extra-metric').addEventListener('change', renderExtraChart);
+    $('#compare-open').addEventListener('click', openCompare);
+    $('#compare-close').addEventListener('click', closeCompare);
+    $('#compare-metric').addEventListener('change', renderCompare);
     $('#status-filter').addEventListener('change', (event) => {
       state.statusFilter = event.target.value;
       refreshList();

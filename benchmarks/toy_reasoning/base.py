@@ -212,6 +212,9 @@ def build_base(
     tokenizer.save_pretrained(tmp)
     info = {"config": asdict(config), "task_version": TASK_VERSION, "pretrain_seconds": seconds}
     (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
+    from opsd_engine.checkpoint import normalize_modes
+
+    normalize_modes(tmp)  # safetensors leaves model.safetensors 0600
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

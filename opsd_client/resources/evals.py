@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -99,12 +100,22 @@ class Evals:
         """`GET /evals/{id}`."""
         return self._eval(self._client._http_api.request("GET", eval_path(eval_id)))
 
-    def wait(self, eval_id: str, *, timeout: float | None = None, poll: float = 2.0) -> Eval:
+    def wait(
+        self,
+        eval_id: str,
+        *,
+        timeout: float | None = None,
+        poll: float = 2.0,
+        on_update: Callable[[Eval], None] | None = None,
+    ) -> Eval:
         """Poll until the eval is final; return it when it succeeded, else raise
-        `EvalFailedError` (or `WaitTimeoutError` after `timeout` seconds)."""
+        `EvalFailedError` (or `WaitTimeoutError` after `timeout` seconds). `on_update` is called
+        with every polled eval (its `progress` says how far sampling is)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             evaluation = self.retrieve(eval_id)
+            if on_update is not None:
+                on_update(evaluation)
             if evaluation.status == "succeeded":
                 return evaluation
             if evaluation.status == "failed":
@@ -183,11 +194,19 @@ class AsyncEvals:
         return self._eval(await self._client._http_api.request("GET", eval_path(eval_id)))
 
     async def wait(
-        self, eval_id: str, *, timeout: float | None = None, poll: float = 2.0
+        self,
+        eval_id: str,
+        *,
+        timeout: float | None = None,
+        poll: float = 2.0,
+        on_update: Callable[[AsyncEval], None] | None = None,
     ) -> AsyncEval:
+        """Poll until the eval is final; see `Evals.wait`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             evaluation = await self.retrieve(eval_id)
+            if on_update is not None:
+                on_update(evaluation)
             if evaluation.status == "succeeded":
                 return evaluation
             if evaluation.status == "failed":

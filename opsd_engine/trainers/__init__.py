@@ -33,6 +33,46 @@ def run_training(
 ) -> TrainResult:
     """Run ``spec`` with its method's trainer. ``accelerator``: the run's (already created, e.g.
     to know the rank before any file is written); default: one made from the spec."""
+    # Experiment trackers mirror every metric and the spec (trackers.py), from rank 0 only.
+    if spec.report_to and (accelerator is None or accelerator.is_main_process):
+        from opsd_engine.events import CallbackList, NullCallbacks
+        from opsd_engine.trackers import make_trackers
+
+        trackers = make_trackers(spec, output_dir, Path(output_dir).name)
+        try:
+            return _run_method(
+                spec,
+                output_dir,
+                callbacks=CallbackList([callbacks or NullCallbacks(), *trackers]),
+                resume=resume,
+                examples=examples,
+                rollout_backend=rollout_backend,
+                accelerator=accelerator,
+            )
+        finally:
+            for tracker in trackers:
+                tracker.close()
+    return _run_method(
+        spec,
+        output_dir,
+        callbacks=callbacks,
+        resume=resume,
+        examples=examples,
+        rollout_backend=rollout_backend,
+        accelerator=accelerator,
+    )
+
+
+def _run_method(
+    spec: JobSpec,
+    output_dir: str | Path,
+    *,
+    callbacks: TrainerCallbacks | None,
+    resume: bool,
+    examples: Sequence[Example] | None,
+    rollout_backend: RolloutFactory | None,
+    accelerator: Accelerator | None,
+) -> TrainResult:
     if spec.method == "sft":
         from opsd_engine.trainers import sft
 

@@ -5,7 +5,8 @@ here is only what would otherwise be copied verbatim between them and must stay 
 checkpoints and token accounting to mean the same thing across methods:
 
 * :class:`TrainResult`, :class:`ExampleStream` (a fresh seeded permutation per epoch, resumable
-  from a position), :func:`spec_fingerprint` (resume refuses a different spec) and
+  from a position), :func:`spec_fingerprint` and :func:`check_resumable` (a resume may extend
+  a run or change its eval/checkpoint cadence, and names every other field that differs) and
   :func:`total_optimizer_steps`;
 * :func:`make_accelerator`, :class:`HiddenStateScorer` (what `accelerator.prepare` wraps) and
   :func:`grad_norm`;
@@ -15,7 +16,7 @@ checkpoints and token accounting to mean the same thing across methods:
 * :class:`SpecEvaluator`: the `spec.eval` benchmark evaluation during and after training
   (`eval/*` metrics at the current step, RNG state restored, so training is identical with and
   without evals);
-* the run around a trainer's own `train_step`: :func:`resume_run` (same spec or refuse),
+* the run around a trainer's own `train_step`: :func:`resume_run` (allowed changes only),
   :func:`save_run_checkpoint` and :func:`run_steps` (cancellation between steps, evals,
   periodic and final checkpoints, the adapter). Plain functions over a :class:`SteppedTrainer`,
   so each trainer stays its own class with no base class to read;
@@ -59,10 +60,22 @@ from opsd_engine.rollout import (
 )
 
 # Fields that do not change what training computes; a resume may differ in them. (Evaluations
-# run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is.)
-RESUME_NEUTRAL_FIELDS = ("metadata", "checkpoint_every", "eval")
+# run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is;
+# `report_to` and `checkpoint` only say where metrics and checkpoints go.)
+RESUME_NEUTRAL_FIELDS = ("metadata", "checkpoint_every", "eval", "report_to", "checkpoint")
+# Fields a resume may change although they change what is computed from now on: the steps done
+# stay valid (more steps or epochs extend the run, the LR schedule is recomputed for the new
+# length), or they change how, not what, is computed (memory/speed knobs of the same math).
+RESUME_EXTENDABLE_FIELDS = (
+    "optim.max_steps",
+    "optim.epochs",
+    "runtime.gradient_checkpointing",
+    "loss.implementation",
+    "loss.chunk_size",
+)
 
 __all__ = [
+    "RESUME_EXTENDABLE_FIELDS",
     "RESUME_NEUTRAL_FIELDS",
     "ExampleStream",
     "HiddenStateScorer",
@@ -71,6 +84,7 @@ __all__ = [
     "TokenLogprobs",
     "TrainResult",
     "any_rank",
+    "check_resumable",
     "collective_timeout",
     "grad_norm",
     "length_sorted_micro_batches",
@@ -79,6 +93,7 @@ __all__ = [
     "run_steps",
     "sample_step_rollouts",
     "save_run_checkpoint",
+    "spec_changes",
     "spec_fingerprint",
     "step_share",
     "stop_point",
@@ -132,6 +147,70 @@ def spec_fingerprint(spec: JobSpec) -> str:
     for name in RESUME_NEUTRAL_FIELDS:
         data.pop(name, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of nested dicts by dotted path (an empty dict has none: `{}` -> `{"a": 1}` is the
+    one change `a: None -> 1`)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def spec_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """`(dotted field, old value, new value)` for every leaf field that differs, sorted."""
+    before, after = _flatten(old), _flatten(new)
+    missing = object()
+    return [
+        (name, before.get(name), after.get(name))
+        for name in sorted(before.keys() | after.keys())
+        if before.get(name, missing) != after.get(name, missing)
+    ]
+
+
+def check_resumable(
+    saved: ckpt.TrainerState, spec: JobSpec, total_steps: int
+) -> list[tuple[str, Any, Any]]:
+    """The spec changes since `saved` was written, when a resume may continue with them.
+
+    Allowed: the fields of RESUME_NEUTRAL_FIELDS (and everything under them) and
+    RESUME_EXTENDABLE_FIELDS, as long as the run does not end before the checkpoint's step.
+    Raises :class:`ckpt.ResumeMismatchError` naming every other differing field (`field: old ->
+    new`). A checkpoint of an older version holds no spec: it resumes only with the same
+    fingerprint.
+    """
+    if not saved.spec:
+        if saved.spec_fingerprint != spec_fingerprint(spec):
+            raise ckpt.ResumeMismatchError(
+                f"the checkpoint at step {saved.step} was written by a different spec "
+                f"(fingerprint {saved.spec_fingerprint} != {spec_fingerprint(spec)}); it predates "
+                "recording the spec, so the differing fields cannot be named: resume with the "
+                "spec it was trained with"
+            )
+        return []
+    changes = spec_changes(saved.spec, spec_to_dict(spec))
+
+    def allowed(name: str) -> bool:
+        head = name.split(".", 1)[0]
+        return head in RESUME_NEUTRAL_FIELDS or name in RESUME_EXTENDABLE_FIELDS
+
+    refused = [f"{name}: {old!r} -> {new!r}" for name, old, new in changes if not allowed(name)]
+    if refused:
+        raise ckpt.ResumeMismatchError(
+            f"the checkpoint at step {saved.step} was written with another spec; a resume may "
+            "change only the run's length (optim.max_steps, optim.epochs), eval, checkpoint "
+            "cadence and retention, report_to and metadata. Differing: " + "; ".join(refused)
+        )
+    if total_steps < saved.step:
+        length = [f"{n}: {o!r} -> {v!r}" for n, o, v in changes if n.startswith("optim.")]
+        raise ckpt.ResumeMismatchError(
+            f"the spec ends after {total_steps} steps but the checkpoint is at step "
+            f"{saved.step} ({'; '.join(length) or 'same length'}): a resume can only extend a run"
+        )
+    return changes
 
 
 def total_optimizer_steps(spec: JobSpec, dataset_size: int, world_size: int) -> int:
@@ -397,6 +476,7 @@ class SpecEvaluator:
                 thinking=cfg.thinking,
             )
             model = self.policy.peft_model
+            report = self._progress_reporter(step, adapter)
             rng = ckpt.capture_rng_state()
             try:
                 torch.manual_seed(self.spec.seed)
@@ -408,11 +488,49 @@ class SpecEvaluator:
                         settings,
                         prompts=self.spec.prompts,
                         device=self.accelerator.device,
+                        on_progress=report,
                     )
             finally:
                 ckpt.restore_rng_state(rng)
-            self.callbacks.on_metrics(step, summary_metrics(result.summary))
+            scores = summary_metrics(result.summary)
+            self.callbacks.on_metrics(step, scores)
+            self._report_finished(step, adapter, scores)
         self.accelerator.wait_for_everyone()
+
+    def _progress_reporter(self, step: int, adapter: bool) -> Any:
+        """`eval_started`, then throttled `eval_progress` events (problems done/total, samples
+        per second): what the job is doing while an eval runs."""
+        from opsd_engine.evaluation import EvalProgress, throttled
+
+        role = "adapter" if adapter else "base"
+        who = "the student" if adapter else "the base model"
+        total, n = len(self._examples or []), self.spec.eval.n
+        self.callbacks.on_event(
+            "eval_started",
+            f"evaluating {who} at step {step}: {total} problems x {n} samples",
+            {"step": step, "role": role, "done": 0, "total": total},
+        )
+
+        def report(progress: EvalProgress) -> None:
+            if progress.done == 0:
+                return  # eval_started said so
+            self.callbacks.on_event(
+                "eval_progress",
+                f"evaluating {who} at step {step}: {progress.done}/{progress.total} problems, "
+                f"{progress.samples_per_s:.1f} samples/s",
+                {"step": step, "role": role, **progress.to_dict()},
+            )
+
+        return throttled(report)
+
+    def _report_finished(self, step: int, adapter: bool, scores: dict[str, float]) -> None:
+        avg = next((v for k, v in scores.items() if k.startswith("eval/avg@")), None)
+        who = "the student" if adapter else "the base model"
+        self.callbacks.on_event(
+            "eval_finished",
+            f"evaluated {who} at step {step}" + (f": avg {avg:.3f}" if avg is not None else ""),
+            {"step": step, "role": "adapter" if adapter else "base", "scores": scores},
+        )
 
 
 # ---------------------------------------------------------------------------- the run loop
@@ -436,20 +554,36 @@ class SteppedTrainer(Protocol):
 
 
 def resume_run(trainer: SteppedTrainer, checkpoint: Path) -> None:
-    """Load `checkpoint` into the trainer; ValueError if another spec wrote it."""
+    """Load `checkpoint` into the trainer; :class:`ckpt.ResumeMismatchError` (a ValueError)
+    naming the fields when the spec changed in a way a resume cannot take (`check_resumable`).
+    An allowed change is recorded as a `spec_changed` event; a new length recomputes the LR of
+    the next step on the new schedule."""
     saved = ckpt.read_state(checkpoint)
-    if saved.spec_fingerprint != trainer.state.spec_fingerprint:
-        raise ValueError(
-            f"checkpoint {checkpoint} was written by a different spec (fingerprint "
-            f"{saved.spec_fingerprint} != {trainer.state.spec_fingerprint}); "
-            "resume needs the same spec"
-        )
+    changes = check_resumable(saved, trainer.spec, trainer.total_steps)
     trainer.state = ckpt.load_checkpoint(
         checkpoint,
         peft_model=trainer.policy.peft_model,
         optimizer=trainer.optimizer,
         scheduler=trainer.scheduler,
     )
+    trainer.state.total_steps = trainer.total_steps
+    trainer.state.spec_fingerprint = spec_fingerprint(trainer.spec)
+    if changes:
+        scheduler = trainer.scheduler  # a LambdaLR: its lambdas are the new length's schedule
+        for group, base_lr, rule in zip(
+            trainer.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base_lr * rule(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
+        described = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
+        trainer.callbacks.on_event(
+            "spec_changed",
+            f"resuming step {saved.step} with a changed spec: {described}",
+            {
+                "step": saved.step,
+                "changes": [{"field": n, "old": o, "new": v} for n, o, v in changes],
+            },
+        )
     acc = trainer.accelerator
     ranks = ckpt.read_rank_rng_states(checkpoint)
     if ranks is not None and len(ranks) == acc.num_processes:
@@ -466,6 +600,7 @@ def save_run_checkpoint(trainer: SteppedTrainer) -> Path | None:
     """An atomic checkpoint of the current step (written by the main process only; with several
     processes it holds every rank's RNG state)."""
     path = None
+    trainer.state.spec = spec_to_dict(trainer.spec)  # lets a resume name what changed
     rank_rng_states = None
     if trainer.accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -481,6 +616,14 @@ def save_run_checkpoint(trainer: SteppedTrainer) -> Path | None:
             rank_rng_states=rank_rng_states,
         )
         trainer.callbacks.on_checkpoint(trainer.state.step, path)
+        if (keep := trainer.spec.checkpoint.keep_last) is not None:
+            for old in ckpt.retired_checkpoints(
+                trainer.checkpoint_dir, keep_last=keep, final_step=trainer.total_steps
+            ):
+                removed = getattr(trainer.callbacks, "on_checkpoint_removed", None)
+                if removed is not None:  # the record goes first, then the files
+                    removed(ckpt.read_state(old).step, old)
+                ckpt.remove_checkpoint(old)
     trainer.accelerator.wait_for_everyone()
     return path
 

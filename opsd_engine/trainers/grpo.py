@@ -289,6 +289,7 @@ class GRPOTrainer:
                 render_student_text(self.examples[index].problem, prompts),
                 prompts,
                 thinking=prompts.student_thinking,
+                system_prompt=self.examples[index].system_prompt,
             )
         return self._prompt_cache[index]
 

@@ -156,6 +156,7 @@ class OPSDTrainer:
                 solution=example.solution,
                 answer=example.answer,
                 prompts=self.spec.prompts,
+                system_prompt=example.system_prompt,
             )
         return self._prompt_cache[index]
 

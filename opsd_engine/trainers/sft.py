@@ -186,6 +186,7 @@ class SFTTrainer:
                 render_student_text(example.problem, prompts),
                 prompts,
                 thinking=prompts.student_thinking,
+                system_prompt=example.system_prompt,
             )
             solution = self.tokenizer(example.solution, add_special_tokens=False)["input_ids"]
             self._sequence_cache[index] = (prompt, [*solution, self.eos_id])

@@ -188,35 +188,32 @@ def test_trained_adapter_generates_like_peft_and_unlike_the_base(
 ) -> None:
     from peft import PeftModel
 
-    from opsd_engine.modeling import load_base_model, load_tokenizer
+    from opsd_engine.modeling import load_base_model
     from opsd_engine.rollout import SamplingParams, TransformersRolloutBackend
 
     assert _load(client, "trained", adapter_dir).status_code == 200
     assert "trained" in _ids(client)
     prompts = [engine.encode_text(f"Problem: Ben has {k} apples and buys 2 more.") for k in (2, 5)]
-    body = {"prompt": prompts, "max_tokens": 10, "temperature": 0, "n": 2}
+    body = {"prompt": prompts, "max_tokens": 10, "temperature": 0, "return_token_ids": True}
     tuned = client.post("/v1/completions", json={**body, "model": "trained"}).json()["choices"]
     base = client.post("/v1/completions", json={**body, "model": BASE}).json()["choices"]
-    tuned_texts = [c["text"] for c in tuned]
-    assert tuned_texts[0] == tuned_texts[1]  # greedy: the n samples agree
-    assert tuned_texts != [c["text"] for c in base]
+    assert [c["token_ids"] for c in tuned] != [c["token_ids"] for c in base]
 
-    tokenizer = load_tokenizer(str(tiny_model_dir))
     reference = PeftModel.from_pretrained(
         load_base_model(str(tiny_model_dir), dtype=torch.float32), str(adapter_dir)
     )
     backend = TransformersRolloutBackend(
-        reference, pad_id=tokenizer.pad_token_id, stop_ids=engine.stop_ids, device=engine.device
+        reference,
+        pad_id=engine.tokenizer.pad_token_id,
+        stop_ids=engine.stop_ids,
+        device=engine.device,
     )
     expected = backend.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
-    decoded = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in expected]
-    assert tuned_texts[::2] == decoded
+    assert [c["token_ids"] for c in tuned] == [r.token_ids for r in expected]
     # the base model is still the base model once an adapter is loaded
     with reference.disable_adapter():
         plain = backend.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
-    assert [c["text"] for c in base][::2] == [
-        tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in plain
-    ]
+    assert [c["token_ids"] for c in base] == [r.token_ids for r in plain]
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "trained"}).is_success
 
 

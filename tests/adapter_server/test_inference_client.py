@@ -57,6 +57,7 @@ def test_adapter_lifecycle_and_generation(
             top_p=0.95,
             top_k=0,
             seed=5,
+            stop_token_ids=[509],
         )
         assert [len(row) for row in texts] == [2, 2, 2]
         assert all(0 < c.num_tokens <= 4 and c.finish_reason for row in texts for c in row)
@@ -68,13 +69,20 @@ def test_adapter_lifecycle_and_generation(
             temperature=0.6,
             top_p=0.95,
             chat_template_kwargs={"enable_thinking": False},
+            stop_token_ids=[509],
         )
         assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
         client.unload_adapter("job_x-step3")
         assert client.model_ids() == {"model"}
         with pytest.raises(InferenceError) as gone:
             client.completions(
-                model="job_x-step3", prompts=[[1]], n=1, max_tokens=1, temperature=0, top_p=1
+                model="job_x-step3",
+                prompts=[[1]],
+                n=1,
+                max_tokens=1,
+                temperature=0,
+                top_p=1,
+                stop_token_ids=[509],
             )
         assert gone.value.status == 404
 
@@ -84,3 +92,40 @@ def test_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(InferenceError, match="cannot reach the inference server"):
         client.models()
     client.close()
+
+
+def test_a_connection_closed_under_a_request_is_retried_once() -> None:
+    """A server may close a keep-alive connection as a request arrives on it (uvicorn, and so
+    vLLM, close idle ones after 5 s): the client resends once on a fresh connection."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    seen: list[int] = []
+
+    def serve() -> None:
+        for attempt in range(2):
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                seen.append(attempt)
+                if attempt == 0:
+                    continue  # closed without a response: "Server disconnected"
+                body = b'{"object": "list", "data": [{"id": "m", "parent": null}]}'
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\nConnection: close\r\n\r\n"
+                    + body
+                )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with InferenceClient(f"http://127.0.0.1:{port}", admin_timeout=10) as client:
+        assert client.model_ids() == {"m"}
+    thread.join(timeout=10)
+    listener.close()
+    assert seen == [0, 1]

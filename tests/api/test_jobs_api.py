@@ -45,6 +45,11 @@ def test_minimal_submission_gets_paper_defaults_and_is_queued(client, tenant_key
         ({"max_new_tokens": 1.5}, "max_new_tokens"),
         ({"metadata": {"note": "a\x00b"}}, "metadata.note"),
         ({"base_model": "m\x00"}, "base_model"),
+        (
+            {"prompts": {"student_thinking": False, "teacher_thinking": True}},
+            "prompts.teacher_thinking",
+        ),
+        ({"dataset": {"answer_field": "reward_model..gt"}}, "dataset.answer_field"),
     ],
 )
 def test_bad_specs_answer_422_naming_the_field(client, tenant_keys, patch, param) -> None:

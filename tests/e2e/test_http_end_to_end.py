@@ -151,7 +151,7 @@ def test_job_runs_to_success_with_metrics_events_checkpoints_and_adapter(
 
     job = service.wait(job_id, {"succeeded", "failed", "cancelled"})
     assert job["status"] == "succeeded", job["error"]
-    assert job["progress"] == {"step": 4, "total_steps": 4}
+    assert job["progress"] == {"step": 4, "total_steps": 4, "eval": None}
 
     kinds = [e["kind"] for e in service.http.get(f"/jobs/{job_id}/events").json()["data"]]
     assert kinds[0] == "queued" and "running" in kinds and kinds[-1] == "succeeded"

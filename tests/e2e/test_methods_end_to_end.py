@@ -102,7 +102,7 @@ def test_method_job_runs_to_success_through_the_service(
 
     job = wait_for(finished, timeout=180, interval=0.25, what=f"the {method} job to finish")
     assert job["status"] == "succeeded", job["error"]
-    assert job["progress"] == {"step": 3, "total_steps": 3}
+    assert job["progress"] == {"step": 3, "total_steps": 3, "eval": None}
 
     metrics = http.get(f"/jobs/{job_id}/metrics").json()["metrics"]
     names = METHOD_METRICS[method] | {"grad_norm", "lr", "generated_tokens"}

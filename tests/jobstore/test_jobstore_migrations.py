@@ -109,17 +109,26 @@ def test_evals_made_before_eval_attempts_read_as_first_attempts(empty_url: str) 
     store = jobstore.Store(empty_url)
     try:
         tenant = store.get_or_create_tenant("t")
-        job, _ = store.create_job(tenant.id, spec={"base_model": "m", "dataset_uri": "d"})
         engine = store.engine
     finally:
         store.close()
+    # rows written as that revision's schema has them (today's queries know later columns)
+    now = tenant.created_at
     with engine.begin() as connection:
         connection.execute(
             sa.text(
-                "INSERT INTO evals (id, tenant_id, job_id, status, config, created_at) "
-                "VALUES ('eval_old', :tenant, :job, 'queued', '{}', :now)"
+                "INSERT INTO jobs (id, tenant_id, status, spec, metadata, attempt, max_attempts, "
+                "progress_step, created_at, updated_at) VALUES ('job_old', :tenant, 'succeeded', "
+                "'{}', '{}', 1, 3, 0, :now, :now)"
             ),
-            {"tenant": tenant.id, "job": job.id, "now": job.created_at},
+            {"tenant": tenant.id, "now": now},
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO evals (id, tenant_id, job_id, status, config, created_at) "
+                "VALUES ('eval_old', :tenant, 'job_old', 'queued', '{}', :now)"
+            ),
+            {"tenant": tenant.id, "now": now},
         )
     engine.dispose()
     jobstore.upgrade(empty_url)

@@ -72,7 +72,7 @@ def test_submit_a_spec_file_and_wait_for_it(
         "--json",
     )
     job = ok_json(result)
-    assert job["status"] == "succeeded" and job["progress"] == {"step": 2, "total_steps": 2}
+    assert job["status"] == "succeeded" and job["progress"] == {"step": 2, "total_steps": 2, "eval": None}
     assert job["spec"]["base_model"] == str(tiny_model_dir.resolve())
     assert job["spec"]["dataset_uri"] == str(tiny_dataset.resolve())
     assert job["metadata"] == {"team": "cli"}

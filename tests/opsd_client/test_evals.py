@@ -113,6 +113,19 @@ def test_evals_commands(service: LiveService, done_job: dict[str, Any], tiny_dat
     assert created.exit_code == EXIT_OK, (created.output, created.stderr)
     evaluation = json.loads(created.stdout)
     assert evaluation["status"] == "succeeded" and evaluation["results"]["adapter"]
+    # the sampling progress stays on the eval: 2 problems of 2, adapter only
+    progress = evaluation["progress"]
+    assert (progress["role"], progress["done"], progress["total"]) == ("adapter", 2, 2)
+    assert progress["samples_per_s"] > 0
+    seen: list = []
+    with Client(base_url=service.base_url, api_key=service.api_key) as client:
+        final = client.evals.wait(evaluation["id"], on_update=seen.append)
+    assert seen and seen[-1].id == final.id and final.progress.done == 2
+    assert final.progress.describe().startswith("evaluating the adapter: 2/2 problems")
+    waited_text = runner.invoke(app, ["evals", "wait", evaluation["id"]], env=env)
+    assert (
+        waited_text.exit_code == EXIT_OK and f"{evaluation['id']}: succeeded" in waited_text.stderr
+    )
 
     shown = runner.invoke(app, ["evals", "show", evaluation["id"]], env=env)
     assert shown.exit_code == EXIT_OK and "avg_at_n" in shown.stdout and "succeeded" in shown.stdout

@@ -471,8 +471,14 @@ def test_csv_row_with_too_many_values(tmp_path: Path) -> None:
         ({"problem": None, "solution": "s"}, "field 'problem': required field is null"),
         ({"problem": "  ", "solution": "s"}, "field 'problem': required field is empty"),
         ({"problem": "p", "solution": ""}, "field 'solution': required field is empty"),
-        ({"problem": 12, "solution": "s"}, "field 'problem': expected a string, got int"),
-        ({"problem": "p", "solution": ["a"]}, "field 'solution': expected a string, got list"),
+        (
+            {"problem": 12, "solution": "s"},
+            "field 'problem': expected a string or a list of chat messages, got int",
+        ),
+        (
+            {"problem": "p", "solution": ["a"]},
+            "field 'solution': expected a string or a list of chat messages, got list",
+        ),
         ({"problem": "p", "solution": "s", "answer": {"v": 1}}, "field 'answer': expected a"),
         ({"problem": "p", "solution": "s", "answer": True}, "field 'answer': expected a"),
     ],

@@ -25,6 +25,7 @@ from opsd_engine.grading import (
     VerifierUnavailable,
     avg_at_k,
     call_with_timeout,
+    exact_number,
     extract_answer,
     grade,
     is_correct,
@@ -39,6 +40,7 @@ from opsd_engine.grading import (
 # --------------------------------------------------------------------------------------------
 
 MV, SM, NA, TO = "math_verify", "string_match", "no_answer", "timeout->string_match"
+EX = "exact_number"
 
 # (id, model output, reference, strip_thinking, correct, extracted, rule, decided_by)
 GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
@@ -51,10 +53,10 @@ GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
         True,
         r"\frac{1}{2}",
         "boxed",
-        MV,
+        EX,
     ),
-    ("frac-vs-decimal", r"\boxed{\frac{1}{2}}", "0.5", True, True, r"\frac{1}{2}", "boxed", MV),
-    ("decimal-vs-frac-shorthand", r"\boxed{0.5}", r"\frac12", True, True, "0.5", "boxed", MV),
+    ("frac-vs-decimal", r"\boxed{\frac{1}{2}}", "0.5", True, True, r"\frac{1}{2}", "boxed", EX),
+    ("decimal-vs-frac-shorthand", r"\boxed{0.5}", r"\frac12", True, True, "0.5", "boxed", EX),
     (
         "dfrac-vs-frac",
         r"\boxed{\dfrac{1}{2}}",
@@ -65,8 +67,8 @@ GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
         "boxed",
         SM,
     ),
-    ("tfrac-vs-decimal", r"\boxed{\tfrac{3}{4}}", "0.75", True, True, r"\tfrac{3}{4}", "boxed", MV),
-    ("third-vs-rounded", r"\boxed{\frac{1}{3}}", "0.33", True, False, r"\frac{1}{3}", "boxed", MV),
+    ("tfrac-vs-decimal", r"\boxed{\tfrac{3}{4}}", "0.75", True, True, r"\tfrac{3}{4}", "boxed", EX),
+    ("third-vs-rounded", r"\boxed{\frac{1}{3}}", "0.33", True, False, r"\frac{1}{3}", "boxed", EX),
     (
         "dfrac-sqrt-in-dollars",
         r"$\boxed{\dfrac{\sqrt{3}}{2}}$",
@@ -133,7 +135,7 @@ GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
     ("degrees-both", r"\boxed{30^{\circ}}", r"30^\circ", True, True, r"30^{\circ}", "boxed", SM),
     # signs
     ("negative-equal", r"\boxed{-3}", "-3", True, True, "-3", "boxed", SM),
-    ("sign-differs", r"\boxed{3}", "-3", True, False, "3", "boxed", MV),
+    ("sign-differs", r"\boxed{3}", "-3", True, False, "3", "boxed", EX),
     (
         "negative-frac-vs-decimal",
         r"\boxed{-\frac{1}{2}}",
@@ -142,7 +144,7 @@ GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
         True,
         r"-\frac{1}{2}",
         "boxed",
-        MV,
+        EX,
     ),
     # radicals and symbolic forms
     (
@@ -187,8 +189,8 @@ GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
     ),
     ("pi-over-two", r"\boxed{\pi/2}", r"\frac{\pi}{2}", True, True, r"\pi/2", "boxed", MV),
     ("expanded-polynomial", r"\boxed{(x+1)^2}", "x^2+2x+1", True, True, "(x+1)^2", "boxed", MV),
-    ("power-of-ten", r"\boxed{10^{6}}", "1000000", True, True, "10^{6}", "boxed", MV),
-    ("close-but-wrong", r"\boxed{0.999}", "1", True, False, "0.999", "boxed", MV),
+    ("power-of-ten", r"\boxed{10^{6}}", "1000000", True, True, "10^{6}", "boxed", EX),
+    ("close-but-wrong", r"\boxed{0.999}", "1", True, False, "0.999", "boxed", EX),
     ("assignment-form", r"\boxed{x = 2}", "2", True, True, "x = 2", "boxed", MV),
     ("choice-letter", r"\boxed{\text{(B)}}", "B", True, True, r"\text{(B)}", "boxed", SM),
     # thousands separators
@@ -223,7 +225,7 @@ GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
         False,
         "7",
         "boxed",
-        MV,
+        EX,
     ),
     (
         "think-box-vs-fallback-after",
@@ -285,7 +287,7 @@ GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
         True,
         r"\frac{3}{4}",
         "fallback:answer_is",
-        MV,
+        EX,
     ),
     (
         "fallback-answer-colon",
@@ -349,7 +351,7 @@ GRADE_CASES: list[tuple[str, str, str, bool, bool, str | None, str, str]] = [
         False,
         "3",
         "boxed",
-        MV,
+        EX,
     ),
     ("fbox-after-boxed", r"\boxed{2} and finally \fbox{3}", "3", True, True, "3", "fbox", SM),
     ("truncated-last-box", r"\boxed{4}, or maybe \boxed{5", "4", True, True, "4", "boxed", SM),
@@ -386,6 +388,97 @@ def test_grade_table(
 def test_grade_table_is_large_and_ids_are_unique() -> None:
     assert len(GRADE_CASES) >= 35
     assert len({case[0] for case in GRADE_CASES}) == len(GRADE_CASES)
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness: no verdict rests on rounding (issue #10, fault 7, and its whole kind)
+# --------------------------------------------------------------------------------------------
+
+# (id, extracted answer, reference, correct, decided_by): each right value by exact arithmetic
+EXACT_CASES: list[tuple[str, str, str, bool, str]] = [
+    # the issue's three cases: math_verify rounded them all to "equal"
+    ("issue-seventh-decimal", "0.0000001", "0.0000002", False, EX),
+    ("issue-one-plus-1e-7", "1.0000001", "1.0000004", False, EX),
+    ("issue-tiny-powers", r"\frac{1}{2^{98}}", r"\frac{1}{2^{99}}", False, EX),
+    # other precisions
+    ("third-six-digits", "0.333333", r"\frac{1}{3}", False, EX),
+    ("third-ten-digits", "0.3333333333", "1/3", False, EX),
+    ("pi-digits-vs-decimal", "3.1415927", "3.14159265", False, EX),
+    ("ten-decimals-off", "2.0000000001", "2", False, EX),
+    ("beyond-double-precision", "1.23456789012345678", "1.23456789012345679", False, EX),
+    ("tenth-vs-fraction", "0.1", r"\frac{1}{10}", True, EX),
+    ("trailing-zeros", "0.50000", r"\dfrac{1}{2}", True, EX),
+    ("negative-fraction-forms", r"\frac{-3}{4}", "-0.75", True, EX),
+    ("double-negative-fraction", r"-\frac{-3}{4}", "0.75", True, EX),
+    # scientific notation and negative exponents
+    ("e-notation-equal", "1e-7", "0.0000001", True, EX),
+    ("e-notation-differs", "1e-7", "2e-7", False, EX),
+    ("e-notation-tiny-vs-zero", "1E-30", "0", False, EX),
+    ("times-ten-negative", r"1.5\times10^{-3}", "0.0015", True, EX),
+    ("times-ten-spaced", r"1.5 \times 10^{-3}", "0.00150", True, EX),
+    ("cdot-ten-positive", r"6.02\cdot 10^{23}", "602000000000000000000000", True, EX),
+    ("e-notation-ninth-digit", "6.02e23", "6.020000001e23", False, EX),
+    ("negative-power-of-ten", "10^{-7}", "10^{-8}", False, EX),
+    ("negative-power-of-two", "2^{-98}", "2^{-99}", False, EX),
+    ("power-vs-fraction", "2^{-10}", r"\frac{1}{1024}", True, EX),
+    ("power-of-ten-vs-integer", "10^{6}", "1000000", True, EX),
+    # large integers, with and without separators
+    ("separators-off-by-one", "1,000,000,001", "1000000000", False, EX),
+    ("latex-separators", "123{,}456{,}789", "123456789.0", True, SM),
+    ("thin-space-separators", r"1\,000\,001", "1000001", True, SM),
+    ("negative-with-separators", "-1,000,000", "-1000000.00", True, SM),
+    ("twenty-digits-off-by-one", "12345678901234567890", "12345678901234567891", False, EX),
+    # percentages are compared by their number, exactly
+    ("percent-exact", r"12.5\%", "12.50", True, SM),
+    ("percent-eighth-digit", r"12.5000001\%", "12.5", False, EX),
+    # numbers next to symbolic forms: math_verify decides, with exact numeric comparisons
+    ("sqrt-vs-decimal", "0.7071068", r"\frac{\sqrt{2}}{2}", False, MV),
+    ("pi-vs-decimal", "3.14159265358979", r"\pi", False, MV),
+    ("tuple-decimal-vs-fraction", r"(0.3333333, 1)", r"(\frac{1}{3}, 1)", False, MV),
+    ("tuple-exact-decimal", r"(0.25, 1)", r"(\frac{1}{4}, 1)", True, MV),
+    ("sqrt-forms-still-equal", r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}", True, MV),
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "correct", "decided_by"),
+    [case[1:] for case in EXACT_CASES],
+    ids=[case[0] for case in EXACT_CASES],
+)
+def test_numbers_are_compared_exactly(
+    answer: str, reference: str, correct: bool, decided_by: str
+) -> None:
+    verdict = grade(rf"So the result is \boxed{{{answer}}}.", reference, timeout=10.0)
+    assert (verdict.correct, verdict.decided_by) == (correct, decided_by)
+    assert verdict.extracted == answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [
+        ("0.0000001", Fraction(1, 10**7)),
+        (r"\frac{1}{2^{98}}", Fraction(1, 2**98)),
+        (r"1.5\times10^{-3}", Fraction(3, 2000)),
+        ("-1,000,000", Fraction(-(10**6))),
+        (r"50\%", Fraction(50)),
+        ("-3/4", Fraction(-3, 4)),
+        ("1e3", Fraction(1000)),
+        (r"\frac{0.5}{2}", Fraction(1, 4)),
+        ("{7}", Fraction(7)),
+        # not plain numbers: symbolic, ambiguous or out of bounds
+        (r"\sqrt{2}", None),
+        ("x+1", None),
+        ("1,5", None),
+        (r"\frac{1}{0}", None),
+        ("0^{-1}", None),
+        ("2^{100000}", None),
+        ("1/2/3", None),
+        (r"1\frac{1}{2}", None),
+        ("", None),
+    ],
+)
+def test_exact_number_values(answer: str, value: Fraction | None) -> None:
+    assert exact_number(answer) == value
 
 
 @pytest.mark.parametrize(
@@ -455,7 +548,7 @@ def test_verdict_and_extraction_are_json_serialisable() -> None:
         "correct": True,
         "extracted": r"\frac{1}{2}",
         "extraction_rule": "boxed",
-        "decided_by": "math_verify",
+        "decided_by": "exact_number",
     }
     assert json.loads(json.dumps(Extraction(None, "none").to_dict())) == {
         "answer": None,
@@ -514,7 +607,7 @@ def test_grading_from_a_plain_thread_while_main_thread_stays_responsive() -> Non
 
     def work() -> None:
         results["slow"] = grade(r"\boxed{9^{9^{9^{9}}}}", "5", timeout=1.0)
-        results["ok"] = grade(r"\boxed{\frac{1}{2}}", "0.5")
+        results["ok"] = grade(r"\boxed{\frac{1}{\sqrt{2}}}", r"\frac{\sqrt{2}}{2}")
 
     thread = threading.Thread(target=work)
     start = time.monotonic()
@@ -526,7 +619,7 @@ def test_grading_from_a_plain_thread_while_main_thread_stays_responsive() -> Non
     thread.join(timeout=20)
     assert not thread.is_alive()
     assert results["slow"].decided_by == TO
-    assert results["ok"] == Verdict(True, r"\frac{1}{2}", "boxed", MV)
+    assert results["ok"] == Verdict(True, r"\frac{1}{\sqrt{2}}", "boxed", MV)
     assert ticks >= 10  # the main thread kept running during the 1 s timeout
 
 

@@ -48,8 +48,8 @@ def test_teacher_prompt_holds_problem_solution_and_transition(tokenizer) -> None
     assert student.endswith("<|im_start|>assistant\n")
 
 
-def test_thinking_switch_per_role(tokenizer) -> None:
-    off = PromptConfig(student_thinking=False, teacher_thinking=True)
+def test_thinking_switch_per_role_when_opted_in(tokenizer) -> None:
+    off = PromptConfig(student_thinking=False, teacher_thinking=True, allow_thinking_mismatch=True)
     pair = build_prompt_pair(tokenizer, problem="p", solution="s", answer=None, prompts=off)
     assert tokenizer.decode(pair.student_ids).endswith("<think>\n\n</think>\n\n")
     assert not tokenizer.decode(pair.teacher_ids).endswith("</think>\n\n")
