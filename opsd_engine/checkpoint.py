@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.json"
+RANK_RNG_FILE = "rng-ranks.pt"
 ADAPTER_DIR = "adapter"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -106,8 +107,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: TrainerState,
+    rank_rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `directory/step-N` atomically and return its path."""
+    """Write `directory/step-N` atomically and return its path. `rank_rng_states`: every
+    data-parallel rank's RNG state, in rank order (`rng-ranks.pt`), for an exact multi-process
+    resume (see :func:`read_rank_rng_states`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(state.step)
@@ -118,6 +122,8 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(capture_rng_state(), tmp / "rng.pt")
+        if rank_rng_states is not None:
+            torch.save(rank_rng_states, tmp / RANK_RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
         normalize_modes(tmp)
         _fsync_tree(tmp)
@@ -209,6 +215,12 @@ def load_checkpoint(
     if restore_rng:
         restore_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     return read_state(checkpoint)
+
+
+def read_rank_rng_states(checkpoint: str | Path) -> list[dict[str, Any]] | None:
+    """The per-rank RNG states a multi-process run saved (rank order), or None."""
+    path = Path(checkpoint) / RANK_RNG_FILE
+    return torch.load(path, weights_only=False) if path.is_file() else None
 
 
 def save_adapter(peft_model: Any, directory: str | Path) -> Path:

@@ -6,11 +6,21 @@ exits 130); `opsd spec show SPEC` prints the
 resolved spec with every default; `opsd dev tiny-model DIR` / `opsd dev tiny-dataset FILE` build
 an offline tiny Qwen3-architecture model and a matching dataset. User mistakes (bad spec, bad
 dataset, missing model) print one readable error and exit with status 2.
+
+Several processes: ``torchrun --nproc_per_node N -m opsd_engine.cli train SPEC --out DIR`` or
+``accelerate launch --num_processes N [--multi_gpu] -m opsd_engine.cli train ...`` form one
+data-parallel group (gloo on the CPU, NCCL on GPUs). ``accelerate launch --cpu --num_processes
+N`` starts a single process unless MPI is configured (accelerate's multi-CPU path), so `train`
+hands such a launch to ``torch.distributed.run`` with the N read from the launcher's own
+arguments (:func:`_relaunch_accelerate_cpu`). Rank 0 alone writes DIR's files and prints the
+result line; SIGTERM or ``--stop-file`` stop every rank at the next poll, with a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -62,20 +72,28 @@ def train(
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override optim.max_steps."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    stop_file: Path | None = typer.Option(
+        None,
+        "--stop-file",
+        help="Stop (with a checkpoint) when this file appears; SIGTERM does the same.",
+    ),
 ) -> None:
-    """Train a LoRA adapter locally."""
+    """Train a LoRA adapter locally (or as one rank of a torchrun / accelerate launch group)."""
     import shlex
 
+    _relaunch_accelerate_cpu()
     from opsd_engine.config import load_spec, parse_spec, spec_to_dict
-    from opsd_engine.local_run import RunInterrupted, run_local
+    from opsd_engine.local_run import RunInterrupted, StopRequest, run_local
 
+    stop = StopRequest(stop_file)
+    stop.handle_signals()
     try:
         spec = load_spec(spec_file)
         if max_steps is not None:
             data = spec_to_dict(spec)
             data["optim"]["max_steps"], data["optim"]["epochs"] = max_steps, None
             spec = parse_spec(data, source=str(spec_file))
-        result = run_local(spec, out, resume=resume, progress=not no_progress)
+        result = run_local(spec, out, resume=resume, progress=not no_progress, stop=stop)
     except _user_errors() as exc:
         _fail(str(exc))
         return
@@ -94,6 +112,12 @@ def train(
             err=True,
         )
         raise typer.Exit(130) from None
+    rank = next(
+        (os.environ[n] for n in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK") if n in os.environ),
+        "0",
+    )
+    if int(rank) != 0:
+        return  # rank 0 reports the group's result
     typer.echo(
         json.dumps(
             {
@@ -105,6 +129,62 @@ def train(
             }
         )
     )
+
+
+def _relaunch_accelerate_cpu() -> None:
+    """``accelerate launch --cpu --num_processes N`` (N > 1) without MPI starts this one process
+    with a rendezvous address but no rank: replace it by ``torch.distributed.run`` with
+    ``--nproc_per_node N`` on the same address, N read from the launcher's arguments with
+    accelerate's own parser. Anything else returns at once; exits with status 2 when N cannot
+    be known."""
+    env = os.environ
+    launched_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    ranked = any(name in env for name in ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if not launched_cpu or "MASTER_ADDR" not in env or ranked:
+        return
+    processes = _accelerate_launch_processes(os.getppid())
+    if processes is None:
+        _fail(
+            "accelerate launch --cpu asked for several processes but started one (accelerate "
+            "needs MPI for that); run `torchrun --nproc_per_node N -m opsd_engine.cli train ...`"
+        )
+    if processes is None or processes <= 1:
+        return
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_addr={env['MASTER_ADDR']}",
+        f"--master_port={env.get('MASTER_PORT', '29500')}",
+        "-m",
+        "opsd_engine.cli",
+        *sys.argv[1:],
+    ]
+    os.execv(sys.executable, command)
+
+
+def _accelerate_launch_processes(pid: int) -> int | None:
+    """``--num_processes`` of the ``accelerate launch`` process ``pid`` (its command line parsed
+    by accelerate's parser; its ``--config_file`` consulted when the flag is absent)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    if "launch" not in argv:
+        return None
+    from accelerate.commands.launch import launch_command_parser
+
+    arguments = [a for a in argv[argv.index("launch") + 1 :] if a]
+    try:
+        parsed, _ = launch_command_parser().parse_known_args(arguments)
+    except SystemExit:
+        return None
+    if parsed.num_processes is None and parsed.config_file:
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        parsed.num_processes = load_config_from_file(parsed.config_file).num_processes
+    return int(parsed.num_processes) if parsed.num_processes else None
 
 
 @app.command()

@@ -1,8 +1,10 @@
 """The callback protocol through which a trainer reports to whoever runs it.
 
 The CLI writes these reports to files and a progress bar; the worker writes them to the job
-store. The trainer knows nothing about either. `should_stop` is polled between optimizer steps
-so a cancellation takes effect within one step.
+store. The trainer knows nothing about either. `should_stop` is polled between optimizer steps,
+between the micro-batches of a step and every few decode steps while sampling: a stop inside a
+step abandons that step (:class:`StepCancelled`; no update, no metrics), so a cancellation takes
+effect within a fraction of a step.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class TrainerCallbacks(Protocol):
         """A complete checkpoint directory now exists at `path`."""
 
     def should_stop(self) -> bool:
-        """True when the run must stop (cancellation) at the next step boundary."""
+        """True when the run must stop (cancellation); polled often, so it must be cheap."""
 
 
 class CheckpointRemovalCallback(Protocol):
@@ -74,3 +76,8 @@ class CallbackList:
 
     def should_stop(self) -> bool:
         return any(callback.should_stop() for callback in self.callbacks)
+
+
+class StepCancelled(Exception):
+    """Raised inside an optimizer step when the run must stop (``should_stop`` said so while
+    sampling or between micro-batches): the step is abandoned, no optimizer update, no metrics."""

@@ -6,6 +6,11 @@ the atomic checkpoints and `DIR/adapter/` the final PEFT adapter. On resume, met
 checkpoint being resumed are dropped first: those steps are recomputed (bit-exactly on the CPU),
 so every step appears once.
 
+Under `torchrun` / `accelerate launch` every rank calls :func:`run_local`; rank 0 alone writes
+those files (metrics are already summed over ranks), every rank trains. A stop asked for on any
+rank (``stop_file`` appearing, SIGTERM when :class:`StopRequest` handles it) stops all
+ranks together at the next poll, with a checkpoint and a `cancelled` event.
+
 Ctrl-C stops the run at the end of the current optimizer step with a checkpoint (a second
 Ctrl-C stops at once, keeping the last checkpoint); either way an `interrupted` event is
 recorded and :class:`RunInterrupted` tells the caller where the run can be resumed from.
@@ -23,7 +28,7 @@ from typing import Any
 
 from opsd_engine import checkpoint as ckpt
 from opsd_engine.config import JobSpec, spec_to_dict
-from opsd_engine.events import CallbackList, TrainerCallbacks
+from opsd_engine.events import CallbackList, NullCallbacks, TrainerCallbacks
 from opsd_engine.trainers import TrainResult, run_training
 
 METRICS_FILE = "metrics.jsonl"
@@ -162,6 +167,29 @@ class ProgressBar:
         return False
 
 
+class StopRequest(NullCallbacks):
+    """Asks the run to stop when ``stop_file`` exists or, after :meth:`handle_signals`, when the
+    process got SIGTERM (a second one is not caught: it ends the process as usual; Ctrl-C is
+    :class:`CtrlC`'s). The run then stops at its next poll (within a fraction of a step), keeps
+    a checkpoint of the last complete step and reports `cancelled`."""
+
+    def __init__(self, stop_file: Path | None = None) -> None:
+        self.stop_file = stop_file
+        self.signalled = threading.Event()
+
+    def handle_signals(self) -> None:
+        """Catch the first SIGTERM (main thread only, as Python requires)."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            self.signalled.set()
+            signal.signal(signum, signal.SIG_DFL)
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def should_stop(self) -> bool:
+        return self.signalled.is_set() or (self.stop_file is not None and self.stop_file.exists())
+
+
 def _append(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -190,43 +218,63 @@ def run_local(
     resume: bool = False,
     progress: bool = True,
     extra_callbacks: list[TrainerCallbacks] | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainResult:
     """Train `spec` into `output_dir` (or continue it with `resume`).
 
-    Raises :class:`RunInterrupted` after Ctrl-C (an `interrupted` event is recorded first).
+    Launched as a process group (``torchrun``, ``accelerate launch``), each rank calls this; the
+    group forms first (:func:`~opsd_engine.trainers.common.make_accelerator`), every rank checks
+    the directory, then rank 0 alone writes the run's files and reports to ``extra_callbacks``
+    and the progress bar; ``stop`` is polled on every rank. Raises :class:`RunDirectoryError`
+    (on every rank) when `output_dir` already holds a run and `resume` is off, and
+    :class:`RunInterrupted` after Ctrl-C (an `interrupted` event is recorded first).
     """
+    from opsd_engine.trainers.common import make_accelerator
+
     output_dir = Path(output_dir)
+    accelerator = make_accelerator(spec)
     latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
     if not resume and (latest is not None or (output_dir / METRICS_FILE).exists()):
         raise RunDirectoryError(
             f"{output_dir} already holds a run; pass --resume to continue it "
             "or choose another --out"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        truncate_metrics(output_dir, ckpt.read_state(latest).step if latest else 0)
-    (output_dir / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2))
+    accelerator.wait_for_everyone()  # every rank has looked before rank 0 writes anything
+    main = accelerator.is_main_process
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            truncate_metrics(output_dir, ckpt.read_state(latest).step if latest else 0)
+        (output_dir / "spec.json").write_text(json.dumps(spec_to_dict(spec), indent=2))
+    accelerator.wait_for_everyone()
     with CtrlC() as interrupt:
-        recorder = JsonlRecorder(output_dir, interrupt)
-        callbacks = CallbackList(
-            [
+        recorder = JsonlRecorder(output_dir, interrupt) if main else None
+        reporters: list[TrainerCallbacks] = [interrupt, *([stop] if stop is not None else [])]
+        if recorder is not None:
+            reporters = [
                 recorder,
                 ProgressBar(disable=not progress),
-                interrupt,
+                *reporters,
                 *(extra_callbacks or []),
             ]
-        )
         try:
-            result = run_training(spec, output_dir, callbacks=callbacks, resume=resume)
+            result = run_training(
+                spec,
+                output_dir,
+                callbacks=CallbackList(reporters),
+                resume=resume,
+                accelerator=accelerator,
+            )
         except KeyboardInterrupt:
             latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
             rows = read_metrics(output_dir)
             step = rows[-1]["step"] if rows else 0
-            recorder.on_event(
-                "interrupted",
-                f"interrupted by Ctrl-C during step {step + 1}",
-                {"step": step, "checkpoint": str(latest) if latest else None},
-            )
+            if recorder is not None:
+                recorder.on_event(
+                    "interrupted",
+                    f"interrupted by Ctrl-C during step {step + 1}",
+                    {"step": step, "checkpoint": str(latest) if latest else None},
+                )
             raise RunInterrupted(step, latest) from None
     if result.status == "cancelled" and interrupt.requested:
         raise RunInterrupted(result.step, result.last_checkpoint)

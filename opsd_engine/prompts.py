@@ -223,24 +223,30 @@ def compare_generation_prompts(
 
 @dataclass
 class ScoringBatch:
-    """Prompts + rollouts laid out for one forward pass.
+    """Prompts + continuations (rollouts, or SFT targets) laid out for one forward pass.
 
-    Layout per row: `[left pad][prompt][rollout][right pad]`, with every prompt ending at column
-    `prompt_width` so that rollout token j sits at column `prompt_width + j` in every row. The
-    logits that predict rollout token j are at column `prompt_width + j - 1`, i.e. the slice
-    `[prompt_width - 1, prompt_width - 1 + rollout_width)` — see `rollout_slice`.
-    Right padding only follows real tokens, so causal attention of real tokens never sees it.
+    Layout per row: `[left pad][prompt][continuation]`: every row ends at the last column, so
+    the batch is as wide as its longest prompt + continuation (not the longest prompt plus the
+    longest continuation) and never holds padding after a real token. Attention mask and
+    position ids follow the real tokens. The output (hidden state or logits) that predicts
+    continuation token j of row b is at column ``rollout_columns[b, j]`` (the column before that
+    token); :meth:`at_rollout` gathers them into ``[B, rollout_width, ...]``, aligned with
+    :func:`rollout_targets`. Columns past a row's continuation repeat its last column and must be
+    masked out (the rollout mask does).
     """
 
-    input_ids: torch.Tensor  # [B, prompt_width + rollout_width]
+    input_ids: torch.Tensor  # [B, L], L = max over rows of len(prompt) + len(continuation)
     attention_mask: torch.Tensor  # [B, L] 1 for real tokens
     position_ids: torch.Tensor  # [B, L] 0.. along real tokens, computed after left padding
-    prompt_width: int
-    rollout_width: int
+    rollout_width: int  # R: the widest continuation (at least 1)
+    rollout_columns: torch.Tensor  # [B, R] long
 
-    @property
-    def rollout_slice(self) -> slice:
-        return slice(self.prompt_width - 1, self.prompt_width - 1 + self.rollout_width)
+    def at_rollout(self, outputs: torch.Tensor) -> torch.Tensor:
+        """``outputs[b, rollout_columns[b, j]]`` as ``[B, R, ...]`` from ``outputs`` ``[B, L, ...]``
+        (differentiable: gradients flow back to the gathered positions)."""
+        columns = self.rollout_columns.to(outputs.device)
+        index = columns.reshape(*columns.shape, *([1] * (outputs.dim() - 2)))
+        return torch.take_along_dim(outputs, index, dim=1)
 
 
 def assemble_scoring_batch(
@@ -250,32 +256,35 @@ def assemble_scoring_batch(
     pad_id: int,
     rollout_width: int | None = None,
 ) -> ScoringBatch:
-    """Join each prompt with its rollout ids into one left/right padded batch."""
+    """Join each prompt with its rollout ids into one left-padded batch (see `ScoringBatch`).
+
+    ``rollout_width`` widens the gathered rollout axis beyond the longest rollout. Raises
+    ``ValueError`` on a count mismatch, an empty prompt (the first rollout token needs a
+    preceding position) or a rollout wider than ``rollout_width``.
+    """
     if len(prompts) != len(rollouts):
         raise ValueError(f"{len(prompts)} prompts but {len(rollouts)} rollouts")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: the first rollout token needs a preceding position")
-    prompt_width = max(len(p) for p in prompts)
-    width = (
-        rollout_width if rollout_width is not None else max((len(r) for r in rollouts), default=0)
-    )
-    width = max(width, 1)
-    batch, length = len(prompts), prompt_width + width
+    longest = max((len(r) for r in rollouts), default=0)
+    width = max(rollout_width if rollout_width is not None else longest, 1)
+    if longest > width:
+        row = next(i for i, r in enumerate(rollouts) if len(r) > width)
+        raise ValueError(f"rollout {row} has {len(rollouts[row])} tokens, wider than {width}")
+    length = max(len(p) + len(r) for p, r in zip(prompts, rollouts, strict=True))
+    batch = len(prompts)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     attention = torch.zeros((batch, length), dtype=torch.long)
+    columns = torch.empty((batch, width), dtype=torch.long)
+    steps = torch.arange(width)
     for row, (prompt, rollout) in enumerate(zip(prompts, rollouts, strict=True)):
-        if len(rollout) > width:
-            raise ValueError(f"rollout {row} has {len(rollout)} tokens, wider than {width}")
-        start = prompt_width - len(prompt)
-        input_ids[row, start:prompt_width] = torch.tensor(prompt, dtype=torch.long)
-        attention[row, start:prompt_width] = 1
-        if rollout:
-            input_ids[row, prompt_width : prompt_width + len(rollout)] = torch.tensor(
-                rollout, dtype=torch.long
-            )
-            attention[row, prompt_width : prompt_width + len(rollout)] = 1
+        sequence = prompt + rollout
+        input_ids[row, length - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        attention[row, length - len(sequence) :] = 1
+        first = length - len(rollout) - 1  # the output predicting the first rollout token
+        columns[row] = (first + steps).clamp(max=length - 1)
     position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    return ScoringBatch(input_ids, attention, position_ids, prompt_width, width)
+    return ScoringBatch(input_ids, attention, position_ids, width, columns)
 
 
 def rollout_targets(

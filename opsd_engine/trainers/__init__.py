@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from opsd_engine.config import JobSpec
 from opsd_engine.data import Example
 from opsd_engine.events import TrainerCallbacks
@@ -27,8 +29,12 @@ def run_training(
     resume: bool = False,
     examples: Sequence[Example] | None = None,
     rollout_backend: RolloutFactory | None = None,
+    accelerator: Accelerator | None = None,
 ) -> TrainResult:
-    if spec.report_to:  # experiment trackers mirror every metric and the spec (trackers.py)
+    """Run ``spec`` with its method's trainer. ``accelerator``: the run's (already created, e.g.
+    to know the rank before any file is written); default: one made from the spec."""
+    # Experiment trackers mirror every metric and the spec (trackers.py), from rank 0 only.
+    if spec.report_to and (accelerator is None or accelerator.is_main_process):
         from opsd_engine.events import CallbackList, NullCallbacks
         from opsd_engine.trackers import make_trackers
 
@@ -41,6 +47,7 @@ def run_training(
                 resume=resume,
                 examples=examples,
                 rollout_backend=rollout_backend,
+                accelerator=accelerator,
             )
         finally:
             for tracker in trackers:
@@ -52,6 +59,7 @@ def run_training(
         resume=resume,
         examples=examples,
         rollout_backend=rollout_backend,
+        accelerator=accelerator,
     )
 
 
@@ -63,11 +71,19 @@ def _run_method(
     resume: bool,
     examples: Sequence[Example] | None,
     rollout_backend: RolloutFactory | None,
+    accelerator: Accelerator | None,
 ) -> TrainResult:
     if spec.method == "sft":
         from opsd_engine.trainers import sft
 
-        return sft.train(spec, output_dir, callbacks=callbacks, resume=resume, examples=examples)
+        return sft.train(
+            spec,
+            output_dir,
+            callbacks=callbacks,
+            resume=resume,
+            examples=examples,
+            accelerator=accelerator,
+        )
     if spec.method in ("opsd", "grpo"):
         from opsd_engine.trainers import grpo, opsd
 
@@ -78,6 +94,7 @@ def _run_method(
             resume=resume,
             examples=examples,
             rollout_backend=rollout_backend,
+            accelerator=accelerator,
         )
     raise ValueError(f"method {spec.method!r} has no trainer in this version")
 

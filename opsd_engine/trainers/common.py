@@ -19,16 +19,23 @@ checkpoints and token accounting to mean the same thing across methods:
 * the run around a trainer's own `train_step`: :func:`resume_run` (allowed changes only),
   :func:`save_run_checkpoint` and :func:`run_steps` (cancellation between steps, evals,
   periodic and final checkpoints, the adapter). Plain functions over a :class:`SteppedTrainer`,
-  so each trainer stays its own class with no base class to read.
+  so each trainer stays its own class with no base class to read;
+* inside a step: :func:`step_share` (this rank's examples of the step, with their epochs, for
+  per-example rollout seeds), :func:`sample_step_rollouts` (all of a step's rollouts in one call,
+  cancellable), :func:`length_sorted_micro_batches` (rows of similar length together: less
+  padding, same loss) and :func:`stop_point` (a cancellation check between micro-batches that
+  every rank takes together: :func:`any_rank`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,9 +48,16 @@ from torch.utils.checkpoint import checkpoint
 
 from opsd_engine import checkpoint as ckpt
 from opsd_engine.config import JobSpec, spec_to_dict
-from opsd_engine.events import TrainerCallbacks
+from opsd_engine.events import StepCancelled, TrainerCallbacks
 from opsd_engine.modeling import PolicyModel
-from opsd_engine.rollout import PolicyView, RolloutBackend, RolloutFactory, local_rollouts
+from opsd_engine.rollout import (
+    PolicyView,
+    Rollout,
+    RolloutBackend,
+    RolloutFactory,
+    SamplingParams,
+    local_rollouts,
+)
 
 # Fields that do not change what training computes; a resume may differ in them. (Evaluations
 # run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is;
@@ -69,17 +83,27 @@ __all__ = [
     "SteppedTrainer",
     "TokenLogprobs",
     "TrainResult",
+    "any_rank",
     "check_resumable",
+    "collective_timeout",
     "grad_norm",
+    "length_sorted_micro_batches",
     "make_accelerator",
     "resume_run",
     "run_steps",
+    "sample_step_rollouts",
     "save_run_checkpoint",
     "spec_changes",
     "spec_fingerprint",
+    "step_share",
+    "stop_point",
     "token_logprobs_from_hidden",
     "total_optimizer_steps",
 ]
+
+#: Seconds a collective may wait for the other ranks before it fails (``OPSD_COLLECTIVE_TIMEOUT_S``
+#: overrides): a dead or hung rank then fails the whole group instead of hanging it.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -107,10 +131,14 @@ class ExampleStream:
         return self._perm
 
     def take(self, start: int, count: int) -> list[int]:
+        return [index for _, index in self.slots(start, count)]
+
+    def slots(self, start: int, count: int) -> list[tuple[int, int]]:
+        """``(epoch, example index)`` of stream positions ``start .. start + count - 1``."""
         out = []
         for position in range(start, start + count):
             epoch, offset = divmod(position, self.size)
-            out.append(int(self._permutation(epoch)[offset]))
+            out.append((epoch, int(self._permutation(epoch)[offset])))
         return out
 
 
@@ -211,15 +239,104 @@ def grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.stack(grads).norm() if grads else torch.tensor(0.0)
 
 
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks (``OPSD_COLLECTIVE_TIMEOUT_S``, seconds;
+    default :data:`DEFAULT_COLLECTIVE_TIMEOUT_S`). ValueError for a non-positive value."""
+    seconds = float(os.environ.get("OPSD_COLLECTIVE_TIMEOUT_S", DEFAULT_COLLECTIVE_TIMEOUT_S))
+    if not seconds > 0:
+        raise ValueError(f"OPSD_COLLECTIVE_TIMEOUT_S must be > 0, got {seconds}")
+    return datetime.timedelta(seconds=seconds)
+
+
 def make_accelerator(spec: JobSpec) -> Accelerator:
+    """The run's Accelerator. Under ``torchrun`` / ``accelerate launch`` it joins the launched
+    process group (gloo on the CPU, NCCL on GPUs) with :func:`collective_timeout` on every
+    collective; alone it is a single process."""
+    from accelerate.utils import InitProcessGroupKwargs
+
     from opsd_engine.modeling import resolve_device, resolve_dtype
 
     device = resolve_device(spec.runtime.device)
     dtype = resolve_dtype(spec.runtime.dtype, device)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     return Accelerator(
-        cpu=device.type == "cpu", mixed_precision=mixed if device.type == "cuda" else "no"
+        cpu=device.type == "cpu",
+        mixed_precision=mixed if device.type == "cuda" else "no",
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())],
     )
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank (a max all-reduce; no collective in
+    a single process). Every rank must call it at the same point."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def stop_point(trainer: SteppedTrainer) -> None:
+    """Between micro-batches: raise :class:`StepCancelled` on every rank when any rank's
+    callbacks ask to stop."""
+    if any_rank(trainer.accelerator, trainer.callbacks.should_stop()):
+        raise StepCancelled("stop requested between micro-batches")
+
+
+def step_share(trainer: SteppedTrainer) -> list[tuple[int, int]]:
+    """``(epoch, example index)`` of this rank's examples for the next optimizer step.
+
+    The step takes ``batch_size x grad_accum x num_processes`` positions of the example stream;
+    rank r gets every ``num_processes``-th from position r. The epoch travels with each example
+    so that rollout seeds (:func:`opsd_engine.rollout.rollout_seed`) depend on the example, not
+    on the rank or the micro-batch that handles it.
+    """
+    optim, acc = trainer.spec.optim, trainer.accelerator
+    global_batch = optim.batch_size * optim.grad_accum * acc.num_processes
+    slots = trainer.stream.slots(trainer.state.examples_consumed, global_batch)
+    return slots[acc.process_index :: acc.num_processes]
+
+
+def sample_step_rollouts(
+    trainer: SteppedTrainer,
+    backend: RolloutBackend,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    seeds: Sequence[int],
+) -> list[Rollout]:
+    """All of this rank's rollouts of a step in one backend call (the backend splits it only
+    when memory requires). ``should_stop`` is polled while sampling; a stop on any rank raises
+    :class:`StepCancelled` on every rank once all have finished sampling."""
+    try:
+        rollouts = backend.generate(
+            prompts, params, seeds=seeds, should_stop=trainer.callbacks.should_stop
+        )
+        stopped = False
+    except StepCancelled:
+        rollouts, stopped = [], True
+    if any_rank(trainer.accelerator, stopped):
+        raise StepCancelled("stop requested while sampling")
+    return rollouts
+
+
+def length_sorted_micro_batches(lengths: Sequence[int], count: int) -> list[list[int]]:
+    """Row indices split into ``count`` micro-batches of consecutive lengths (longest first).
+
+    Rows of one micro-batch share one padded width, so grouping similar lengths removes most
+    padding. Sizes differ by at most one (the first ones are larger), so no micro-batch holds
+    more rows than before; the number of micro-batches is ``count`` on every rank. The loss is
+    a sum over rows divided by the step's one normaliser, so the grouping does not change it
+    (beyond float rounding). The sort is stable: equal lengths keep their order.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    size, extra = divmod(len(order), count)
+    batches, start = [], 0
+    for position in range(count):
+        end = start + size + (1 if position < extra else 0)
+        batches.append(order[start:end])
+        start = end
+    return [batch for batch in batches if batch]
 
 
 # ------------------------------------------------------------------ log-probs of given tokens
@@ -428,6 +545,7 @@ class SteppedTrainer(Protocol):
     callbacks: TrainerCallbacks
     evaluator: SpecEvaluator
     state: ckpt.TrainerState
+    stream: ExampleStream
     total_steps: int
     checkpoint_dir: Path
     output_dir: Path
@@ -466,15 +584,28 @@ def resume_run(trainer: SteppedTrainer, checkpoint: Path) -> None:
                 "changes": [{"field": n, "old": o, "new": v} for n, o, v in changes],
             },
         )
+    acc = trainer.accelerator
+    ranks = ckpt.read_rank_rng_states(checkpoint)
+    if ranks is not None and len(ranks) == acc.num_processes:
+        # Each rank continues its own stream (LoRA dropout draws differ between ranks). With
+        # another number of processes every rank keeps rank 0's: rollouts do not depend on it
+        # (seeded per example), dropout masks do.
+        ckpt.restore_rng_state(ranks[acc.process_index])
     trainer.callbacks.on_event(
         "resumed", f"resumed from {checkpoint.name}", {"step": trainer.state.step}
     )
 
 
 def save_run_checkpoint(trainer: SteppedTrainer) -> Path | None:
-    """An atomic checkpoint of the current step (written by the main process only)."""
+    """An atomic checkpoint of the current step (written by the main process only; with several
+    processes it holds every rank's RNG state)."""
     path = None
     trainer.state.spec = spec_to_dict(trainer.spec)  # lets a resume name what changed
+    rank_rng_states = None
+    if trainer.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rank_rng_states = gather_object([ckpt.capture_rng_state()])
     if trainer.accelerator.is_main_process:
         path = ckpt.save_checkpoint(
             trainer.checkpoint_dir,
@@ -482,6 +613,7 @@ def save_run_checkpoint(trainer: SteppedTrainer) -> Path | None:
             optimizer=trainer.optimizer,
             scheduler=trainer.scheduler,
             state=trainer.state,
+            rank_rng_states=rank_rng_states,
         )
         trainer.callbacks.on_checkpoint(trainer.state.step, path)
         if (keep := trainer.spec.checkpoint.keep_last) is not None:
@@ -497,8 +629,14 @@ def save_run_checkpoint(trainer: SteppedTrainer) -> Path | None:
 
 
 def run_steps(trainer: SteppedTrainer, started: str) -> TrainResult:
-    """Train from the current step to the end, or until the callbacks ask to stop (checked
-    between steps; a checkpoint is kept). `started` is the message of the `started` event."""
+    """Train from the current step to the end, or until the callbacks ask to stop; a checkpoint
+    of the last complete step is kept. `started` is the message of the `started` event.
+
+    The stop is checked between steps and, inside a step, while sampling and between
+    micro-batches (:class:`StepCancelled`): such a step is abandoned whole (no optimizer update,
+    no metrics, gradients dropped, RNG state put back as it was before the step), so the
+    checkpoint written on the way out resumes exactly as an uninterrupted run. All ranks decide
+    together (:func:`any_rank`)."""
     spec, callbacks = trainer.spec, trainer.callbacks
     callbacks.on_event(
         "started",
@@ -507,17 +645,26 @@ def run_steps(trainer: SteppedTrainer, started: str) -> TrainResult:
             "spec": spec_to_dict(spec),
             "total_steps": trainer.total_steps,
             "start_step": trainer.state.step,
+            "processes": trainer.accelerator.num_processes,
         },
     )
     last_checkpoint = ckpt.latest_checkpoint(trainer.checkpoint_dir)
     trainer.evaluator.at_start(trainer.state.step)
     while trainer.state.step < trainer.total_steps:
-        if callbacks.should_stop():
+        cancelled = any_rank(trainer.accelerator, callbacks.should_stop())
+        if not cancelled:
+            rng = ckpt.capture_rng_state()
+            try:
+                metrics = trainer.train_step()
+            except StepCancelled:
+                trainer.optimizer.zero_grad(set_to_none=True)
+                ckpt.restore_rng_state(rng)
+                cancelled = True
+        if cancelled:
             last_checkpoint = save_run_checkpoint(trainer) or last_checkpoint
             step = trainer.state.step
             callbacks.on_event("cancelled", f"stopped after step {step}", {"step": step})
             return TrainResult("cancelled", step, trainer.total_steps, None, last_checkpoint)
-        metrics = trainer.train_step()
         step = trainer.state.step
         callbacks.on_metrics(step, metrics)
         trainer.evaluator.after_step(step, trainer.total_steps)
@@ -554,6 +701,10 @@ def build_rollouts(
             pad_id=int(policy.tokenizer.pad_token_id),
             stop_ids=policy.stop_token_ids,
             device=accelerator.device,
-            batch_size=max(spec.optim.batch_size * spec.generation.num_generations, 1),
+            # every prompt of the step in one call; the backend splits only for memory
+            batch_size=max(spec.optim.batch_size * spec.optim.grad_accum, 1),
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            barrier=accelerator.wait_for_everyone,
         )
     )

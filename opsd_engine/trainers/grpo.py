@@ -3,7 +3,9 @@
 Per optimizer step:
 1. take the step's problems from the seeded example stream (this rank's share);
 2. sample a group of G = `generation.num_generations` completions per problem (token ids) from
-   the problem-only prompt, the same student prompt OPSD and the evaluation use;
+   the problem-only prompt, the same student prompt OPSD and the evaluation use: all of the
+   step's completions in one call, each from its own generator keyed by (seed, epoch, example,
+   generation), so they do not depend on batching or on the number of processes;
 3. reward each completion 1/0 with the evaluation's grader (`opsd_engine.grading.grade`, answer
    extracted from the decoded text) against the reference answer: the `answer` field, else the
    last ``\\boxed{}`` of the solution;
@@ -17,10 +19,11 @@ Per optimizer step:
    i by ``1 / (|o_i| * N)`` with N the completions of the step, i.e. the mean over completions of
    each completion's token mean; `token` weights every token by ``1 / (total completion tokens
    of the step)`` (DAPO / Dr. GRPO), which does not favour short completions;
-6. per micro-batch: old log-probabilities of the sampled tokens from the sampling policy (adapter
-   on, eval mode, no grad; computed once per step, before the update), reference log-probs from
-   the initial policy (adapter disabled) when `grpo.kl_beta > 0`, then the policy forward with
-   grad and the clipped surrogate of Eq. 5 with ``rho = exp(logp - logp_old)``::
+6. per micro-batch (completions of similar length together): old log-probabilities of the
+   sampled tokens from the sampling policy (adapter on, eval mode, no grad; computed once per
+   step, before the update), reference log-probs from the initial policy (adapter disabled) when
+   `grpo.kl_beta > 0`, then the policy forward with grad and the clipped surrogate of Eq. 5 with
+   ``rho = exp(logp - logp_old)``::
 
        per_token = -min(rho * A_i, clip(rho, 1 - eps, 1 + eps) * A_i) + kl_beta * k3
        k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1     (unbiased estimator of KL(pi||ref))
@@ -62,7 +65,7 @@ from opsd_engine.prompts import (
     render_student_text,
     rollout_targets,
 )
-from opsd_engine.rollout import Rollout, RolloutFactory, SamplingParams
+from opsd_engine.rollout import Rollout, RolloutFactory, SamplingParams, rollout_seed
 from opsd_engine.trainers.common import (
     ExampleStream,
     HiddenStateScorer,
@@ -70,11 +73,15 @@ from opsd_engine.trainers.common import (
     TokenLogprobs,
     TrainResult,
     build_rollouts,
+    length_sorted_micro_batches,
     make_accelerator,
     resume_run,
     run_steps,
+    sample_step_rollouts,
     save_run_checkpoint,
     spec_fingerprint,
+    step_share,
+    stop_point,
     token_logprobs_from_hidden,
     total_optimizer_steps,
 )
@@ -286,14 +293,6 @@ class GRPOTrainer:
             )
         return self._prompt_cache[index]
 
-    def _step_micro_batches(self) -> list[list[int]]:
-        """This rank's example indices for the next step, split into micro-batches."""
-        optim, acc = self.spec.optim, self.accelerator
-        global_batch = optim.batch_size * optim.grad_accum * acc.num_processes
-        indices = self.stream.take(self.state.examples_consumed, global_batch)
-        mine = indices[acc.process_index :: acc.num_processes]
-        return [mine[i : i + optim.batch_size] for i in range(0, len(mine), optim.batch_size)]
-
     def reward(self, rollout: Rollout, answer: str) -> float:
         """1.0 when the decoded completion's final answer equals ``answer``, else 0.0."""
         text = self.tokenizer.decode(rollout.token_ids, skip_special_tokens=True)
@@ -311,32 +310,29 @@ class GRPOTrainer:
         )
         size = spec.generation.num_generations
 
-        # 1-2. G completions per problem, for every micro-batch of the step.
+        # 1-2. G completions per problem for every problem of the step, in one call; each
+        # completion draws from its own generator keyed by (seed, epoch, example, generation).
         t0 = time.perf_counter()
-        sampled: list[tuple[list[int], list[Rollout]]] = []
-        for batch in self._step_micro_batches():
-            prompts = [self._prompt(i) for i in batch]
-            sampled.append((batch, self.rollouts.generate(prompts, params)))
+        share = step_share(self)
+        prompts = [self._prompt(index) for _, index in share]
+        seeds = [rollout_seed(spec.seed, epoch, index) for epoch, index in share]
+        rollouts = sample_step_rollouts(self, self.rollouts, prompts, params, seeds)
         time_generation = time.perf_counter() - t0
 
         # 3-4. Rewards and group-normalised advantages.
         t0 = time.perf_counter()
-        micro_groups: list[list[_Group]] = []
-        for batch, rollouts in sampled:
-            groups = []
-            for position, index in enumerate(batch):
-                members = [r for r in rollouts if r.prompt_index == position]
-                assert len(members) == size
-                rewards = [self.reward(r, self.answers[index]) for r in members]
-                advantages = group_advantages(
-                    torch.tensor([rewards]), scale=spec.grpo.scale_rewards
-                )[0].tolist()
-                groups.append(_Group(self._prompt(index), members, rewards, advantages))
-            micro_groups.append(groups)
+        all_groups: list[_Group] = []
+        for position, (_, index) in enumerate(share):
+            members = [r for r in rollouts if r.prompt_index == position]
+            assert len(members) == size
+            rewards = [self.reward(r, self.answers[index]) for r in members]
+            advantages = group_advantages(torch.tensor([rewards]), scale=spec.grpo.scale_rewards)[
+                0
+            ].tolist()
+            all_groups.append(_Group(prompts[position], members, rewards, advantages))
         time_reward = time.perf_counter() - t0
 
         # 5. One normalizer for the whole step, across accumulation and ranks.
-        all_groups = [g for groups in micro_groups for g in groups]
         lengths = [len(r.token_ids) for g in all_groups for r in g.rollouts]
         local = len(lengths) if spec.grpo.loss_normalization == "sequence" else sum(lengths)
         step_count = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum").item())
@@ -347,9 +343,17 @@ class GRPOTrainer:
         totals = torch.zeros(5, dtype=torch.float64)  # loss, clipped, kl, ratio, entropy
         time_scoring = time_policy = 0.0
         lr = float(self.scheduler.get_last_lr()[0])
-        for position, groups in enumerate(micro_groups):
+        # Completions of similar length share a micro-batch (a group may span several: every
+        # completion's loss is its own, divided by the step's one normaliser).
+        rows = [(g, k) for g in all_groups for k in range(len(g.rollouts))]
+        micro_batches = length_sorted_micro_batches(
+            [len(g.prompt_ids) + len(g.rollouts[k].token_ids) for g, k in rows],
+            spec.optim.grad_accum,
+        )
+        for position, batch in enumerate(micro_batches):
+            stop_point(self)
             stats, t_scoring, t_policy = self._score_and_backward(
-                groups, normalizer, sync=position == len(micro_groups) - 1
+                [rows[i] for i in batch], normalizer, sync=position == len(micro_batches) - 1
             )
             totals += stats
             time_scoring += t_scoring
@@ -429,13 +433,14 @@ class GRPOTrainer:
         return metrics
 
     def _score_and_backward(
-        self, groups: list[_Group], normalizer: float, *, sync: bool
+        self, rows: list[tuple[_Group, int]], normalizer: float, *, sync: bool
     ) -> tuple[Tensor, float, float]:
+        """Loss and backward of the completions ``rows`` (each: its group, its index there)."""
         spec, acc, policy = self.spec, self.accelerator, self.policy
-        prompts = [g.prompt_ids for g in groups for _ in g.rollouts]
-        ids = [r.token_ids for g in groups for r in g.rollouts]
+        prompts = [g.prompt_ids for g, _ in rows]
+        ids = [g.rollouts[k].token_ids for g, k in rows]
         advantages = torch.tensor(
-            [a for g in groups for a in g.advantages], dtype=torch.float32, device=acc.device
+            [g.advantages[k] for g, k in rows], dtype=torch.float32, device=acc.device
         )
         width = max(max((len(x) for x in ids), default=0), 1)
         targets, mask = rollout_targets(ids, width, pad_id=self.pad_id)
@@ -458,17 +463,17 @@ class GRPOTrainer:
         inputs = (batch.input_ids, batch.attention_mask, batch.position_ids)
         # The sampling policy: adapter on, eval mode (as `generate` ran), no grad.
         with policy.teacher_view("current"), acc.autocast():
-            old = score(policy.hidden_states(*inputs)[:, batch.rollout_slice]).logprobs
+            old = score(batch.at_rollout(policy.hidden_states(*inputs))).logprobs
         ref = None
         if spec.grpo.kl_beta > 0:  # the initial policy: adapter disabled
             with policy.teacher_view("initial"), acc.autocast():
-                ref = score(policy.hidden_states(*inputs)[:, batch.rollout_slice]).logprobs
+                ref = score(batch.at_rollout(policy.hidden_states(*inputs))).logprobs
         t1 = time.perf_counter()
 
         context = acc.no_sync(self.scorer) if not sync else contextlib.nullcontext()
         with context:
             with acc.autocast():
-                scored = score(self.scorer(*inputs)[:, batch.rollout_slice])
+                scored = score(batch.at_rollout(self.scorer(*inputs)))
                 result = grpo_loss(
                     scored.logprobs,
                     old,
@@ -503,10 +508,16 @@ def train(
     resume: bool = False,
     examples: Sequence[Example] | None = None,
     rollout_backend: RolloutFactory | None = None,
+    accelerator: Accelerator | None = None,
 ) -> TrainResult:
     """Run (or, with `resume`, continue from the latest complete checkpoint) a GRPO job."""
     trainer = GRPOTrainer(
-        spec, output_dir, callbacks=callbacks, examples=examples, rollout_backend=rollout_backend
+        spec,
+        output_dir,
+        callbacks=callbacks,
+        examples=examples,
+        accelerator=accelerator,
+        rollout_backend=rollout_backend,
     )
     if resume and (latest := ckpt.latest_checkpoint(trainer.checkpoint_dir)) is not None:
         trainer.resume_from(latest)

@@ -2,14 +2,20 @@
 
 Per optimizer step:
 1. take the step's problems from the seeded example stream (this rank's share);
-2. the student samples its rollouts (token ids) from the problem-only prompt;
+2. the student samples all of the step's rollouts (token ids) from the problem-only prompt in
+   one backend call; each rollout draws from its own generator keyed by (seed, epoch, example,
+   generation), so the rollouts do not depend on batching or on the number of processes;
 3. count the loss tokens of the whole step, summed over data-parallel ranks: every micro-batch's
    loss is divided by that one number, so gradient accumulation and DDP give exactly the mean
    over all valid tokens of the step;
-4. per micro-batch: teacher hidden states (problem + reference solution + transition prompt +
-   rollout) under no_grad with the adapter disabled (`teacher: initial`); student hidden states
-   with grad; the per-token divergence at the rollout positions; backward;
+4. per micro-batch (rollouts of similar length grouped together, `grad_accum` of them): teacher
+   hidden states at the rollout positions (problem + reference solution + transition prompt +
+   rollout) under no_grad with the adapter disabled (`teacher: initial`; one teacher view for
+   all micro-batches of the step); then student hidden states with grad; the per-token
+   divergence at the rollout positions; backward;
 5. clip, AdamW step, LR schedule; metrics, events and (atomic) checkpoints through callbacks.
+
+A stop asked for while sampling or between micro-batches abandons the step (no update).
 """
 
 from __future__ import annotations
@@ -39,18 +45,22 @@ from opsd_engine.prompts import (
     build_prompt_pair,
     rollout_targets,
 )
-from opsd_engine.rollout import Rollout, RolloutFactory, SamplingParams
+from opsd_engine.rollout import Rollout, RolloutFactory, SamplingParams, rollout_seed
 from opsd_engine.trainers.common import (
     ExampleStream,
     HiddenStateScorer,
     SpecEvaluator,
     TrainResult,
     build_rollouts,
+    length_sorted_micro_batches,
     make_accelerator,
     resume_run,
     run_steps,
+    sample_step_rollouts,
     save_run_checkpoint,
     spec_fingerprint,
+    step_share,
+    stop_point,
     total_optimizer_steps,
 )
 from opsd_engine.trainers.common import grad_norm as _grad_norm
@@ -150,18 +160,9 @@ class OPSDTrainer:
             )
         return self._prompt_cache[index]
 
-    def _step_micro_batches(self) -> list[list[int]]:
-        """This rank's example indices for the next step, split into micro-batches."""
-        optim, acc = self.spec.optim, self.accelerator
-        global_batch = optim.batch_size * optim.grad_accum * acc.num_processes
-        indices = self.stream.take(self.state.examples_consumed, global_batch)
-        mine = indices[acc.process_index :: acc.num_processes]
-        return [mine[i : i + optim.batch_size] for i in range(0, len(mine), optim.batch_size)]
-
     def train_step(self) -> dict[str, float]:
         spec, acc = self.spec, self.accelerator
         step_start = time.perf_counter()
-        micro_batches = self._step_micro_batches()
         params = SamplingParams(
             max_new_tokens=spec.max_new_tokens,
             temperature=spec.generation.temperature,
@@ -170,34 +171,50 @@ class OPSDTrainer:
             num_generations=spec.generation.num_generations,
         )
 
-        # 1-2. Student rollouts for every micro-batch of the step.
+        # 1-2. Student rollouts for every problem of the step, in one call.
         t0 = time.perf_counter()
-        sampled: list[tuple[list[PromptPair], list[Rollout]]] = []
-        for batch in micro_batches:
-            pairs = [self._prompt_pair(i) for i in batch]
-            rollouts = self.rollouts.generate([p.student_ids for p in pairs], params)
-            sampled.append(([pairs[r.prompt_index] for r in rollouts], rollouts))
+        share = step_share(self)
+        pairs = [self._prompt_pair(index) for _, index in share]
+        seeds = [rollout_seed(spec.seed, epoch, index) for epoch, index in share]
+        rollouts = sample_step_rollouts(
+            self, self.rollouts, [p.student_ids for p in pairs], params, seeds
+        )
+        rows = [(pairs[r.prompt_index], r) for r in rollouts]
         time_generation = time.perf_counter() - t0
 
         # 3. One normalizer for the whole step, across accumulation and ranks.
         skip = spec.loss.num_loss_tokens_to_skip
-        local_tokens = sum(max(len(r.token_ids) - skip, 0) for _, rs in sampled for r in rs)
+        local_tokens = sum(max(len(r.token_ids) - skip, 0) for _, r in rows)
         step_tokens = int(
             acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item()
         )
         # DDP averages gradients over ranks; multiplying by world size turns that into a sum.
         normalizer = max(step_tokens, 1) / acc.num_processes
 
-        # 4. Teacher scoring, student forward/backward per micro-batch.
+        # 4. Teacher scoring, student forward/backward per micro-batch of similar lengths.
         totals = {"loss": 0.0, "div": 0.0, "h_s": 0.0, "h_t": 0.0, "clipped": 0.0}
-        time_teacher = time_student = 0.0
+        time_student = 0.0
         lr = float(self.scheduler.get_last_lr()[0])
-        for position, (pairs, rollouts) in enumerate(sampled):
-            is_last = position == len(sampled) - 1
-            result, t_teacher, t_student = self._score_and_backward(
-                pairs, rollouts, normalizer, sync=is_last
+        micro_batches = length_sorted_micro_batches(
+            [len(p.teacher_ids) + len(r.token_ids) for p, r in rows], spec.optim.grad_accum
+        )
+        batches = [([rows[i][0] for i in g], [rows[i][1] for i in g]) for g in micro_batches]
+        # The teacher's hidden states at the rollout positions of every micro-batch, under one
+        # teacher view (the adapter is switched off and on once per step, not per micro-batch).
+        t0 = time.perf_counter()
+        teacher_hidden = []
+        with self.policy.teacher_view(spec.teacher):
+            for pairs_, rollouts_ in batches:
+                stop_point(self)
+                teacher_hidden.append(self._teacher_hidden(pairs_, rollouts_))
+        time_teacher = time.perf_counter() - t0
+        for position, (pairs_, rollouts_) in enumerate(batches):
+            stop_point(self)
+            is_last = position == len(batches) - 1
+            result, _, t_student = self._score_and_backward(
+                pairs_, rollouts_, normalizer, sync=is_last, teacher_hidden=teacher_hidden[position]
             )
-            time_teacher += t_teacher
+            teacher_hidden[position] = None  # freed as soon as used
             time_student += t_student
             totals["loss"] += float(result.loss.detach())
             totals["div"] += float(result.divergence_sum)
@@ -219,19 +236,28 @@ class OPSDTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         time_optimizer = time.perf_counter() - t0
 
+        lengths = [len(r.token_ids) for r in rollouts]
         reduced = acc.reduce(
             torch.tensor(
-                [totals["div"], totals["h_s"], totals["h_t"], totals["clipped"], totals["loss"]],
+                [
+                    totals["div"],
+                    totals["h_s"],
+                    totals["h_t"],
+                    totals["clipped"],
+                    totals["loss"],
+                    float(sum(lengths)),
+                    float(len(lengths)),
+                    float(sum(r.finished for r in rollouts)),
+                ],
                 dtype=torch.float64,
                 device=acc.device,
             ),
             reduction="sum",
         ).tolist()
-        lengths = [len(r.token_ids) for _, rs in sampled for r in rs]
-        finished = [r.finished for _, rs in sampled for r in rs]
-        generated = int(
-            acc.reduce(torch.tensor(sum(lengths), device=acc.device), reduction="sum").item()
-        )
+        generated, count, finished = int(reduced[5]), max(reduced[6], 1.0), reduced[7]
+        longest = acc.reduce(
+            torch.tensor(max(lengths, default=0), device=acc.device), reduction="max"
+        ).item()
         self.state.step += 1
         self.state.examples_consumed += (
             spec.optim.batch_size * spec.optim.grad_accum * acc.num_processes
@@ -247,9 +273,9 @@ class OPSDTrainer:
             "teacher_entropy": reduced[2] / denominator,
             "grad_norm": grad_norm,
             "lr": lr,
-            "rollout_len_mean": sum(lengths) / max(len(lengths), 1),
-            "rollout_len_max": float(max(lengths, default=0)),
-            "rollout_finished_frac": sum(finished) / max(len(finished), 1),
+            "rollout_len_mean": generated / count,
+            "rollout_len_max": float(longest),
+            "rollout_finished_frac": finished / count,
             "generated_tokens": float(generated),
             "generated_tokens_total": float(self.state.generated_tokens_total),
             "loss_tokens": float(step_tokens),
@@ -265,38 +291,58 @@ class OPSDTrainer:
             metrics["clip_frac"] = reduced[3] / denominator
         return metrics
 
+    def _teacher_hidden(self, pairs: list[PromptPair], rollouts: list[Rollout]) -> torch.Tensor:
+        """The teacher's final hidden states ``[B, R, H]`` that predict the rollout tokens (call
+        inside ``policy.teacher_view``)."""
+        ids = [r.token_ids for r in rollouts]
+        width = max(max((len(x) for x in ids), default=0), 1)
+        batch = assemble_scoring_batch(
+            [p.teacher_ids for p in pairs], ids, pad_id=self.pad_id, rollout_width=width
+        )
+        with self.accelerator.autocast():
+            hidden = self.policy.hidden_states(
+                batch.input_ids, batch.attention_mask, batch.position_ids
+            )
+            return batch.at_rollout(hidden)
+
     def _score_and_backward(
-        self, pairs: list[PromptPair], rollouts: list[Rollout], normalizer: float, *, sync: bool
+        self,
+        pairs: list[PromptPair],
+        rollouts: list[Rollout],
+        normalizer: float,
+        *,
+        sync: bool,
+        teacher_hidden: torch.Tensor | None = None,
     ) -> tuple[RolloutLoss, float, float]:
-        spec, acc, policy = self.spec, self.accelerator, self.policy
+        """One micro-batch: its loss (over ``normalizer``) and backward; the teacher pass too
+        unless ``teacher_hidden`` is given. Returns the loss and the teacher/student seconds."""
+        spec, acc = self.spec, self.accelerator
         ids = [r.token_ids for r in rollouts]
         width = max(max((len(x) for x in ids), default=0), 1)
         targets, mask = rollout_targets(
             ids, width, pad_id=self.pad_id, skip_first=spec.loss.num_loss_tokens_to_skip
         )
         targets, mask = targets.to(acc.device), mask.to(acc.device)
-        teacher_batch = assemble_scoring_batch(
-            [p.teacher_ids for p in pairs], ids, pad_id=self.pad_id, rollout_width=width
-        )
         student_batch = assemble_scoring_batch(
             [p.student_ids for p in pairs], ids, pad_id=self.pad_id, rollout_width=width
         )
 
         t0 = time.perf_counter()
-        with policy.teacher_view(spec.teacher), acc.autocast():
-            teacher_hidden = policy.hidden_states(
-                teacher_batch.input_ids, teacher_batch.attention_mask, teacher_batch.position_ids
-            )[:, teacher_batch.rollout_slice].contiguous()
+        if teacher_hidden is None:
+            with self.policy.teacher_view(spec.teacher):
+                teacher_hidden = self._teacher_hidden(pairs, rollouts)
         t1 = time.perf_counter()
 
         context = acc.no_sync(self.scorer) if not sync else contextlib.nullcontext()
         with context:
             with acc.autocast():
-                student_hidden = self.scorer(
-                    student_batch.input_ids,
-                    student_batch.attention_mask,
-                    student_batch.position_ids,
-                )[:, student_batch.rollout_slice]
+                student_hidden = student_batch.at_rollout(
+                    self.scorer(
+                        student_batch.input_ids,
+                        student_batch.attention_mask,
+                        student_batch.position_ids,
+                    )
+                )
                 result = self._loss(student_hidden, teacher_hidden, targets, mask, normalizer)
             acc.backward(result.loss)
         t2 = time.perf_counter()
@@ -344,10 +390,16 @@ def train(
     resume: bool = False,
     examples: Sequence[Example] | None = None,
     rollout_backend: RolloutFactory | None = None,
+    accelerator: Accelerator | None = None,
 ) -> TrainResult:
     """Run (or, with `resume`, continue from the latest complete checkpoint) an OPSD job."""
     trainer = OPSDTrainer(
-        spec, output_dir, callbacks=callbacks, examples=examples, rollout_backend=rollout_backend
+        spec,
+        output_dir,
+        callbacks=callbacks,
+        examples=examples,
+        accelerator=accelerator,
+        rollout_backend=rollout_backend,
     )
     if resume and (latest := ckpt.latest_checkpoint(trainer.checkpoint_dir)) is not None:
         trainer.resume_from(latest)

@@ -12,8 +12,10 @@ Per optimizer step:
 3. count the solution tokens of the whole step, summed over data-parallel ranks: every
    micro-batch's summed negative log-likelihood is divided by that one number, so gradient
    accumulation and DDP give exactly the mean over all target tokens of the step;
-4. per micro-batch: forward with grad to final hidden states, log-probabilities of the solution
-   tokens a chunk of positions at a time (never a full ``[T, V]`` logits tensor), backward;
+4. per micro-batch (sequences of similar length together, `grad_accum` of them): forward with
+   grad to final hidden states, log-probabilities of the solution tokens a chunk of positions at
+   a time (never a full ``[T, V]`` logits tensor), backward; a stop asked for between
+   micro-batches abandons the step;
 5. clip, AdamW step, LR schedule; metrics, events and (atomic) checkpoints through callbacks;
    `spec.eval` benchmark evaluations as in the OPSD trainer.
 
@@ -45,17 +47,21 @@ from opsd_engine.prompts import (
     assemble_scoring_batch,
     encode_prompt,
     render_student_text,
+    rollout_targets,
 )
 from opsd_engine.trainers.common import (
     ExampleStream,
     HiddenStateScorer,
     SpecEvaluator,
     TrainResult,
+    length_sorted_micro_batches,
     make_accelerator,
     resume_run,
     run_steps,
     save_run_checkpoint,
     spec_fingerprint,
+    step_share,
+    stop_point,
     token_logprobs_from_hidden,
     total_optimizer_steps,
 )
@@ -68,9 +74,9 @@ __all__ = ["SFTBatch", "SFTTrainer", "sft_batch", "train"]
 class SFTBatch:
     """Prompt + target sequences of one micro-batch, laid out for one forward pass.
 
-    ``layout`` is the shared `[left pad][prompt][target][right pad]` layout of the engine, so the
-    hidden states at ``layout.rollout_slice`` predict ``target_ids``; ``mask`` is True exactly on
-    real target tokens. Prompt tokens are never targets.
+    ``layout`` is the engine's scoring layout (`[left pad][prompt][target]`), so
+    ``layout.at_rollout(hidden)`` holds the hidden states that predict ``target_ids``; ``mask`` is
+    True exactly on real target tokens. Prompt tokens are never targets.
     """
 
     layout: ScoringBatch
@@ -81,17 +87,18 @@ class SFTBatch:
         """The same supervision as full-length labels ``[B, L]`` (``ignore_index`` elsewhere),
         in the convention of transformers' causal-LM loss (which shifts them by one)."""
         labels = torch.full_like(self.layout.input_ids, ignore_index)
-        start = self.layout.prompt_width
-        labels[:, start:] = torch.where(self.mask.cpu(), self.target_ids.cpu(), ignore_index)
+        columns = self.layout.rollout_columns + 1  # the target's own column
+        values = torch.where(self.mask.cpu(), self.target_ids.cpu(), ignore_index)
+        rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(columns)
+        keep = self.mask.cpu()
+        labels[rows[keep], columns[keep]] = values[keep]
         return labels
 
 
 def sft_batch(prompts: list[list[int]], targets: list[list[int]], *, pad_id: int) -> SFTBatch:
     """Lay out ``prompt + target`` rows; the loss mask covers the target tokens only."""
     layout = assemble_scoring_batch(prompts, targets, pad_id=pad_id)
-    target_ids = layout.input_ids[:, layout.prompt_width :]
-    columns = torch.arange(layout.rollout_width)
-    mask = columns.unsqueeze(0) < torch.tensor([len(t) for t in targets]).unsqueeze(1)
+    target_ids, mask = rollout_targets(targets, layout.rollout_width, pad_id=pad_id)
     return SFTBatch(layout=layout, target_ids=target_ids, mask=mask)
 
 
@@ -185,21 +192,19 @@ class SFTTrainer:
             self._sequence_cache[index] = (prompt, [*solution, self.eos_id])
         return self._sequence_cache[index]
 
-    def _step_micro_batches(self) -> list[list[int]]:
-        """This rank's example indices for the next step, split into micro-batches."""
-        optim, acc = self.spec.optim, self.accelerator
-        global_batch = optim.batch_size * optim.grad_accum * acc.num_processes
-        indices = self.stream.take(self.state.examples_consumed, global_batch)
-        mine = indices[acc.process_index :: acc.num_processes]
-        return [mine[i : i + optim.batch_size] for i in range(0, len(mine), optim.batch_size)]
-
     def train_step(self) -> dict[str, float]:
         spec, acc = self.spec, self.accelerator
         step_start = time.perf_counter()
-        micro_batches = [[self.sequence(i) for i in batch] for batch in self._step_micro_batches()]
+        sequences = [self.sequence(index) for _, index in step_share(self)]
+        micro_batches = [
+            [sequences[i] for i in group]
+            for group in length_sorted_micro_batches(
+                [len(p) + len(t) for p, t in sequences], spec.optim.grad_accum
+            )
+        ]
 
         # 3. One normalizer for the whole step, across accumulation and ranks.
-        local_tokens = sum(len(target) for batch in micro_batches for _, target in batch)
+        local_tokens = sum(len(target) for _, target in sequences)
         step_tokens = int(
             acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item()
         )
@@ -211,6 +216,7 @@ class SFTTrainer:
         totals = torch.zeros(3, dtype=torch.float64)  # nll sum, argmax hits, loss
         lr = float(self.scheduler.get_last_lr()[0])
         for position, batch in enumerate(micro_batches):
+            stop_point(self)
             nll, hits, loss = self._forward_backward(
                 batch, normalizer, sync=position == len(micro_batches) - 1
             )
@@ -230,8 +236,14 @@ class SFTTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         time_optimizer = time.perf_counter() - t0
 
+        lengths = [len(p) + len(t) for p, t in sequences]
+        totals = torch.cat(
+            [totals, torch.tensor([sum(lengths), len(lengths)], dtype=torch.float64)]
+        )
         reduced = acc.reduce(totals.to(acc.device), reduction="sum").tolist()
-        lengths = [len(p) + len(t) for batch in micro_batches for p, t in batch]
+        longest = acc.reduce(
+            torch.tensor(max(lengths, default=0), device=acc.device), reduction="max"
+        ).item()
         self.state.step += 1
         self.state.examples_consumed += (
             spec.optim.batch_size * spec.optim.grad_accum * acc.num_processes
@@ -245,8 +257,8 @@ class SFTTrainer:
             "token_accuracy": reduced[1] / denominator,
             "grad_norm": grad_norm,
             "lr": lr,
-            "seq_len_mean": sum(lengths) / max(len(lengths), 1),
-            "seq_len_max": float(max(lengths, default=0)),
+            "seq_len_mean": reduced[3] / max(reduced[4], 1.0),
+            "seq_len_max": float(longest),
             "train_tokens": float(step_tokens),
             "train_tokens_total": float(self.state.loss_tokens_total),
             "loss_tokens": float(step_tokens),
@@ -270,9 +282,9 @@ class SFTTrainer:
         context = acc.no_sync(self.scorer) if not sync else contextlib.nullcontext()
         with context:
             with acc.autocast():
-                hidden = self.scorer(layout.input_ids, layout.attention_mask, layout.position_ids)[
-                    :, layout.rollout_slice
-                ]
+                hidden = layout.at_rollout(
+                    self.scorer(layout.input_ids, layout.attention_mask, layout.position_ids)
+                )
                 head = self.policy.output_embeddings
                 scored = token_logprobs_from_hidden(
                     hidden,
@@ -297,9 +309,12 @@ def train(
     callbacks: TrainerCallbacks | None = None,
     resume: bool = False,
     examples: Sequence[Example] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> TrainResult:
     """Run (or, with `resume`, continue from the latest complete checkpoint) an SFT job."""
-    trainer = SFTTrainer(spec, output_dir, callbacks=callbacks, examples=examples)
+    trainer = SFTTrainer(
+        spec, output_dir, callbacks=callbacks, examples=examples, accelerator=accelerator
+    )
     if resume and (latest := ckpt.latest_checkpoint(trainer.checkpoint_dir)) is not None:
         trainer.resume_from(latest)
     return trainer.train()

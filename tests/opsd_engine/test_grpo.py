@@ -158,13 +158,14 @@ def test_a_step_moves_probability_towards_the_rewarded_completion(tiny_spec, tmp
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids,
-                ).logits[0, batch.rollout_slice]
+                ).logits
+                logits = batch.at_rollout(logits)[0]
             sums.append(float(logits.log_softmax(-1).gather(-1, torch.tensor([ids]).T).sum()))
         return sums
 
     trainer.optimizer.zero_grad(set_to_none=True)
     before = logprob_sums()
-    trainer._score_and_backward([group], 2.0, sync=True)
+    trainer._score_and_backward([(group, 0), (group, 1)], 2.0, sync=True)
     with torch.no_grad():
         for param in trainer.policy.trainable_parameters():
             param -= 0.05 * param.grad

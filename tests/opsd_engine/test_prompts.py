@@ -62,17 +62,24 @@ def test_plain_prompts_without_chat_template(tokenizer) -> None:
     assert tokenizer.decode(ids) == "Problem: x\nAnswer:"
 
 
-def test_layout_puts_rollout_at_the_same_columns_for_every_row() -> None:
+def test_layout_left_pads_whole_sequences_and_gathers_rollout_columns() -> None:
     prompts = [[5, 6, 7], [8]]
     rollouts = [[1, 2], [3, 4, 9]]
     batch = assemble_scoring_batch(prompts, rollouts, pad_id=0)
-    assert batch.prompt_width == 3 and batch.rollout_width == 3
-    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
-    assert batch.position_ids[1, 2:].tolist() == [0, 1, 2, 3]
-    assert batch.position_ids[0, :5].tolist() == [0, 1, 2, 3, 4]
-    assert batch.rollout_slice == slice(2, 5)
+    # As wide as the longest prompt + rollout (5), not the longest prompt plus rollout (6).
+    assert batch.rollout_width == 3
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2], [0, 8, 3, 4, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4]
+    assert batch.position_ids[1, 1:].tolist() == [0, 1, 2, 3]
+    # Column c predicts the token at c + 1: row 0's rollout [1, 2] sits at 3..4, so 2..3; the
+    # third column repeats the last one (masked out by the rollout mask).
+    assert batch.rollout_columns.tolist() == [[2, 3, 4], [1, 2, 3]]
+    outputs = torch.arange(10).reshape(2, 5) * 10
+    assert batch.at_rollout(outputs).tolist() == [[20, 30, 40], [60, 70, 80]]
+    next_tokens = batch.input_ids.gather(1, (batch.rollout_columns + 1).clamp(max=4))
     targets, mask = rollout_targets(rollouts, 3, pad_id=0, skip_first=1)
+    assert next_tokens[mask].tolist() == targets[mask].tolist() == [2, 4, 9]
     assert targets.tolist() == [[1, 2, 0], [3, 4, 9]]
     assert mask.tolist() == [[False, True, False], [False, True, True]]
 
@@ -96,7 +103,8 @@ def test_batched_logits_at_rollout_slice_match_each_unpadded_sequence(tokenizer,
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
-            ).logits[:, batch.rollout_slice]
+            ).logits
+            logits = batch.at_rollout(logits)
         for row, (prompt, rollout) in enumerate(zip(role_prompts, rollouts, strict=True)):
             alone = torch.tensor([prompt + rollout])
             with torch.no_grad():
@@ -120,9 +128,10 @@ def test_teacher_and_student_sequences_share_the_exact_rollout_ids(tokenizer) ->
     ]
     student = assemble_scoring_batch([pair.student_ids], [rollout], pad_id=0)
     teacher = assemble_scoring_batch([pair.teacher_ids], [rollout], pad_id=0)
-    s_cols = slice(student.prompt_width, student.prompt_width + len(rollout))
-    t_cols = slice(teacher.prompt_width, teacher.prompt_width + len(rollout))
+    s_cols = student.rollout_columns[0] + 1
+    t_cols = teacher.rollout_columns[0] + 1
     assert student.input_ids[0, s_cols].tolist() == rollout == teacher.input_ids[0, t_cols].tolist()
+    assert student.input_ids[0, : -len(rollout)].tolist() == pair.student_ids
 
 
 def test_assembly_rejects_inconsistent_inputs() -> None:

@@ -56,7 +56,7 @@ def test_only_solution_tokens_carry_loss(tiny_spec, tmp_path) -> None:
         assert int(batch.mask[row].sum()) == len(target)
         supervised = labels[row][labels[row] != -100].tolist()
         assert supervised == target
-        prompt_end = batch.layout.prompt_width
+        prompt_end = batch.layout.input_ids.shape[1] - len(target)
         assert (labels[row, :prompt_end] == -100).all()
         assert batch.layout.input_ids[row, prompt_end - len(prompt) : prompt_end].tolist() == prompt
 

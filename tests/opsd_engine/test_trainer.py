@@ -12,7 +12,7 @@ from opsd_engine.checkpoint import latest_checkpoint, list_checkpoints, read_sta
 from opsd_engine.events import NullCallbacks
 from opsd_engine.losses import rollout_loss_from_logits
 from opsd_engine.prompts import assemble_scoring_batch, rollout_targets
-from opsd_engine.rollout import SamplingParams
+from opsd_engine.rollout import Rollout, SamplingParams
 from opsd_engine.trainers.opsd import OPSDTrainer, train
 
 
@@ -99,8 +99,8 @@ def _fixed_set_divergence(trainer: OPSDTrainer, pairs, rollouts) -> float:
     student = assemble_scoring_batch(
         [p.student_ids for p in pairs], ids, pad_id=trainer.pad_id, rollout_width=width
     )
-    t_hidden = _hidden(trainer, teacher, "initial")[:, teacher.rollout_slice]
-    s_hidden = _hidden(trainer, student, None)[:, student.rollout_slice]
+    t_hidden = teacher.at_rollout(_hidden(trainer, teacher, "initial"))
+    s_hidden = student.at_rollout(_hidden(trainer, student, None))
     head = trainer.policy.output_embeddings
     result = rollout_loss_from_logits(head(s_hidden), head(t_hidden), targets, mask, normalizer=1.0)
     return float(result.divergence_sum / result.valid_tokens)
@@ -162,11 +162,14 @@ def test_micro_batches_share_one_step_normalizer(tiny_spec, tmp_path) -> None:
     """Gradient of 2 micro-batches x 2 == gradient of 1 micro-batch x 4 (same rollouts)."""
     trainer = OPSDTrainer(tiny_spec(lora={"r": 4, "alpha": 8, "dropout": 0.0}), tmp_path)
     pairs = [trainer._prompt_pair(i) for i in range(4)]
-    rollouts = trainer.rollouts.generate(
-        [p.student_ids for p in pairs],
-        SamplingParams(max_new_tokens=9),
+    sampled = trainer.rollouts.generate(
+        [p.student_ids for p in pairs], SamplingParams(max_new_tokens=9), seeds=[0, 1, 2, 3]
     )
-    assert len({len(r.token_ids) for r in rollouts}) > 1, "want uneven rollout lengths"
+    # uneven lengths (the 9 - 2i first sampled tokens), so padding differs between groupings
+    rollouts = [
+        Rollout(r.prompt_index, r.token_ids[: 9 - 2 * i], False) for i, r in enumerate(sampled)
+    ]
+    assert len({len(r.token_ids) for r in rollouts}) == 4
     total = sum(len(r.token_ids) for r in rollouts)
     # A first step so that LoRA B is non-zero and every LoRA parameter gets a gradient.
     trainer.train_step()
@@ -300,3 +303,62 @@ def test_options_run_end_to_end(tiny_spec, tmp_path, overrides) -> None:
         assert all(v == v for v in metrics.values() if isinstance(v, float)), metrics  # no NaN
     if "loss" in overrides:
         assert "clip_frac" in recorder.metrics[0][1]
+
+
+class StopOnceDropoutDrew(NullCallbacks):
+    """Asks to stop at the first poll of step 2 that comes after LoRA dropout drew random
+    numbers in that step (the torch RNG moved since step 1 ended): inside step 2, between its
+    student micro-batches. Sampling (seeded per rollout) and the teacher (eval mode) draw none."""
+
+    def __init__(self) -> None:
+        self.metrics: list[int] = []
+        self.events: list[str] = []
+        self.mark: torch.Tensor | None = None
+        self.stopped_inside_a_step = False
+
+    def should_stop(self) -> bool:
+        if self.mark is None or torch.equal(torch.get_rng_state(), self.mark):
+            return False
+        self.stopped_inside_a_step = True
+        return True
+
+    def on_metrics(self, step, metrics) -> None:
+        self.metrics.append(step)
+        self.mark = torch.get_rng_state().clone()
+
+    def on_event(self, kind, message, data=None) -> None:
+        self.events.append(kind)
+
+
+def test_a_stop_inside_a_step_abandons_it_and_resumes_exactly(tiny_spec, tmp_path) -> None:
+    """The abandoned step leaves no metrics and no update; the checkpoint is step 1's, with the
+    RNG state of the end of step 1 (put back after the dropout draws of the abandoned step), so
+    the resumed run equals an uninterrupted one."""
+    spec = tiny_spec(optim={"max_steps": 3}, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    straight = train(spec, tmp_path / "straight")
+
+    stopper = StopOnceDropoutDrew()
+    stopped = train(spec, tmp_path / "stopped", callbacks=stopper)
+    assert stopper.stopped_inside_a_step
+    assert stopped.status == "cancelled" and stopped.step == 1
+    assert stopper.metrics == [1] and stopper.events[-1] == "cancelled"
+    assert read_state(stopped.last_checkpoint).step == 1
+    assert read_state(stopped.last_checkpoint).examples_consumed == 4
+
+    resumed = train(spec, tmp_path / "stopped", resume=True)
+    assert resumed.status == "succeeded" and resumed.step == 3
+    a, b = _adapter(straight.adapter_dir), _adapter(resumed.adapter_dir)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_micro_batches_group_similar_lengths_in_grad_accum_groups() -> None:
+    from opsd_engine.trainers.common import length_sorted_micro_batches
+
+    lengths = [5, 40, 12, 40, 7, 30, 9]
+    groups = length_sorted_micro_batches(lengths, 3)
+    assert groups == [[1, 3, 5], [2, 6], [4, 0]]  # longest first; ties keep their order
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    assert length_sorted_micro_batches([3, 1], 4) == [[0], [1]]  # never an empty micro-batch
+    with pytest.raises(ValueError):
+        length_sorted_micro_batches(lengths, 0)
