@@ -62,6 +62,7 @@ __all__ = [
     "build_base",
     "cache_key",
     "pretrain",
+    "save_base",
 ]
 
 #: The prompt config of every toy run: the paper's templates, no chat template (a base model).
@@ -86,11 +87,17 @@ class BaseConfig:
     family: str = "chains"
     foreign_reference_share: float = 0.0  # of teacher-format sequences: reference in foreign style
     cosine: bool = True  # False: constant learning rate after warmup
+    init_from: BaseConfig | None = None  # continue pretraining this (cached) base instead
 
 
 #: Fields added after the first family's base was cached: left out of the key at these values,
 #: so that base keeps its key.
-_KEY_DEFAULTS = {"family": "chains", "foreign_reference_share": 0.0, "cosine": True}
+_KEY_DEFAULTS = {
+    "family": "chains",
+    "foreign_reference_share": 0.0,
+    "cosine": True,
+    "init_from": None,
+}
 
 
 def cache_key(config: BaseConfig) -> str:
@@ -189,16 +196,19 @@ def pretrain(
     *,
     progress: Callable[[str], None] = print,
     on_step: Callable[[int, Qwen3ForCausalLM], None] | None = None,
+    init: Path | None = None,
 ) -> tuple[Qwen3ForCausalLM, Any]:
     """Pretrain the base from scratch on one torch thread; returns (model, tokenizer).
 
     The weights are bit-identical for a ``config`` whatever ``torch.get_num_threads()`` the
-    caller set (it is restored afterwards) and however loaded the machine is.
+    caller set (it is restored afterwards) and however loaded the machine is. ``init``: the
+    directory of the base ``config.init_from`` describes (see `build_base`), whose weights the
+    pretraining starts from.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _pretrain(config, progress, on_step)
+        return _pretrain(config, progress, on_step, init)
     finally:
         torch.set_num_threads(threads)
 
@@ -207,9 +217,21 @@ def _pretrain(
     config: BaseConfig,
     progress: Callable[[str], None],
     on_step: Callable[[int, Qwen3ForCausalLM], None] | None = None,
+    init: Path | None = None,
 ) -> tuple[Qwen3ForCausalLM, Any]:
     tokenizer = build_tiny_tokenizer()
     model = _model(config, tokenizer)
+    if config.init_from is not None:
+        if init is None:
+            raise ValueError("config.init_from needs the directory of that base (init)")
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(
+            load_file(str(init / "model.safetensors")), strict=False
+        )
+        if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embeddings
+            raise ValueError(f"{init} does not match the config: {missing} {unexpected}")
+        model.tie_weights()
     family = FAMILIES[config.family]
     problems = pretraining_problems(config.n_problems, seed=config.seed, family=family)
     batches = _Batches(config, problems, tokenizer)
@@ -263,9 +285,21 @@ def build_base(
     if (final / "pretrain.json").is_file():
         return final, True
     cache_dir.mkdir(parents=True, exist_ok=True)
+    init = None
+    if config.init_from is not None:
+        init, _ = build_base(cache_dir, config.init_from, progress=progress)
     started = time.perf_counter()
-    model, tokenizer = pretrain(config, progress=progress)
-    seconds = time.perf_counter() - started
+    model, tokenizer = pretrain(config, progress=progress, init=init)
+    return save_base(cache_dir, config, model, tokenizer, time.perf_counter() - started), False
+
+
+def save_base(
+    cache_dir: Path, config: BaseConfig, model: Qwen3ForCausalLM, tokenizer: Any, seconds: float
+) -> Path:
+    """Write ``model`` as the cached base of ``config`` (what `build_base` loads); returns its
+    directory. `calibrate.py` uses it for the model at step ``s`` of a constant-rate run, which
+    is bit for bit the model ``replace(config, steps=s)`` pretrains (tested)."""
+    final = cache_dir / f"base-{cache_key(config)}"
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex[:6]}"
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -277,7 +311,7 @@ def build_base(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    return final, False
+    return final
 
 
 #: The base of each task family (the ``carries`` pretraining length calibrated with
@@ -286,12 +320,13 @@ def build_base(
 FAMILY_BASES: dict[str, BaseConfig] = {
     "chains": BaseConfig(),
     "carries": BaseConfig(
+        init_from=BaseConfig(),  # the chains base: it already reads a reference in context
         steps=1500,
-        drill_share=0.2,
-        teacher_share=0.5,
+        drill_share=0.1,
+        teacher_share=0.7,
         direct_fraction=0.0,
         family="carries",
-        foreign_reference_share=0.5,
+        foreign_reference_share=0.6,
         cosine=False,
     ),
 }

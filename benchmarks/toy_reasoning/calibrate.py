@@ -27,6 +27,11 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--drill", type=float, default=None)
+    parser.add_argument("--save", action="store_true", help="Cache the base at each eval step.")
+    parser.add_argument("--teacher", type=float, default=None)
+    parser.add_argument("--foreign", type=float, default=None)
     args = parser.parse_args()
 
     from benchmarks.toy_reasoning.base import FAMILY_BASES, TOY_PROMPTS, pretrain
@@ -38,6 +43,15 @@ def main() -> None:
     config = replace(FAMILY_BASES[args.family], steps=args.steps, cosine=False)
     if args.layers:
         config = replace(config, num_layers=args.layers)
+    for name, value in (
+        ("drill_share", args.drill),
+        ("teacher_share", args.teacher),
+        ("foreign_reference_share", args.foreign),
+    ):
+        if value is not None:
+            config = replace(config, **{name: value})
+    if args.lr:
+        config = replace(config, learning_rate=args.lr)
     if args.hidden:
         config = replace(config, hidden_size=args.hidden)
     _, validation, _ = make_splits(
@@ -55,12 +69,17 @@ def main() -> None:
     def on_step(step: int, model: torch.nn.Module) -> None:
         if step % args.every:
             return
+        from benchmarks.toy_reasoning.base import save_base
+        from benchmarks.toy_reasoning.run import DEFAULT_CACHE
         from opsd_engine.tiny import build_tiny_tokenizer
 
         if not tokenizer_box:
             tokenizer_box.append(build_tiny_tokenizer())
         tokenizer = tokenizer_box[0]
         model.eval()
+        if args.save:  # the base a steps=step run pretrains (constant rate), into the cache
+            saved = replace(config, steps=step)
+            save_base(DEFAULT_CACHE, saved, model, tokenizer, time.perf_counter() - started)
         line = [f"step {step:>5} ({time.perf_counter() - started:.0f}s)"]
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(1)
@@ -81,7 +100,13 @@ def main() -> None:
         print("  ".join(line), flush=True)
 
     torch.set_num_threads(1)
-    pretrain(config, progress=lambda m: print(m, flush=True), on_step=on_step)
+    init = None
+    if config.init_from is not None:
+        from benchmarks.toy_reasoning.base import build_base
+        from benchmarks.toy_reasoning.run import DEFAULT_CACHE
+
+        init, _ = build_base(DEFAULT_CACHE, config.init_from)
+    pretrain(config, progress=lambda m: print(m, flush=True), on_step=on_step, init=init)
 
 
 if __name__ == "__main__":

@@ -838,11 +838,11 @@ def _family_section(
         "chains": "chains of 2-4 additions/subtractions of a digit (results 0..29); the base's "
         "weakness is behavioural: it often answers without working (`base.py`), and the "
         "references are in its own style.",
-        "carries": "chains of 2-4 additions/subtractions of two-digit numbers (results 0..99, "
-        "most steps carry or borrow); the base always works the steps and gets some wrong. The "
+        "carries": "chains of 2-4 additions/subtractions of numbers 1..19 (results 0..99, "
+        "many steps carry or borrow); the base always works the steps and gets some wrong. The "
         "training set's references are in a foreign style (results first, operands of additions "
-        "swapped, `;` separators: `85 = 38 + 47; 71 = 85 - 14; so \\boxed{71}`) the base never "
-        f"writes; `{CONTROL}` runs use the base's own style (`47+38=85. 85-14=71. \\boxed{{71}}`).",
+        "swapped, `;` separators: `65 = 18 + 47; 51 = 65 - 14; so \\boxed{51}`) the base never "
+        f"writes; `{CONTROL}` runs use the base's own style (`47+18=65. 65-14=51. \\boxed{{51}}`).",
     }[plan.family]
     lines = [
         f"## Family `{plan.family}`",

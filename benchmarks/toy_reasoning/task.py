@@ -5,7 +5,7 @@ Two task families (``FAMILIES``):
 * ``chains`` (the first family): digits added to / subtracted from a running total in 0..29.
   Every step is a fact the base knows; its weakness is behavioural (it often answers without
   working, ``base.py``), which any method fixes in a few steps.
-* ``carries``: two-digit operands, running total in 0..99, so most steps carry or borrow. A base
+* ``carries``: operands 1..19, running total in 0..99, so many steps carry or borrow. A base
   this small works every problem step by step but gets steps wrong (the tens digit is written
   before the units' carry is known): its errors are inside the steps. Its reference solutions are
   written in a *foreign* style (``Problem.foreign_solution``: results first, the operands of an
@@ -66,7 +66,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "chains": Family("chains", MIN_STEPS, MAX_STEPS, (1, 19), (1, 9), 29),
-    "carries": Family("carries", 2, 4, (10, 89), (11, 49), 99),
+    "carries": Family("carries", 2, 4, (10, 89), (1, 19), 99),
 }
 
 

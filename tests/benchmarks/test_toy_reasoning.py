@@ -69,7 +69,13 @@ def test_first_family_keeps_its_cache_key_and_the_second_differs() -> None:
 @pytest.mark.parametrize("family", ["chains", "carries"])
 def test_pretraining_is_identical_whatever_the_thread_count(family: str) -> None:
     config = replace(
-        FAMILY_BASES[family], steps=3, batch_size=4, n_problems=40, hidden_size=64, warmup_steps=2
+        FAMILY_BASES[family],
+        init_from=None,
+        steps=3,
+        batch_size=4,
+        n_problems=40,
+        hidden_size=64,
+        warmup_steps=2,
     )
     threads = torch.get_num_threads()
     weights = []
@@ -86,6 +92,30 @@ def test_pretraining_is_identical_whatever_the_thread_count(family: str) -> None
         assert torch.equal(value, weights[1][name]), name
     other, _ = pretrain(replace(config, seed=1), progress=lambda _: None)
     assert any(not torch.equal(v, weights[0][k]) for k, v in other.state_dict().items())
+
+
+def test_a_constant_rate_run_passes_through_every_shorter_run() -> None:
+    """What calibrate.py relies on to cache the base at step s of a longer run."""
+    config = replace(
+        FAMILY_BASES["carries"],
+        init_from=None,
+        steps=4,
+        batch_size=4,
+        n_problems=40,
+        hidden_size=64,
+        warmup_steps=2,
+    )
+    assert config.cosine is False
+    seen: dict[str, torch.Tensor] = {}
+
+    def on_step(step: int, model: torch.nn.Module) -> None:
+        if step == 2:
+            seen.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    pretrain(config, progress=lambda _: None, on_step=on_step)
+    short, _ = pretrain(replace(config, steps=2), progress=lambda _: None)
+    for name, value in short.state_dict().items():
+        assert torch.equal(value, seen[name]), name
 
 
 def test_paired_interval_is_the_t_interval_and_verdicts_follow_it() -> None:
