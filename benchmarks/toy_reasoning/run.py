@@ -103,7 +103,7 @@ CONTROL = "own-style references"  # suffix of the control runs' names
 CAPACITY = "opsd capacity base"
 
 PLANS: dict[str, Plan] = {
-    "chains": Plan(),
+    "chains": Plan(eval_points=(10, 20, 30)),
     "carries": Plan(
         family="carries",
         max_new_tokens=64,  # a worked solution is 21-49 tokens with its EOS
@@ -120,9 +120,9 @@ PLANS: dict[str, Plan] = {
         control_methods=("opsd", "sft"),
         capacity=True,
         tune_grid=(
-            ("opsd", (5e-4, 1e-3, 2e-3, 4e-3)),
-            ("sft", (5e-4, 1e-3, 2e-3, 4e-3)),
-            ("grpo", (5e-4, 1e-3, 2e-3, 4e-3)),
+            ("opsd", (5e-4, 1e-3, 2e-3)),
+            ("sft", (5e-4, 1e-3, 2e-3)),
+            ("grpo", (5e-4, 1e-3, 2e-3)),
         ),
     ),
 }
