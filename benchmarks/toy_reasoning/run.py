@@ -120,8 +120,8 @@ PLANS: dict[str, Plan] = {
         control_methods=("opsd", "sft"),
         capacity=True,
         tune_grid=(
-            ("opsd", (5e-4, 1e-3, 2e-3)),
-            ("sft", (5e-4, 1e-3, 2e-3)),
+            ("opsd", (5e-4, 1e-3, 2e-3, 4e-3)),
+            ("sft", (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)),
             ("grpo", (5e-4, 1e-3, 2e-3)),
         ),
     ),
@@ -1048,6 +1048,7 @@ def capacity_gaps(results: Sequence[FamilyResult]) -> list[dict[str, Any]]:
                 continue
             student = statistics.fmean(p.avg for p in base)
             gains = [r.final.avg - p.avg for r, p in zip(groups[run_name], base, strict=True)]
+            _, low, high = paired_interval(gains) if len(gains) > 1 else (0.0, 0.0, 0.0)
             rows.append(
                 {
                     "family": result.plan.family,
@@ -1057,9 +1058,35 @@ def capacity_gaps(results: Sequence[FamilyResult]) -> list[dict[str, Any]]:
                     "privileged_gap": teacher - student,
                     "opsd_gain_mean": statistics.fmean(gains),
                     "opsd_gain_per_seed": gains,
+                    "opsd_gain_ci95": [low, high],
+                    "opsd_helped": low > 0,
                 }
             )
     return rows
+
+
+def gap_threshold(rows: Sequence[dict[str, Any]]) -> tuple[float | None, str]:
+    """The pre-flight warning threshold these bases support: halfway between the largest
+    privileged gap where OPSD's gain was not shown (95% interval reaches 0) and the smallest gap
+    where it was, when every unhelped base has a smaller gap than every helped one."""
+    helped = [r["privileged_gap"] for r in rows if r["opsd_helped"]]
+    unhelped = [r["privileged_gap"] for r in rows if not r["opsd_helped"]]
+    if not helped or not unhelped:
+        return None, (
+            "every base's gain was "
+            + ("shown" if helped else "not shown")
+            + ": these runs do not bracket a threshold"
+        )
+    if max(unhelped) >= min(helped):
+        return None, "the gaps of helped and unhelped bases overlap: no single threshold fits"
+    threshold = (max(unhelped) + min(helped)) / 2
+    return threshold, (
+        f"OPSD's gain was not shown on a base with a gap of {100 * max(unhelped):.1f} points and "
+        f"was on every base with a gap of {100 * min(helped):.1f} points or more: these runs "
+        f"support warning below about {100 * threshold:.0f} points (halfway; only "
+        f"{len(rows)} bases, so the threshold is known to lie between "
+        f"{100 * max(unhelped):.0f} and {100 * min(helped):.0f})"
+    )
 
 
 def write_results(
@@ -1096,10 +1123,12 @@ def write_results(
             "claims": claim_rows,
         }
     gaps = capacity_gaps(results)
+    threshold, threshold_text = gap_threshold(gaps)
     data = {
         "command": command,
         "families": families,
         "capacity_privileged_gaps": gaps,
+        "privileged_gap_threshold": {"value": threshold, "how": threshold_text},
         "total_seconds": total_seconds,
         "machine": {
             "cpus": os.cpu_count(),
@@ -1133,14 +1162,18 @@ def write_results(
             "reference in context, as the trainer builds it) minus the student's, and OPSD's "
             "mean gain over that base.",
             "",
-            "| family | base | student | teacher | privileged gap | OPSD gain (mean) |",
+            "| family | base | student | teacher | privileged gap | OPSD gain (mean, 95% "
+            "interval) |",
             "|---|---|---|---|---|---|",
             *(
                 f"| {g['family']} | {g['base']} | {100 * g['student_avg']:.1f} | "
                 f"{100 * g['teacher_avg']:.1f} | {100 * g['privileged_gap']:+.1f} | "
-                f"{100 * g['opsd_gain_mean']:+.1f} |"
+                f"{100 * g['opsd_gain_mean']:+.1f} [{100 * g['opsd_gain_ci95'][0]:+.1f}, "
+                f"{100 * g['opsd_gain_ci95'][1]:+.1f}] |"
                 for g in gaps
             ),
+            "",
+            f"Threshold: {threshold_text}. (`privileged_gap_threshold` in results.json.)",
             "",
         ]
     out = out_dir / f"{stem}.md"
@@ -1338,10 +1371,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             if plan.capacity and not args.tune:
                 wanted[(plan.family, "capacity")] = CAPACITY_BASE
         if args.base_steps:
-            wanted = {k: replace(v, steps=args.base_steps) for k, v in wanted.items()}
-        order = sorted(wanted, key=lambda k: -wanted[k].steps * wanted[k].hidden_size)
-        base_futures = {k: pool.submit(do_pretrain, str(args.cache), wanted[k]) for k in order}
-        built = {k: f.result() for k, f in base_futures.items()}
+            wanted = {
+                k: replace(
+                    v,
+                    steps=args.base_steps,
+                    init_from=v.init_from and replace(v.init_from, steps=args.base_steps),
+                )
+                for k, v in wanted.items()
+            }
+        built: dict[tuple[str, str], tuple[str, bool, float]] = {}
+        # bases that continue another base's pretraining wait for it (no two workers build one)
+        for stage in (False, True):
+            order = sorted(
+                (k for k in wanted if (wanted[k].init_from is not None) == stage),
+                key=lambda k: -wanted[k].steps * wanted[k].hidden_size,
+            )
+            futures = {k: pool.submit(do_pretrain, str(args.cache), wanted[k]) for k in order}
+            built |= {k: f.result() for k, f in futures.items()}
         _print(
             "bases ready: "
             + ", ".join(f"{k[0]}/{k[1]} {Path(v[0]).name}" for k, v in built.items())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.toy_reasoning.base import FAMILY_BASES, BaseConfig, cache_key, pretrain
-from benchmarks.toy_reasoning.run import paired_interval, verdict
+from benchmarks.toy_reasoning.run import gap_threshold, paired_interval, verdict
 from benchmarks.toy_reasoning.task import (
     FAMILIES,
     classify,
@@ -129,3 +129,13 @@ def test_paired_interval_is_the_t_interval_and_verdicts_follow_it() -> None:
     assert verdict(-0.5, 3.0, +1) == "not resolved at this scale"
     with pytest.raises(ValueError):
         paired_interval([1.0])
+
+
+def test_gap_threshold_lies_between_unhelped_and_helped_bases() -> None:
+    def row(gap: float, helped: bool) -> dict[str, object]:
+        return {"privileged_gap": gap, "opsd_helped": helped}
+
+    value, how = gap_threshold([row(0.6, True), row(0.4, True), row(0.1, False)])
+    assert value == pytest.approx(0.25) and "between 10 and 40" in how
+    assert gap_threshold([row(0.6, True), row(0.1, True)])[0] is None
+    assert gap_threshold([row(0.3, True), row(0.5, False)])[0] is None  # overlapping
