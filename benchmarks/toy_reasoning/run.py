@@ -108,7 +108,7 @@ PLANS: dict[str, Plan] = {
         family="carries",
         max_new_tokens=64,  # a worked solution is 21-49 tokens with its EOS
         # Chosen with --tune --family carries (tuning-carries.md), seed 100.
-        learning_rates=(("opsd", 2e-3), ("sft", 2e-3), ("grpo", 2e-3)),
+        learning_rates=(("opsd", 2e-3), ("sft", 5e-4), ("grpo", 1e-3)),
         eval_points=(10, 20, 30),
         ablations=(
             ("opsd sampled_token", (("divergence", "sampled_token"),)),
