@@ -1,0 +1,224 @@
+"""Pre-flight (issues #12, #16): the privileged gap, the divergence profile and the alignment
+checks on the real tiny model in Qwen3's layout (its published chat template and thinking
+switch), with deliberately misaligned specs flagged and a good one passing the alignment checks.
+
+The tiny model is random, so it solves nothing with or without the reference: its gap check is
+a warn by construction; the gap's pass/warn logic is tested on its own with given accuracies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from opsd_engine.config import parse_spec
+from opsd_engine.modeling import load_tokenizer
+from opsd_engine.preflight import (
+    CHECK_NAMES,
+    PRIVILEGED_GAP_THRESHOLD,
+    PreflightReport,
+    PreflightSettings,
+    check_privileged_gap,
+    check_rollout_tokenization,
+    format_report,
+    run_preflight,
+    sample_indices,
+)
+from opsd_engine.prompts import PromptPair, build_prompt_pair
+from opsd_engine.rollout import SamplingParams, TransformersRolloutBackend, rollout_seed
+
+SETTINGS = PreflightSettings(sample_size=6, profile_rollouts=3, max_new_tokens=10)
+
+
+def spec_for(model_dir: Path, dataset: Path, **prompts: Any) -> Any:
+    return parse_spec(
+        {
+            "base_model": str(model_dir),
+            "dataset_uri": str(dataset),
+            "max_new_tokens": 10,
+            "seed": 3,
+            "prompts": prompts,
+            "runtime": {"dtype": "float32", "device": "cpu"},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def model(qwen3_base_model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(qwen3_base_model_dir), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen3_base_model_dir: Path) -> Any:
+    return load_tokenizer(str(qwen3_base_model_dir))
+
+
+def run(spec: Any, model: Any, tokenizer: Any, **kw: Any) -> PreflightReport:
+    return run_preflight(spec, SETTINGS, model=model, tokenizer=tokenizer, **kw)
+
+
+def test_good_spec_passes_the_alignment_checks(
+    qwen3_base_model_dir: Path, tiny_dataset: Path, model: Any, tokenizer: Any
+) -> None:
+    spec = spec_for(qwen3_base_model_dir, tiny_dataset, student_thinking=False)
+    phases: list[tuple[str, int, int]] = []
+    report = run(spec, model, tokenizer, on_progress=lambda *p: phases.append(p))
+    assert [c.name for c in report.checks] == list(CHECK_NAMES)
+    assert report.check("generation_prompt_state").status == "pass"
+    assert report.check("generation_prompt_state").details["tail"] == "<think>\n\n</think>\n\n"
+    assert report.check("teacher_first_tokens").status == "pass"
+    assert report.status != "fail"
+    assert report.n_problems == 6 and report.samples_per_problem == 1
+    # a random model solves nothing: no gap, and the check says so
+    assert report.student_accuracy == report.teacher_accuracy == 0.0
+    assert report.check("privileged_gap").status == "warn"
+    assert "gap too small for self-distillation to help" in report.check("privileged_gap").message
+    # the profile covers every position some profiled rollout reaches, counts included
+    assert 1 <= len(report.divergence_profile) <= 10
+    assert report.profile_counts[0] == 3 and all(v >= 0 for v in report.divergence_profile)
+    metrics = report.metrics()
+    assert metrics["preflight/gap"] == 0.0 and metrics["preflight/check/privileged_gap"] == 1.0
+    assert metrics["preflight/divergence_mean"] > 0  # teacher and student prompts differ
+    assert phases[0] == ("student", 0, 6) and phases[-1] == ("profile", 3, 3)
+    text = format_report(report.to_dict())
+    assert "[PASS] generation_prompt_state" in text and "[WARN] privileged_gap" in text
+
+
+def test_student_rollouts_are_the_trainers_first_rollouts(
+    qwen3_base_model_dir: Path, tiny_dataset: Path, model: Any, tokenizer: Any
+) -> None:
+    """The sample is the head of the trainer's first epoch, and the student's samples use the
+    trainer's per-example seeds: the profile is measured on the rollouts step 1 will see."""
+    from opsd_engine.data import load_examples
+    from opsd_engine.modeling import stop_token_ids
+    from opsd_engine.trainers.common import ExampleStream
+
+    spec = spec_for(qwen3_base_model_dir, tiny_dataset)
+    examples = load_examples(str(tiny_dataset))
+    indices = sample_indices(len(examples), spec.seed, 4)
+    assert indices == ExampleStream(len(examples), spec.seed).take(0, 4)
+    assert sample_indices(3, 0, 10) == ExampleStream(3, 0).take(0, 3)  # bounded by the data
+    pair = build_prompt_pair(
+        tokenizer,
+        problem=examples[indices[0]].problem,
+        solution=examples[indices[0]].solution or "",
+        answer=None,
+        prompts=spec.prompts,
+    )
+    backend = TransformersRolloutBackend(
+        model,
+        pad_id=int(tokenizer.pad_token_id),
+        stop_ids=stop_token_ids(tokenizer, model),
+        device=torch.device("cpu"),
+    )
+    params = SamplingParams(max_new_tokens=10, temperature=spec.generation.temperature)
+    [rollout] = backend.generate(
+        [pair.student_ids], params, seeds=[rollout_seed(spec.seed, 0, indices[0])]
+    )
+    report = run(spec, model, tokenizer)
+    assert report.profile_counts[0] == 3
+    first_len = len(rollout.token_ids)
+    assert report.profile_counts[first_len - 1] >= 1  # the first rollout reaches its length
+
+
+def test_thinking_mismatch_fails_with_its_fix(
+    qwen3_base_model_dir: Path, tiny_dataset: Path, model: Any, tokenizer: Any
+) -> None:
+    spec = spec_for(
+        qwen3_base_model_dir,
+        tiny_dataset,
+        student_thinking=False,
+        teacher_thinking=True,
+        allow_thinking_mismatch=True,
+    )
+    report = run(spec, model, tokenizer)
+    check = report.check("generation_prompt_state")
+    assert check.status == "fail" and report.status == "fail"
+    assert check.details == {"student_tail": "<think>\n\n</think>\n\n", "teacher_tail": ""}
+    assert "prompts.teacher_thinking" in (check.fix or "")
+    assert report.metrics()["preflight/status"] == 2.0
+
+
+def test_a_teacher_template_ending_elsewhere_is_flagged(
+    tiny_model_dir: Path, tiny_dataset: Path, model: Any, tokenizer: Any
+) -> None:
+    """Plain prompts (no chat template): the teacher's template ends on another line than the
+    student's answer cue."""
+    wrong = "Problem: {problem}\nReference:\n{solution}\nNow solve it yourself."
+    spec = spec_for(tiny_model_dir, tiny_dataset, chat_template="off", teacher_template=wrong)
+    check = run(spec, model, tokenizer).check("generation_prompt_state")
+    assert check.status == "warn"
+    assert check.details == {"student_cue": "Answer:", "teacher_cue": "Now solve it yourself."}
+    good = spec_for(tiny_model_dir, tiny_dataset, chat_template="off")
+    assert run(good, model, tokenizer).check("generation_prompt_state").status == "pass"
+
+
+def test_a_near_uniform_teacher_fails(
+    qwen3_base_model_dir: Path, tiny_dataset: Path, tokenizer: Any
+) -> None:
+    """A model whose (tied) embeddings are zero gives zero logits: a uniform teacher, the
+    'loss stuck at ln 2' case."""
+    from transformers import AutoModelForCausalLM
+
+    flat = AutoModelForCausalLM.from_pretrained(str(qwen3_base_model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        flat.get_output_embeddings().weight.zero_()
+    spec = spec_for(qwen3_base_model_dir, tiny_dataset)
+    report = run(spec, flat, tokenizer)
+    check = report.check("teacher_first_tokens")
+    assert check.status == "fail" and report.status == "fail"
+    assert check.details["fraction_of_uniform"] == pytest.approx(1.0, abs=1e-4)
+    assert "ln 2" in check.message
+    assert report.divergence_profile[0] == pytest.approx(0.0, abs=1e-6)  # both roles uniform
+
+
+def test_rollout_tokenization_flags_prompts_that_merge_with_the_rollout(tokenizer: Any) -> None:
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    rollout = encode("r is 5")
+    aligned = PromptPair(student_ids=encode("Problem\n"), teacher_ids=encode("Other\n"))
+    merging = PromptPair(student_ids=encode("Problem\n"), teacher_ids=encode("Problem: Answe"))
+    assert check_rollout_tokenization(tokenizer, [aligned], [rollout]).status == "pass"
+    check = check_rollout_tokenization(tokenizer, [merging], [rollout])
+    assert check.status == "fail" and "differently after the teacher prompt" in check.message
+    # a sampled rollout that is not the canonical encoding of its text: the same in both roles
+    split = encode("r") + encode(" is") + encode(" 5")
+    odd = [t for t in encode("12") if t] + encode("3")
+    assert check_rollout_tokenization(tokenizer, [aligned], [split]).status in {"pass", "warn"}
+    assert check_rollout_tokenization(tokenizer, [aligned], [odd]).status in {"pass", "warn"}
+    assert check_rollout_tokenization(tokenizer, [aligned], [[]]).status == "pass"
+
+
+def test_privileged_gap_threshold() -> None:
+    assert PRIVILEGED_GAP_THRESHOLD == 0.10
+    passed = check_privileged_gap(0.38, 0.97, (0.45, 0.73), PRIVILEGED_GAP_THRESHOLD)
+    assert passed.status == "pass" and passed.details["gap"] == pytest.approx(0.59)
+    small = check_privileged_gap(0.40, 0.45, None, PRIVILEGED_GAP_THRESHOLD)
+    assert small.status == "warn" and "gap too small" in small.message
+    assert "does not make enough use" in small.message
+    solved = check_privileged_gap(0.95, 1.0, None, PRIVILEGED_GAP_THRESHOLD)
+    assert solved.status == "warn" and "already solves" in solved.message
+    assert check_privileged_gap(0.40, 0.45, None, 0.05).status == "pass"  # a job's own min_gap
+    unknown = check_privileged_gap(None, None, None, PRIVILEGED_GAP_THRESHOLD)
+    assert unknown.status == "warn" and "cannot be measured" in unknown.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sample_size", 0),
+        ("sample_size", 257),
+        ("samples_per_problem", 17),
+        ("profile_rollouts", 0),
+        ("max_new_tokens", 0),
+        ("min_gap", 2.0),
+        ("sample_size", True),
+    ],
+)
+def test_settings_are_bounded(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field):
+        PreflightSettings(**{field: value})
