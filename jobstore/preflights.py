@@ -195,6 +195,19 @@ class PreflightQueries:
             ).first()
         return None if row is None else _record(row)
 
+    def renew_preflight_lease(
+        self, preflight_id: str, worker_id: str, *, lease_seconds: float
+    ) -> bool:
+        """Extend the lease of a running pre-flight held by ``worker_id``; False if it lost it."""
+        return self._set_preflight(
+            [
+                preflights.c.id == preflight_id,
+                preflights.c.status == RUNNING,
+                preflights.c.lease_owner == worker_id,
+            ],
+            lease_expires_at=_now() + timedelta(seconds=lease_seconds),
+        )
+
     def set_preflight_progress(
         self, preflight_id: str, worker_id: str, progress: dict[str, Any]
     ) -> bool:
