@@ -1,0 +1,90 @@
+"""`worker.preflight.run_preflight` without Celery, on a real store (SQLite and Postgres) and the
+real tiny model: the report on the row, `preflight/*` metrics and `preflight_*` events on the job,
+a second delivery skipped, and the failures a user can fix (a dataset that is not there, a
+dataset outside the tenant's policy) as readable errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jobstore import Store
+from worker.preflight import run_preflight
+
+CONFIG = {"sample_size": 3, "samples_per_problem": 1, "profile_rollouts": 2, "max_new_tokens": 6}
+
+
+def _job(store: Any, spec: dict[str, Any], tenant: str = "acme") -> tuple[str, str]:
+    owner = store.get_or_create_tenant(tenant)
+    job, _ = store.create_job(owner.id, spec=spec)
+    return owner.id, job.id
+
+
+def test_a_preflight_stores_its_report_metrics_and_events(
+    store: Any, settings: Any, tiny_spec_dict: Callable[..., dict[str, Any]]
+) -> None:
+    tenant_id, job_id = _job(store, tiny_spec_dict(prompts={"student_thinking": False}))
+    record = store.create_preflight(tenant_id, job_id, config=CONFIG)
+    assert store.latest_preflight(job_id, tenant_id=tenant_id).id == record.id
+    assert store.latest_preflight(job_id, tenant_id="other") is None
+
+    outcome = run_preflight(record.id, store=store, settings=settings, worker_id="w1")
+    assert outcome == "succeeded"
+    done = store.get_preflight(record.id)
+    assert done.status == "succeeded" and done.finished_at is not None
+    report = done.report
+    assert report["n_problems"] == 3 and report["settings"]["max_new_tokens"] == 6
+    checks = {c["name"]: c["status"] for c in report["checks"]}
+    assert checks["generation_prompt_state"] == "pass"
+    assert checks["privileged_gap"] == "warn"  # a random model: no gap
+    assert done.progress == {"phase": "profile", "done": 2, "total": 2}
+
+    series = store.query_metrics(job_id)
+    assert {"preflight/gap", "preflight/divergence_mean", "preflight/status"} <= series.keys()
+    assert series["preflight/check/privileged_gap"] == [(0, 1.0)]  # step 0: before training
+    assert series["preflight/gap"] == [(0, 0.0)]
+
+    kinds = [e.kind for e in store.list_events(job_id)]
+    assert kinds.count("preflight_started") == 1 and kinds[-1] == "preflight_finished"
+    assert kinds.count("preflight_progress") == 3  # student, teacher, profile
+    finished = store.list_events(job_id)[-1]
+    assert finished.data["status"] == report["status"] and finished.data["gap"] == 0.0
+    assert "privileged_gap: warn" in finished.message
+
+    # a duplicate delivery of a finished pre-flight changes nothing
+    assert run_preflight(record.id, store=store, settings=settings, worker_id="w2") == "skipped"
+
+
+def test_user_errors_fail_the_preflight_with_a_readable_error(
+    sqlite_database_url: str, tmp_path: Path, tiny_spec_dict: Callable[..., dict[str, Any]]
+) -> None:
+    from opsd_service.settings import ServiceSettings
+
+    store = Store(sqlite_database_url)
+    try:
+        settings = ServiceSettings(
+            home=tmp_path / "home",
+            database_url=sqlite_database_url,
+            artifacts_uri=str(tmp_path / "artifacts"),
+            dataset_uri_policy=json.dumps({"*": [str(tmp_path / "allowed")]}),
+        )
+        missing = tiny_spec_dict(dataset_uri=str(tmp_path / "allowed" / "gone.jsonl"))
+        tenant_id, job_id = _job(store, missing)
+        record = store.create_preflight(tenant_id, job_id, config=CONFIG)
+        assert run_preflight(record.id, store=store, settings=settings, worker_id="w") == "failed"
+        failed = store.get_preflight(record.id)
+        assert failed.error.code == "dataset_error" and failed.error.category == "user"
+        assert "gone.jsonl" in failed.error.message
+        assert [e.kind for e in store.list_events(job_id)][-1] == "preflight_failed"
+
+        outside = tiny_spec_dict()  # the tiny dataset is not under the allowed root
+        tenant_id, job_id = _job(store, outside)
+        record = store.create_preflight(tenant_id, job_id, config=CONFIG)
+        assert run_preflight(record.id, store=store, settings=settings, worker_id="w") == "failed"
+        error = store.get_preflight(record.id).error
+        assert (error.code, error.category) == ("dataset_error", "user")
+        assert "not allowed" in error.message
+    finally:
+        store.close()
