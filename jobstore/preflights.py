@@ -7,8 +7,11 @@ privileged gap, the divergence profile and the alignment checks of the job's spe
 outcome (``report``: the engine's report document) and its state, ``queued -> running ->
 succeeded | failed``, each change one conditional UPDATE like the evals'. A worker holds a
 running pre-flight under a lease; a redelivered message may take over one whose lease ran out
-(a new ``attempt``). Rows are deleted with their job (``ON DELETE CASCADE``). The table is
-created by the migration ``0006_preflight``.
+(a new ``attempt``), and the reaper puts one whose worker was lost back to ``queued``
+(:meth:`PreflightQueries.requeue_lost_preflights`; ``failed`` with ``worker_lost`` after
+``max_attempts``) and sends a queued one whose message may be lost again
+(:meth:`PreflightQueries.resend_stale_queued_preflights`). Rows are deleted with their job
+(``ON DELETE CASCADE``). The table is created by the migration ``0006_preflight``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ preflights = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("started_at", UTCDateTime(), nullable=True),
     sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.Column("resent_at", UTCDateTime(), nullable=True),
     sa.CheckConstraint(f"status IN ({_status_list})", name="status"),
     sa.Index(None, "job_id", "created_at"),
 )
@@ -267,6 +271,66 @@ class PreflightQueries:
                 .returning(preflights.c.id)
             ).first()
         return deleted is not None
+
+    def requeue_lost_preflights(
+        self, *, now: datetime | None = None, max_attempts: int = PREFLIGHT_MAX_ATTEMPTS
+    ) -> list[str]:
+        """Running pre-flights whose lease expired before ``now``: ``queued`` again with
+        ``attempt + 1`` (ids returned, for the caller to enqueue), or ``failed`` with
+        ``worker_lost`` on the last attempt."""
+        now = now or _now()
+        expired = [
+            preflights.c.status == RUNNING,
+            preflights.c.lease_expires_at < sa.literal(now, UTCDateTime()),
+        ]
+        with self._write() as session:
+            requeued = session.execute(
+                sa.update(preflights)
+                .where(*expired, preflights.c.attempt < max_attempts)
+                .values(
+                    status=QUEUED,
+                    attempt=preflights.c.attempt + 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    resent_at=now,
+                )
+                .returning(preflights.c.id)
+            ).all()
+            session.execute(
+                sa.update(preflights)
+                .where(*expired, preflights.c.attempt >= max_attempts)
+                .values(
+                    status=FAILED,
+                    error_code="worker_lost",
+                    error_message=(
+                        f"the worker running this pre-flight was lost on each of its "
+                        f"{max_attempts} attempts (killed, out of memory, or the machine went away)"
+                    ),
+                    error_category="system",
+                    finished_at=now,
+                    lease_expires_at=None,
+                )
+            )
+        return sorted(row.id for row in requeued)
+
+    def resend_stale_queued_preflights(
+        self, *, older_than: timedelta, now: datetime | None = None
+    ) -> list[str]:
+        """Queued pre-flights not created or re-sent within ``older_than`` (their message may be
+        lost): marked re-sent now, ids returned for the caller to enqueue again."""
+        now = now or _now()
+        last_sent = sa.func.coalesce(preflights.c.resent_at, preflights.c.created_at)
+        with self._write() as session:
+            rows = session.execute(
+                sa.update(preflights)
+                .where(
+                    preflights.c.status == QUEUED,
+                    last_sent < sa.literal(now - older_than, UTCDateTime()),
+                )
+                .values(resent_at=now)
+                .returning(preflights.c.id)
+            ).all()
+        return sorted(row.id for row in rows)
 
     def _set_preflight(self, where: list[sa.ColumnElement[bool]], **values: Any) -> bool:
         with self._write() as session:

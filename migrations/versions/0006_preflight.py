@@ -51,6 +51,7 @@ def upgrade() -> None:
         sa.Column("created_at", _ts(), nullable=False),
         sa.Column("started_at", _ts(), nullable=True),
         sa.Column("finished_at", _ts(), nullable=True),
+        sa.Column("resent_at", _ts(), nullable=True),
         sa.CheckConstraint(f"status IN ({statuses})", name="ck_preflights_status"),
         sa.ForeignKeyConstraint(
             ["tenant_id"], ["tenants.id"], name="fk_preflights_tenant_id_tenants"

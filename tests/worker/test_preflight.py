@@ -88,3 +88,31 @@ def test_user_errors_fail_the_preflight_with_a_readable_error(
         assert "not allowed" in error.message
     finally:
         store.close()
+
+
+def test_the_reaper_takes_back_a_lost_preflight_and_resends_a_stale_one(
+    store: Any, tiny_spec_dict: Callable[..., dict[str, Any]]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    tenant_id, job_id = _job(store, tiny_spec_dict())
+    lost = store.create_preflight(tenant_id, job_id, config=CONFIG)
+    assert store.claim_preflight(lost.id, "dead-worker", lease_seconds=0.01) is not None
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert store.requeue_lost_preflights(now=later) == [lost.id]
+    again = store.get_preflight(lost.id)
+    assert (again.status, again.attempt) == ("queued", 2)
+    # a redelivered message claims it; lost on its last attempt, it fails with worker_lost
+    for attempt in (2, 3):
+        claimed = store.claim_preflight(lost.id, f"worker-{attempt}", lease_seconds=0.01)
+        assert claimed is not None and claimed.attempt == attempt
+        requeued = store.requeue_lost_preflights(now=later, max_attempts=3)
+        assert requeued == ([lost.id] if attempt < 3 else [])
+    final = store.get_preflight(lost.id)
+    assert final.status == "failed" and final.error.code == "worker_lost"
+
+    stale = store.create_preflight(tenant_id, job_id, config=CONFIG)
+    assert store.resend_stale_queued_preflights(older_than=timedelta(seconds=1)) == []
+    assert store.resend_stale_queued_preflights(older_than=timedelta(0), now=later) == [stale.id]
+    # marked re-sent: not returned again within the window
+    assert store.resend_stale_queued_preflights(older_than=timedelta(seconds=1), now=later) == []
