@@ -60,8 +60,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from opsd_engine.data import DatasetError
     from opsd_engine.local_run import RunDirectoryError
     from opsd_engine.modeling import ModelLoadError
+    from opsd_engine.preflight import PreflightFailed
 
-    return (SpecError, DatasetError, ModelLoadError, RunDirectoryError, ResumeMismatchError)
+    return (
+        SpecError,
+        DatasetError,
+        ModelLoadError,
+        RunDirectoryError,
+        ResumeMismatchError,
+        PreflightFailed,
+    )
 
 
 @app.command()
@@ -218,18 +226,20 @@ def preflight(
     spec_file: Path = typer.Argument(
         ..., help="Job spec (YAML or JSON), same shape as POST /jobs."
     ),
-    sample_size: int = typer.Option(16, "--sample-size", help="Problems sampled (1-256)."),
-    samples_per_problem: int = typer.Option(
-        1, "--samples-per-problem", help="Samples per problem and role (1-16)."
+    sample_size: int | None = typer.Option(
+        None, "--sample-size", help="Problems sampled (1-256; default: the spec's preflight, 16)."
     ),
-    profile_rollouts: int = typer.Option(
-        4, "--profile-rollouts", help="Student rollouts in the divergence profile (1-32)."
+    samples_per_problem: int | None = typer.Option(
+        None, "--samples-per-problem", help="Samples per problem and role (1-16; default 1)."
+    ),
+    profile_rollouts: int | None = typer.Option(
+        None, "--profile-rollouts", help="Student rollouts in the divergence profile (1-32; 4)."
     ),
     max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", help="Rollout length; default: the spec's max_new_tokens."
     ),
     min_gap: float | None = typer.Option(
-        None, "--min-gap", help="Smallest privileged gap that passes (default 0.10)."
+        None, "--min-gap", help="Smallest privileged gap that passes (default: spec, 0.10)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 on a warning too."),
@@ -240,22 +250,20 @@ def preflight(
     Exit status 0 when no check fails (warnings allowed unless --strict), 1 when one fails,
     2 for a bad spec, dataset, model or option.
     """
-    from opsd_engine.preflight import (
-        PRIVILEGED_GAP_THRESHOLD,
-        PreflightSettings,
-        format_report,
-        run_preflight,
-    )
+    from opsd_engine.config import load_spec
+    from opsd_engine.preflight import format_report, run_preflight, settings_from_spec
 
     try:
-        settings = PreflightSettings(
+        spec = load_spec(spec_file)
+        settings = settings_from_spec(
+            spec,
             sample_size=sample_size,
             samples_per_problem=samples_per_problem,
             profile_rollouts=profile_rollouts,
             max_new_tokens=max_new_tokens,
-            min_gap=PRIVILEGED_GAP_THRESHOLD if min_gap is None else min_gap,
+            min_gap=min_gap,
         )
-    except ValueError as exc:
+    except (*_user_errors(), ValueError) as exc:
         _fail(str(exc))
         return
 
@@ -266,10 +274,7 @@ def preflight(
             )
             typer.echo(f"pre-flight: {what} {done}/{total}", err=True)
 
-    from opsd_engine.config import load_spec
-
     try:
-        spec = load_spec(spec_file)
         if not no_progress:
             typer.echo(f"pre-flight: loading {spec.base_model} and {spec.dataset_uri}", err=True)
         report = run_preflight(spec, settings, on_progress=progress)

@@ -44,6 +44,9 @@ and four named alignment checks, each ``pass``, ``warn`` or ``fail`` with the fi
     to help. No reference answers: warn (not measurable).
 
 The report's ``status`` is the worst check's. :func:`run_preflight` is the entry point;
+:func:`run_before_training` is what a job with ``preflight.run_first`` does before its first
+step (events and ``preflight/*`` metrics at step 0 through the trainer's callbacks, and
+:class:`PreflightFailed` when the report is as bad as ``preflight.stop_on``);
 :meth:`PreflightReport.metrics` gives the ``preflight/*`` metrics the service stores and
 :func:`format_report` the text ``opsd preflight`` prints.
 """
@@ -87,6 +90,7 @@ __all__ = [
     "NEAR_UNIFORM_FRACTION",
     "PRIVILEGED_GAP_THRESHOLD",
     "Check",
+    "PreflightFailed",
     "PreflightReport",
     "PreflightSettings",
     "ProgressCallback",
@@ -95,8 +99,10 @@ __all__ = [
     "check_rollout_tokenization",
     "check_teacher_first_tokens",
     "format_report",
+    "run_before_training",
     "run_preflight",
     "sample_indices",
+    "settings_from_spec",
 ]
 
 Status = Literal["pass", "warn", "fail"]
@@ -777,3 +783,75 @@ def format_report(report: PreflightReport | dict[str, Any]) -> str:
         if check["status"] != "pass" and check.get("fix"):
             lines.append(f"           fix: {check['fix']}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- before a job's first step
+class PreflightFailed(RuntimeError):
+    """A job's ``preflight.run_first`` found its report as bad as ``preflight.stop_on``: the
+    job stops before training. The message names the checks and their fixes."""
+
+    def __init__(self, report: PreflightReport, stop_on: str) -> None:
+        self.report = report
+        flagged = [c for c in report.checks if _RANK[c.status] >= _RANK[stop_on]]
+        lines = [
+            f"{c.name}: {c.status}: {c.message}" + (f" (fix: {c.fix})" if c.fix else "")
+            for c in flagged
+        ]
+        super().__init__(
+            f"pre-flight {report.status} (preflight.stop_on: {stop_on}), training not started; "
+            + "; ".join(lines)
+        )
+
+
+def settings_from_spec(spec: JobSpec, **overrides: Any) -> PreflightSettings:
+    """:class:`PreflightSettings` from the spec's ``preflight`` group; ``overrides`` that are
+    not ``None`` win (command-line options, a request's fields)."""
+    group = spec.preflight
+    values: dict[str, Any] = {
+        "sample_size": group.sample_size,
+        "samples_per_problem": group.samples_per_problem,
+        "profile_rollouts": group.profile_rollouts,
+        "max_new_tokens": group.max_new_tokens,
+        "min_gap": PRIVILEGED_GAP_THRESHOLD if group.min_gap is None else group.min_gap,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return PreflightSettings(**values)
+
+
+def run_before_training(
+    spec: JobSpec, policy: Any, examples: Sequence[Example], callbacks: Any
+) -> PreflightReport:
+    """The pre-flight of ``spec`` on the trainer's own model (adapter disabled: at step 0 it is
+    the base either way), tokenizer and examples. Reports ``preflight_started`` and
+    ``preflight_finished`` events (the latter with the whole report as ``data["report"]``) and
+    the ``preflight/*`` metrics at step 0 through ``callbacks``; raises
+    :class:`PreflightFailed` when the report's status reaches ``spec.preflight.stop_on``."""
+    settings = settings_from_spec(spec)
+    callbacks.on_event(
+        "preflight_started",
+        f"pre-flight before training on {min(settings.sample_size, len(examples))} problems",
+        asdict(settings),
+    )
+    model = policy.peft_model
+    with model.disable_adapter():
+        report = run_preflight(
+            spec,
+            settings,
+            examples=examples,
+            model=model,
+            tokenizer=policy.tokenizer,
+            device=policy.device,
+        )
+    callbacks.on_metrics(0, report.metrics())
+    flagged = {c.name: c.status for c in report.checks if c.status != "pass"}
+    gap = f", privileged gap {report.gap:+.1%}" if report.gap is not None else ""
+    callbacks.on_event(
+        "preflight_finished",
+        f"pre-flight: {report.status}{gap}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in flagged.items())})" if flagged else ""),
+        {"status": report.status, "gap": report.gap, "report": report.to_dict()},
+    )
+    stop_on = spec.preflight.stop_on
+    if stop_on != "never" and _RANK[report.status] >= _RANK[stop_on]:
+        raise PreflightFailed(report, stop_on)
+    return report

@@ -31,6 +31,13 @@ log = logging.getLogger("opsd.worker")
 SKIPPED = "skipped"
 LEASE_LOST = "lease_lost"
 PREFLIGHT_LEASE_SECONDS = 300.0
+_SETTING_NAMES = (
+    "sample_size",
+    "samples_per_problem",
+    "profile_rollouts",
+    "max_new_tokens",
+    "min_gap",
+)
 
 
 class _Lease:
@@ -164,7 +171,7 @@ def compute_preflight(
     """The engine's report for ``record`` and the job step its metrics are recorded at."""
     from opsd_engine.access import enforcing
     from opsd_engine.config import parse_spec
-    from opsd_engine.preflight import PRIVILEGED_GAP_THRESHOLD, PreflightSettings, run_preflight
+    from opsd_engine.preflight import run_preflight, settings_from_spec
     from worker.access import check_base_model, tenant_guard
     from worker.evals import EvalSetupError
 
@@ -172,16 +179,8 @@ def compute_preflight(
     if job is None:
         raise EvalSetupError("job_not_found", f"job {record.job_id} no longer exists")
     spec = parse_spec(job.spec, source=f"job {job.id}")
-    config = record.config
-    preflight_settings = PreflightSettings(
-        sample_size=int(config.get("sample_size", 16)),
-        samples_per_problem=int(config.get("samples_per_problem", 1)),
-        profile_rollouts=int(config.get("profile_rollouts", 4)),
-        max_new_tokens=config.get("max_new_tokens"),
-        min_gap=float(config["min_gap"])
-        if config.get("min_gap") is not None
-        else PRIVILEGED_GAP_THRESHOLD,
-    )
+    config = {k: v for k, v in record.config.items() if k in _SETTING_NAMES}
+    preflight_settings = settings_from_spec(spec, **config)  # unset fields: the spec's group
     guard = tenant_guard(store, settings, record.tenant_id)
     check_base_model(guard, spec.base_model)
     with enforcing(guard):  # the dataset is opened under the tenant's policy

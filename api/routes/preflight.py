@@ -31,7 +31,8 @@ EXAMPLE = {"sample_size": 16, "samples_per_problem": 1, "profile_rollouts": 4}
 
 
 class PreflightRequest(BaseModel):
-    """The body of `POST /jobs/{id}/preflight` (all optional)."""
+    """The body of `POST /jobs/{id}/preflight` (all optional): a field left out takes the job
+    spec's `preflight` group's value (whose defaults are those below)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -155,7 +156,7 @@ def build_router() -> APIRouter:
                 "job_id",
             )
         await check_queue_quota(request, tenant)
-        config = body.model_dump(mode="json")
+        config = body.model_dump(mode="json", exclude_unset=True)  # the rest: the job's spec
         record = await in_store(
             request, lambda: store.create_preflight(tenant.id, job.id, config=config)
         )

@@ -61,6 +61,7 @@ _GROUPS = (
     "runtime",
     "grpo",
     "eval",
+    "preflight",
 )
 
 
@@ -178,6 +179,7 @@ class Jobs:
         loss: Mapping[str, Any] | None = None,
         prompts: Mapping[str, Any] | None = None,
         runtime: Mapping[str, Any] | None = None,
+        preflight: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
@@ -204,6 +206,7 @@ class Jobs:
                 "loss": loss,
                 "prompts": prompts,
                 "runtime": runtime,
+                "preflight": preflight,
                 **dict(extra_body or {}),
             },
         )
@@ -476,6 +479,7 @@ class AsyncJobs:
         loss: Mapping[str, Any] | None = None,
         prompts: Mapping[str, Any] | None = None,
         runtime: Mapping[str, Any] | None = None,
+        preflight: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> AsyncJob:
@@ -500,6 +504,7 @@ class AsyncJobs:
                 "loss": loss,
                 "prompts": prompts,
                 "runtime": runtime,
+                "preflight": preflight,
                 **dict(extra_body or {}),
             },
         )

@@ -222,3 +222,58 @@ def test_privileged_gap_threshold() -> None:
 def test_settings_are_bounded(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         PreflightSettings(**{field: value})
+
+
+class Recorder:
+    """Keeps what a trainer reports (the callback protocol, in memory)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self.events.append((kind, message, data or {}))
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.append((step, metrics))
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        return None
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def test_run_first_reports_before_training_and_leaves_training_unchanged(
+    tiny_spec: Any, tmp_path: Path
+) -> None:
+    from opsd_engine.trainers.opsd import train
+
+    first = {"run_first": True, "sample_size": 3, "profile_rollouts": 2, "max_new_tokens": 6}
+    plain, checked = Recorder(), Recorder()
+    train(tiny_spec(optim={"max_steps": 1}), tmp_path / "plain", callbacks=plain)
+    result = train(
+        tiny_spec(optim={"max_steps": 1}, preflight=first), tmp_path / "checked", callbacks=checked
+    )
+    assert result.status == "succeeded"
+    kinds = [kind for kind, _, _ in checked.events]
+    assert kinds.index("preflight_finished") < kinds.index("finished")
+    report = next(data for kind, _, data in checked.events if kind == "preflight_finished")
+    assert report["report"]["n_problems"] == 3 and report["status"] == "warn"  # random model
+    assert checked.metrics[0][0] == 0 and "preflight/gap" in checked.metrics[0][1]
+    # the pre-flight samples with its own seeds: step 1 is the same as without it
+    assert checked.metrics[1][1]["loss"] == plain.metrics[0][1]["loss"]
+
+
+def test_run_first_stops_the_job_when_the_report_is_bad_enough(
+    tiny_spec: Any, tmp_path: Path
+) -> None:
+    from opsd_engine.preflight import PreflightFailed
+    from opsd_engine.trainers.opsd import train
+
+    first = {"run_first": True, "stop_on": "warn", "sample_size": 3, "max_new_tokens": 6}
+    recorder = Recorder()
+    with pytest.raises(PreflightFailed, match="privileged_gap: warn") as info:
+        train(tiny_spec(preflight=first), tmp_path / "run", callbacks=recorder)
+    assert "training not started" in str(info.value) and info.value.report.status == "warn"
+    assert all("loss" not in metrics for _, metrics in recorder.metrics)  # no step was taken

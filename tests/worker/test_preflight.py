@@ -116,3 +116,31 @@ def test_the_reaper_takes_back_a_lost_preflight_and_resends_a_stale_one(
     assert store.resend_stale_queued_preflights(older_than=timedelta(0), now=later) == [stale.id]
     # marked re-sent: not returned again within the window
     assert store.resend_stale_queued_preflights(older_than=timedelta(seconds=1), now=later) == []
+
+
+def test_a_job_with_run_first_fails_before_training_on_a_bad_preflight(
+    sqlite_database_url: str, tmp_path: Path, tiny_spec_dict: Callable[..., dict[str, Any]]
+) -> None:
+    from opsd_service.settings import ServiceSettings
+    from tests.worker.helpers import create_job
+    from worker.runner import run_job
+
+    store = Store(sqlite_database_url)
+    try:
+        settings = ServiceSettings(
+            home=tmp_path / "home",
+            database_url=sqlite_database_url,
+            artifacts_uri=str(tmp_path / "artifacts"),
+        )
+        first = {"run_first": True, "stop_on": "warn", "sample_size": 3, "max_new_tokens": 6}
+        job_id = create_job(store, tiny_spec_dict(preflight=first))
+        assert run_job(job_id, store=store, settings=settings, worker_id="w1") == "failed"
+        job = store.get_job(job_id)
+        assert (job.error.code, job.error.category) == ("preflight_failed", "user")
+        assert "privileged_gap: warn" in job.error.message
+        finished = [e for e in store.list_events(job_id) if e.kind == "preflight_finished"]
+        assert finished and finished[0].data["report"]["n_problems"] == 3
+        metrics = store.query_metrics(job_id)
+        assert metrics["preflight/status"] == [(0, 1.0)] and "loss" not in metrics
+    finally:
+        store.close()
