@@ -26,16 +26,19 @@ OPTIONS = {"sample_size": 3, "profile_rollouts": 2, "max_new_tokens": 6}
 
 
 @pytest.fixture(scope="module")
-def preflighted(service: LiveService, done_job: dict[str, Any]) -> dict[str, Any]:
-    """The finished job's pre-flight, run once through the SDK."""
+def preflighted(service: LiveService, tiny_model_dir: Path, tiny_dataset: Path) -> dict[str, Any]:
+    """A one-step job of its own (the shared finished job's events stay as they are) and its
+    pre-flight, run once through the SDK while the job is queued or running."""
+    body = tiny_body(tiny_model_dir, tiny_dataset, optim={"max_steps": 1})
     with Client(base_url=service.base_url, api_key=service.api_key, timeout=30) as client:
-        started = client.jobs.preflight(done_job["id"], **OPTIONS)
-        assert started.status in ("queued", "running") and started.job_id == done_job["id"]
+        job = client.jobs.create(spec=body)
+        started = client.jobs.preflight(job.id, **OPTIONS)
+        assert started.status in ("queued", "running") and started.job_id == job.id
         with pytest.raises(ConflictError) as info:  # one at a time per job
-            client.jobs.preflight(done_job["id"])
+            client.jobs.preflight(job.id)
         assert info.value.code == "preflight_in_progress"
-        finished = started.wait(timeout=120)
-        return {"job": done_job, "preflight": finished}
+        finished = started.wait(timeout=180)
+        return {"job": job.model_dump(mode="json"), "preflight": finished}
 
 
 def test_the_sdk_runs_a_preflight_and_reads_its_report(
@@ -59,7 +62,7 @@ def test_the_sdk_runs_a_preflight_and_reads_its_report(
     again = client.jobs.retrieve_preflight(job_id)
     assert again.id == found.id and again.report == report
     metrics = client.jobs.metrics(job_id, names=["preflight/gap", "preflight/status"])
-    assert metrics["preflight/gap"].values == [0.0]
+    assert metrics["preflight/gap"].values == [0.0] and metrics["preflight/status"].values == [1.0]
     kinds = [e.kind for e in client.jobs.events(job_id)]
     assert "preflight_started" in kinds and "preflight_finished" in kinds
 
