@@ -21,6 +21,7 @@ from opsd_engine.preflight import (
     PRIVILEGED_GAP_THRESHOLD,
     PreflightReport,
     PreflightSettings,
+    check_generation_prompt_state,
     check_privileged_gap,
     check_rollout_tokenization,
     format_report,
@@ -88,28 +89,22 @@ def test_good_spec_passes_the_alignment_checks(
     text = format_report(report.to_dict())
     assert "[PASS] generation_prompt_state" in text and "[WARN] privileged_gap" in text
 
-
-def test_student_rollouts_are_the_trainers_first_rollouts(
-    qwen3_base_model_dir: Path, tiny_dataset: Path, model: Any, tokenizer: Any
-) -> None:
-    """The sample is the head of the trainer's first epoch, and the student's samples use the
-    trainer's per-example seeds: the profile is measured on the rollouts step 1 will see."""
+    # the student samples are the trainer's first-epoch rollouts of those problems (its seeds)
     from opsd_engine.data import load_examples
     from opsd_engine.modeling import stop_token_ids
-    from opsd_engine.trainers.common import ExampleStream
 
-    spec = spec_for(qwen3_base_model_dir, tiny_dataset)
     examples = load_examples(str(tiny_dataset))
-    indices = sample_indices(len(examples), spec.seed, 4)
-    assert indices == ExampleStream(len(examples), spec.seed).take(0, 4)
-    assert sample_indices(3, 0, 10) == ExampleStream(3, 0).take(0, 3)  # bounded by the data
-    pair = build_prompt_pair(
-        tokenizer,
-        problem=examples[indices[0]].problem,
-        solution=examples[indices[0]].solution or "",
-        answer=None,
-        prompts=spec.prompts,
-    )
+    chosen = [examples[i] for i in sample_indices(len(examples), spec.seed, 6)]
+    prompts = [
+        build_prompt_pair(
+            tokenizer,
+            problem=e.problem,
+            solution=e.solution or "",
+            answer=None,
+            prompts=spec.prompts,
+        ).student_ids
+        for e in chosen
+    ]
     backend = TransformersRolloutBackend(
         model,
         pad_id=int(tokenizer.pad_token_id),
@@ -117,13 +112,22 @@ def test_student_rollouts_are_the_trainers_first_rollouts(
         device=torch.device("cpu"),
     )
     params = SamplingParams(max_new_tokens=10, temperature=spec.generation.temperature)
-    [rollout] = backend.generate(
-        [pair.student_ids], params, seeds=[rollout_seed(spec.seed, 0, indices[0])]
+    rollouts = backend.generate(
+        prompts, params, seeds=[rollout_seed(spec.seed, 0, e.index) for e in chosen]
     )
-    report = run(spec, model, tokenizer)
-    assert report.profile_counts[0] == 3
-    first_len = len(rollout.token_ids)
-    assert report.profile_counts[first_len - 1] >= 1  # the first rollout reaches its length
+    lengths = [len(r.token_ids) for r in rollouts]
+    assert report.student_rollout_len_mean == pytest.approx(sum(lengths) / len(lengths))
+    profiled = [n for n in lengths if n][:3]
+    assert report.profile_counts == [
+        sum(n > position for n in profiled) for position in range(max(profiled))
+    ]
+
+
+def test_the_sample_is_the_head_of_the_trainers_first_epoch() -> None:
+    from opsd_engine.trainers.common import ExampleStream
+
+    assert sample_indices(16, 3, 4) == ExampleStream(16, 3).take(0, 4)
+    assert sample_indices(3, 0, 10) == ExampleStream(3, 0).take(0, 3)  # bounded by the data
 
 
 def test_thinking_mismatch_fails_with_its_fix(
@@ -145,17 +149,23 @@ def test_thinking_mismatch_fails_with_its_fix(
 
 
 def test_a_teacher_template_ending_elsewhere_is_flagged(
-    tiny_model_dir: Path, tiny_dataset: Path, model: Any, tokenizer: Any
+    tiny_model_dir: Path, tiny_dataset: Path, tokenizer: Any
 ) -> None:
     """Plain prompts (no chat template): the teacher's template ends on another line than the
     student's answer cue."""
     wrong = "Problem: {problem}\nReference:\n{solution}\nNow solve it yourself."
+
+    def check(spec: Any) -> Any:
+        pair = build_prompt_pair(
+            tokenizer, problem="What is 2+3?", solution="2+3=5", answer="5", prompts=spec.prompts
+        )
+        return check_generation_prompt_state(tokenizer, spec, [pair])
+
     spec = spec_for(tiny_model_dir, tiny_dataset, chat_template="off", teacher_template=wrong)
-    check = run(spec, model, tokenizer).check("generation_prompt_state")
-    assert check.status == "warn"
-    assert check.details == {"student_cue": "Answer:", "teacher_cue": "Now solve it yourself."}
-    good = spec_for(tiny_model_dir, tiny_dataset, chat_template="off")
-    assert run(good, model, tokenizer).check("generation_prompt_state").status == "pass"
+    flagged = check(spec)
+    assert flagged.status == "warn" and "prompts.teacher_template" in (flagged.fix or "")
+    assert flagged.details == {"student_cue": "Answer:", "teacher_cue": "Now solve it yourself."}
+    assert check(spec_for(tiny_model_dir, tiny_dataset, chat_template="off")).status == "pass"
 
 
 def test_a_near_uniform_teacher_fails(
