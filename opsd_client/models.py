@@ -398,7 +398,8 @@ class PreflightCheck(_Model):
 class PreflightReport(_Model):
     """What a pre-flight found. `status` is the worst check's; accuracies are fractions (None
     without reference answers); `divergence_profile[n]` is the mean divergence (nats) at rollout
-    position n over `profile_counts[n]` rollouts."""
+    position n over `profile_counts[n]` rollouts (the first 512 positions);
+    `divergence_by_tenth` the means over each tenth of the rollout span."""
 
     status: CheckStatus | None = None
     checks: list[PreflightCheck] = Field(default_factory=list)
@@ -411,6 +412,8 @@ class PreflightReport(_Model):
     divergence: str | None = None
     divergence_profile: list[float] = Field(default_factory=list)
     profile_counts: list[int] = Field(default_factory=list)
+    divergence_by_tenth: list[float] = Field(default_factory=list)
+    divergence_mean: float | None = None
     seconds: float | None = None
 
     def check(self, name: str) -> PreflightCheck:

@@ -89,6 +89,7 @@ __all__ = [
     "MAX_SAMPLE_SIZE",
     "NEAR_UNIFORM_FRACTION",
     "PRIVILEGED_GAP_THRESHOLD",
+    "PROFILE_POSITIONS",
     "Check",
     "PreflightFailed",
     "PreflightReport",
@@ -131,6 +132,8 @@ PRIVILEGED_GAP_THRESHOLD = 0.10
 NEAR_UNIFORM_FRACTION = 0.9
 #: Probability of one single token at every first position above which the teacher is degenerate.
 DEGENERATE_PROBABILITY = 0.99
+#: Positions of the per-position profile kept in the report (``divergence_by_tenth`` covers all).
+PROFILE_POSITIONS = 512
 #: Rollout positions the teacher_first_tokens check looks at.
 FIRST_TOKENS = 8
 MAX_SAMPLE_SIZE = 256
@@ -191,7 +194,10 @@ class PreflightReport:
     when no problem has a reference answer); ``gap = teacher_accuracy - student_accuracy`` with
     ``gap_interval`` its paired 95% normal interval over problems (None below 2 problems).
     ``divergence_profile[n]`` is the mean divergence at rollout position ``n`` (nats) over the
-    ``profile_counts[n]`` profiled rollouts that reach it.
+    ``profile_counts[n]`` profiled rollouts that reach it, for the first
+    :data:`PROFILE_POSITIONS` positions (a bounded document whatever ``max_new_tokens``);
+    ``divergence_by_tenth`` is the mean over each tenth of the longest profiled rollout's span
+    (all positions, token-weighted); ``divergence_mean`` over every profiled token.
     """
 
     status: Status
@@ -205,6 +211,8 @@ class PreflightReport:
     divergence: str
     divergence_profile: list[float]
     profile_counts: list[int]
+    divergence_by_tenth: list[float]
+    divergence_mean: float | None
     student_rollout_len_mean: float
     teacher_rollout_len_mean: float
     settings: dict[str, Any]
@@ -227,10 +235,8 @@ class PreflightReport:
             value = getattr(self, name)
             if value is not None:
                 out[f"preflight/{name}"] = float(value)
-        counts = self.profile_counts
-        if counts and sum(counts):
-            total = sum(v * c for v, c in zip(self.divergence_profile, counts, strict=True))
-            out["preflight/divergence_mean"] = total / sum(counts)
+        if self.divergence_mean is not None:
+            out["preflight/divergence_mean"] = float(self.divergence_mean)
             out["preflight/divergence_first_token"] = float(self.divergence_profile[0])
         entropy = self.check("teacher_first_tokens").details.get("teacher_entropy_mean")
         if entropy is not None:
@@ -627,13 +633,34 @@ def run_preflight(
         gap=gap,
         gap_interval=interval,
         divergence=profile["divergence"],
-        divergence_profile=profile["values"],
-        profile_counts=profile["counts"],
+        divergence_profile=profile["values"][:PROFILE_POSITIONS],
+        profile_counts=profile["counts"][:PROFILE_POSITIONS],
+        divergence_by_tenth=_by_tenth(profile["values"], profile["counts"]),
+        divergence_mean=_weighted_mean(profile["values"], profile["counts"]),
         student_rollout_len_mean=_mean_len(student),
         teacher_rollout_len_mean=_mean_len(teacher),
         settings={**asdict(settings), "max_new_tokens": params.max_new_tokens},
         seconds=time.perf_counter() - began,
     )
+
+
+def _weighted_mean(values: Sequence[float], counts: Sequence[int]) -> float | None:
+    total = sum(counts)
+    if not total:
+        return None
+    return sum(v * c for v, c in zip(values, counts, strict=True)) / total
+
+
+def _by_tenth(values: Sequence[float], counts: Sequence[int]) -> list[float]:
+    """Token-weighted means over ten equal spans of positions (fewer when shorter)."""
+    if not values:
+        return []
+    width = max(math.ceil(len(values) / 10), 1)
+    out = []
+    for start in range(0, len(values), width):
+        mean = _weighted_mean(values[start : start + width], counts[start : start + width])
+        out.append(0.0 if mean is None else mean)
+    return out
 
 
 def _mean_len(rollouts: Sequence[Rollout]) -> float:
@@ -770,13 +797,9 @@ def format_report(report: PreflightReport | dict[str, Any]) -> str:
             f"  {data['divergence']} per position (nats), first {min(len(profile), FIRST_TOKENS)}: "
             f"{head}"
         )
-        if len(profile) > FIRST_TOKENS:
-            tenth = max(len(profile) // 10, 1)
-            deciles = [
-                sum(profile[i : i + tenth]) / len(profile[i : i + tenth])
-                for i in range(0, len(profile), tenth)
-            ][:10]
-            lines.append("  by tenth of the rollout: " + " ".join(f"{v:.3f}" for v in deciles))
+        tenths = data.get("divergence_by_tenth") or []
+        if len(profile) > FIRST_TOKENS and tenths:
+            lines.append("  by tenth of the rollout: " + " ".join(f"{v:.3f}" for v in tenths))
     lines.append("  checks:")
     for check in data["checks"]:
         lines.append(f"    [{_BADGE[check['status']]}] {check['name']}: {check['message']}")

@@ -82,7 +82,13 @@ def test_good_spec_passes_the_alignment_checks(
     # the profile covers every position some profiled rollout reaches, counts included
     assert 1 <= len(report.divergence_profile) <= 10
     assert report.profile_counts[0] == 3 and all(v >= 0 for v in report.divergence_profile)
+    weighted = sum(
+        v * c for v, c in zip(report.divergence_profile, report.profile_counts, strict=True)
+    ) / sum(report.profile_counts)
+    assert report.divergence_mean == pytest.approx(weighted)
+    assert 1 <= len(report.divergence_by_tenth) <= 10
     metrics = report.metrics()
+    assert metrics["preflight/divergence_mean"] == pytest.approx(weighted)
     assert metrics["preflight/gap"] == 0.0 and metrics["preflight/check/privileged_gap"] == 1.0
     assert metrics["preflight/divergence_mean"] > 0  # teacher and student prompts differ
     assert phases[0] == ("student", 0, 6) and phases[-1] == ("profile", 3, 3)
