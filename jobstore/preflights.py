@@ -151,6 +151,18 @@ class PreflightQueries:
             row = connection.execute(query).first()
         return None if row is None else _record(row)
 
+    def list_preflights(
+        self, job_id: str, *, tenant_id: str | None = None, limit: int = 100
+    ) -> list[PreflightRecord]:
+        """The job's most recent ``limit`` pre-flights, oldest first."""
+        query = sa.select(preflights).where(preflights.c.job_id == job_id)
+        if tenant_id is not None:
+            query = query.where(preflights.c.tenant_id == tenant_id)
+        query = query.order_by(preflights.c.created_at.desc(), preflights.c.id.desc()).limit(limit)
+        with self._read() as connection:
+            rows = connection.execute(query).all()
+        return [_record(row) for row in reversed(rows)]
+
     def latest_preflight(
         self, job_id: str, *, tenant_id: str | None = None
     ) -> PreflightRecord | None:

@@ -467,3 +467,15 @@ class AsyncPreflight(_PreflightFields):
 
     async def wait(self, *, timeout: float | None = None, poll: float = 1.0) -> AsyncPreflight:
         return await _bound(self).jobs.wait_preflight(self.job_id, timeout=timeout, poll=poll)
+
+
+class PreflightList(_Model):
+    """`GET /jobs/{id}/preflights`."""
+
+    object: Literal["list"] = "list"
+    data: list[Preflight]
+
+
+class AsyncPreflightList(_Model):
+    object: Literal["list"] = "list"
+    data: list[AsyncPreflight]

@@ -1,4 +1,5 @@
-"""Pre-flight routes: `POST /jobs/{id}/preflight` and `GET /jobs/{id}/preflight`.
+"""Pre-flight routes: `POST /jobs/{id}/preflight`, `GET /jobs/{id}/preflight` (the latest) and
+`GET /jobs/{id}/preflights` (the last 100, oldest first; an empty list when there is none).
 
 A pre-flight measures, on a sample of the job's dataset with the prompts its trainer uses, the
 privileged gap (the student's accuracy without the reference vs the teacher's with it), the
@@ -76,6 +77,11 @@ class PreflightOut(BaseModel):
     error: JobErrorOut | None
     created_at: datetime
     finished_at: datetime | None
+
+
+class PreflightList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PreflightOut]
 
 
 def preflight_out(record: Any) -> PreflightOut:
@@ -191,5 +197,17 @@ def build_router() -> APIRouter:
                 "job_id",
             )
         return preflight_out(record)
+
+    @router.get(
+        "/jobs/{job_id}/preflights",
+        response_model=PreflightList,
+        summary="The job's pre-flights (the last 100), oldest first",
+    )
+    async def list_preflights(job_id: str, request: Request, store: Store, tenant: Tenant) -> Any:
+        job = await tenant_job(request, tenant, job_id)
+        records = await in_store(
+            request, lambda: store.list_preflights(job.id, tenant_id=tenant.id)
+        )
+        return PreflightList(data=[preflight_out(r) for r in records])
 
     return router

@@ -35,6 +35,7 @@
     job: null,
     metrics: {},
     lastEventId: 0,
+    runFirstPreflight: null,
     checkpointsSeen: -1,
     statusFilter: '',
     nextCursor: null,
@@ -418,6 +419,7 @@
     state.job = null;
     state.metrics = {};
     state.lastEventId = 0;
+    state.runFirstPreflight = null;
     state.checkpointsSeen = -1;
     const params = hashParams();
     params.set('job', id);
@@ -452,16 +454,12 @@
     let preflightPending = false;
     try {
       if (!document.hidden || !job) {
-        const [fresh, metrics, events, evals, preflight] = await Promise.all([
+        const [fresh, metrics, events, evals, preflights] = await Promise.all([
           api(jobPath(id)),
           api(jobPath(id, '/metrics'), { max_points: MAX_POINTS }),
           api(jobPath(id, '/events'), { after_id: state.lastEventId }),
           api(jobPath(id, '/evals')),
-          // a job without a pre-flight answers 404 here: that is "none yet", not a lost job
-          api(jobPath(id, '/preflight')).catch((error) => {
-            if (error instanceof ApiError && error.status === 404) return null;
-            throw error;
-          }),
+          api(jobPath(id, '/preflights')),
         ]);
         if (generation !== state.generation) return;
         job = fresh;
@@ -472,8 +470,10 @@
         renderCharts(job);
         appendEvents(events.data);
         renderEvals(evals.data);
+        // the latest pre-flight asked for (POST) wins over the one run before training
+        const preflight = preflights.data[preflights.data.length - 1] || null;
+        renderPreflight(preflight || state.runFirstPreflight);
         evalsPending = evals.data.some((e) => !EVAL_TERMINAL.has(e.status));
-        renderPreflight(preflight);
         preflightPending = Boolean(preflight) && !EVAL_TERMINAL.has(preflight.status);
         const checkpointEvents = events.data.filter((e) => e.kind === 'checkpoint').length;
         if (state.checkpointsSeen < 0 || checkpointEvents || TERMINAL.has(job.status)) {
@@ -705,6 +705,15 @@
     const atBottom = wrap.scrollTop + wrap.clientHeight >= wrap.scrollHeight - 4;
     for (const event of events) {
       state.lastEventId = Math.max(state.lastEventId, event.id);
+      if (event.kind === 'preflight_finished' && event.data && event.data.report) {
+        // the spec's preflight.run_first: its report travels in this event
+        state.runFirstPreflight = {
+          id: 'before training',
+          status: 'succeeded',
+          report: event.data.report,
+          created_at: event.created_at,
+        };
+      }
       body.append(
         el(
           'tr',

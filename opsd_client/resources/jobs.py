@@ -34,6 +34,7 @@ from opsd_client.models import (
     AsyncJob,
     AsyncJobList,
     AsyncPreflight,
+    AsyncPreflightList,
     Checkpoint,
     CheckpointList,
     Event,
@@ -42,6 +43,7 @@ from opsd_client.models import (
     JobList,
     Metrics,
     Preflight,
+    PreflightList,
 )
 
 if TYPE_CHECKING:
@@ -365,6 +367,14 @@ class Jobs:
             self._client._http_api.request("GET", job_path(job_id, "/preflight"))
         )
 
+    def list_preflights(self, job_id: str) -> list[Preflight]:
+        """`GET /jobs/{id}/preflights`: the job's pre-flights (the last 100), oldest first."""
+        response = self._client._http_api.request("GET", job_path(job_id, "/preflights"))
+        found = PreflightList.model_validate(response.json()).data
+        for item in found:
+            item._client = self._client
+        return found
+
     def wait_preflight(
         self, job_id: str, *, timeout: float | None = None, poll: float = 1.0
     ) -> Preflight:
@@ -649,6 +659,13 @@ class AsyncJobs:
     async def retrieve_preflight(self, job_id: str) -> AsyncPreflight:
         response = await self._client._http_api.request("GET", job_path(job_id, "/preflight"))
         return self._preflight(response)
+
+    async def list_preflights(self, job_id: str) -> list[AsyncPreflight]:
+        response = await self._client._http_api.request("GET", job_path(job_id, "/preflights"))
+        found = AsyncPreflightList.model_validate(response.json()).data
+        for item in found:
+            item._client = self._client
+        return found
 
     async def wait_preflight(
         self, job_id: str, *, timeout: float | None = None, poll: float = 1.0

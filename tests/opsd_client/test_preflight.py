@@ -61,6 +61,7 @@ def test_the_sdk_runs_a_preflight_and_reads_its_report(
 
     again = client.jobs.retrieve_preflight(job_id)
     assert again.id == found.id and again.report == report
+    assert [p.id for p in client.jobs.list_preflights(job_id)] == [found.id]
     metrics = client.jobs.metrics(job_id, names=["preflight/gap", "preflight/status"])
     assert metrics["preflight/gap"].values == [0.0] and metrics["preflight/status"].values == [1.0]
     kinds = [e.kind for e in client.jobs.events(job_id)]
@@ -98,6 +99,8 @@ def test_bad_requests_and_other_tenants(
         missing = http.get(f"/jobs/{other_job['id']}/preflight")
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "preflight_not_found"
+        listed = http.get(f"/jobs/{other_job['id']}/preflights")
+        assert listed.status_code == 200 and listed.json()["data"] == []
         http.post(f"/jobs/{other_job['id']}/cancel")
     stranger = service.new_key("stranger-preflight")
     with Client(base_url=service.base_url, api_key=stranger) as theirs:
@@ -105,6 +108,8 @@ def test_bad_requests_and_other_tenants(
             theirs.jobs.retrieve_preflight(job_id)
         with pytest.raises(NotFoundError):
             theirs.jobs.preflight(job_id)
+        with pytest.raises(NotFoundError):
+            theirs.jobs.list_preflights(job_id)
 
 
 def test_opsd_jobs_preflight_shows_the_report(

@@ -161,3 +161,33 @@ def test_the_job_view_shows_the_preflight_report_with_badges(
         assert watch.errors == []
     finally:
         context.close()
+
+
+def test_the_report_of_a_preflight_run_before_training_shows_from_its_event(
+    browser: Any, service: LiveService, tenant: tuple[str, Any]
+) -> None:
+    """`preflight.run_first` reports through the job's `preflight_finished` event (no
+    pre-flight row): the job view shows that report."""
+    key, store = tenant
+    job_id = _job(store, key, "succeeded", {})
+    report = {
+        "status": "pass",
+        "checks": [{"name": "privileged_gap", "status": "pass", "message": "gap +51.6%"}],
+        "n_problems": 64,
+        "samples_per_problem": 1,
+        "student_accuracy": 0.296875,
+        "teacher_accuracy": 0.8125,
+        "gap": 0.515625,
+        "divergence": "jsd",
+        "divergence_profile": [0.27],
+    }
+    store.add_event(job_id, "preflight_finished", "pre-flight: pass", {"report": report})
+    context, page, watch = _open(browser, service, f"{service.base_url}/ui#job={job_id}")
+    try:
+        _sign_in(page, key)
+        page.wait_for_selector("#preflight-status.s-pass")
+        assert "51.6%" in page.inner_text("#preflight-summary")
+        assert page.inner_text("#preflight-checks tbody").startswith("privileged_gap")
+        assert watch.errors == []
+    finally:
+        context.close()
