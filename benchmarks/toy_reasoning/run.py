@@ -1362,6 +1362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
     pool = _executor(args.jobs, 1)
     try:
         # 1. bases (the longest pretraining first), 2. every evaluation and run, longest first.
