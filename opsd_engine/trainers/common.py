@@ -61,8 +61,16 @@ from opsd_engine.rollout import (
 
 # Fields that do not change what training computes; a resume may differ in them. (Evaluations
 # run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is;
-# `report_to` and `checkpoint` only say where metrics and checkpoints go.)
-RESUME_NEUTRAL_FIELDS = ("metadata", "checkpoint_every", "eval", "report_to", "checkpoint")
+# `report_to` and `checkpoint` only say where metrics and checkpoints go; `resources` only how
+# many processes compute the same result, since sampling is seeded per example, not per rank.)
+RESUME_NEUTRAL_FIELDS = (
+    "metadata",
+    "checkpoint_every",
+    "eval",
+    "report_to",
+    "checkpoint",
+    "resources",
+)
 # Fields a resume may change although they change what is computed from now on: the steps done
 # stay valid (more steps or epochs extend the run, the LR schedule is recomputed for the new
 # length), or they change how, not what, is computed (memory/speed knobs of the same math).
