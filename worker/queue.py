@@ -114,7 +114,6 @@ def enqueue_job(
         args=[str(job_id)],
         kwargs={"gpus": int(gpus)},
         queue=class_queue(celery.conf.task_default_queue, gpus),
-        countdown=countdown,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         ignore_result=True,
