@@ -329,13 +329,10 @@ def run_group(
                 stop_file.touch()
                 stop_sent = time.monotonic()
                 log.info("job %s: asked the group to stop", job_id)
-            if stop_sent is not None:
-                if time.monotonic() - stop_sent > settings.launch_stop_grace_seconds:
-                    log.warning(
-                        "job %s: the group did not stop in time; ending it", callbacks.job_id
-                    )
-                    _kill_group(process)
-                    break
+            if stop_sent is not None and time.monotonic() - stop_sent > grace:
+                log.warning("job %s: the group did not stop in time; ending it", job_id)
+                _kill_group(process)
+                break
             time.sleep(poll)
         ingest()
     finally:
