@@ -20,9 +20,11 @@ keeps renewing the lease:
   group is terminated (SIGTERM, then SIGKILL, to its process group) only after
   ``launch_stop_grace_seconds``; a lost lease kills it at once;
 * when it ends: status 0 is the engine's result (succeeded, or cancelled = stopped); a rank's
-  error file is a readable failure (:class:`GroupFailed`); any other end -- a rank killed, out of
-  memory on one device, a collective timeout -- is :class:`RankLost`, which the runner turns
-  into a requeue of the whole job (it resumes from its last checkpoint, exactly).
+  error file with a user error (bad dataset, spec, model) is a readable failure
+  (:class:`GroupFailed`); any other end -- a rank killed, a system error on a rank (the
+  collective its lost peer broke), a collective timeout -- is :class:`RankLost`, which the
+  runner turns into a requeue of the whole job (it resumes from its last checkpoint, exactly)
+  until its attempts are spent.
 
 The group runs in its own session (``start_new_session``), so no rank outlives the job: every
 way out of :func:`run_group` kills what is left of the group.
@@ -351,9 +353,12 @@ def _group_alive(pgid: int) -> bool:
 
 def _outcome(code: int | None, launch: Path, errors: Path, *, stopped: bool) -> GroupResult:
     reports = sorted(errors.glob("error-rank*.json")) if errors.is_dir() else []
-    if reports:
-        first = json.loads(reports[0].read_text())
-        raise GroupFailed(JobError(first["code"], first["message"], first["category"]))
+    for report in reports:  # a user's mistake fails the job; any rank may be the one to see it
+        error = json.loads(report.read_text())
+        if error["category"] == "user":
+            raise GroupFailed(JobError(error["code"], error["message"], error["category"]))
+    # A system error on a rank (a collective broken by a lost peer, a device lost) ends the
+    # group like a killed rank: the job is retried as a whole, within its attempts.
     result = None
     for line in reversed((launch / "stdout.log").read_text(errors="replace").splitlines()):
         if line.startswith("{"):
