@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +21,50 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import make_tiny_spec
 from tests.worker.helpers import create_job, wait_for
 from worker.runner import REQUEUED, run_job
 
 TIMEOUT_S = 300  # one launch on a slow, shared CI machine; never reached when things work
 TIMING = ("time_", "tokens_per_s")
+STEPS = 5  # enough steps after the first checkpoint for the test to kill a rank mid-run
 
 
-@pytest.fixture
-def database_url(postgres_url: str) -> str:  # one backend: these tests launch processes
+@pytest.fixture(scope="module")
+def store(postgres_url: str) -> Iterator[Any]:  # one backend: these tests launch processes
+    from jobstore import Store
     from jobstore.migrate import upgrade
 
     upgrade(postgres_url)
-    return postgres_url
+    store = Store(postgres_url)
+    yield store
+    store.close()
 
 
-@pytest.fixture
-def worker_settings(settings: Any) -> Any:
+@pytest.fixture(scope="module")
+def worker_settings(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A worker of 2 devices (CPU: 2 gloo processes), rendezvous ports in the tests' range."""
-    return settings.model_copy(
-        update={"worker_gpus": 2, "launch_ports": "16400-16499", "launch_stop_grace_seconds": 60}
+    from opsd_service.settings import ServiceSettings
+
+    root = tmp_path_factory.mktemp("group-worker")
+    return ServiceSettings(
+        home=root / "home",
+        database_url=postgres_url,
+        artifacts_uri=str(root / "artifacts"),
+        lease_seconds=5.0,
+        heartbeat_seconds=0.2,
+        worker_gpus=2,
+        launch_ports="16400-16499",
+        launch_stop_grace_seconds=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def spec_dict(tiny_model_dir: Path, tiny_dataset: Path) -> Callable[..., dict[str, Any]]:
+    from opsd_engine.config import spec_to_dict
+
+    return lambda **overrides: spec_to_dict(
+        make_tiny_spec(tiny_model_dir, tiny_dataset, **overrides)
     )
 
 
@@ -82,59 +107,30 @@ def _adapter(job: Any) -> dict[str, torch.Tensor]:
     return load_file(str(Path(job.adapter_uri) / "adapter_model.safetensors"))
 
 
-def _two_gpu_spec(tiny_spec_dict: Any, **overrides: Any) -> dict[str, Any]:
+def _two_gpu_spec(spec_dict: Any, **overrides: Any) -> dict[str, Any]:
     """The 1-GPU spec's global batch (2 x 2) as 1 per process x 2 accumulation x 2 processes."""
-    optim = {"batch_size": 1, "grad_accum": 2, "max_steps": 3, **overrides.pop("optim", {})}
-    return tiny_spec_dict(resources={"gpus": 2}, optim=optim, checkpoint_every=1, **overrides)
+    optim = {"batch_size": 1, "grad_accum": 2, "max_steps": STEPS, **overrides.pop("optim", {})}
+    return spec_dict(resources={"gpus": 2}, optim=optim, checkpoint_every=1, **overrides)
 
 
-@pytest.fixture
-def straight_two_gpu_job(store: Any, worker_settings: Any, tiny_spec_dict: Any) -> Any:
-    job_id = create_job(store, _two_gpu_spec(tiny_spec_dict))
-    outcome = run_job(job_id, store=store, settings=worker_settings, worker_id="w-straight")
-    assert outcome == "succeeded", store.list_events(job_id)[-3:]
-    return store.get_job(job_id)
-
-
-def test_a_two_gpu_job_equals_the_one_gpu_job(
-    store: Any, worker_settings: Any, tiny_spec_dict: Any, straight_two_gpu_job: Any
+def test_a_two_gpu_job_that_loses_a_rank_resumes_once_and_equals_the_one_gpu_job(
+    store: Any, worker_settings: Any, spec_dict: Any
 ) -> None:
-    one_id = create_job(store, tiny_spec_dict(checkpoint_every=1))
+    """One launch of 2 processes loses rank 1 after its first checkpoint: the job is requeued as
+    one unit (attempt 2), the next turn resumes it from that checkpoint, and the job ends with
+    the metrics (every step once) and, within fp32 tolerance, the adapter of the 1-GPU job at
+    the same global batch. (Bitwise exactness of a 2-process resume is the engine's test.)"""
+    one_id = create_job(store, spec_dict(checkpoint_every=1, optim={"max_steps": STEPS}))
     assert run_job(one_id, store=store, settings=worker_settings, worker_id="w1") == "succeeded"
-    one, two = store.get_job(one_id), straight_two_gpu_job
 
-    assert (two.progress_step, two.total_steps) == (3, 3)
-    a, b = store.query_metrics(one.id), store.query_metrics(two.id)
-    assert a.keys() == b.keys()
-    for name, points in a.items():
-        assert [s for s, _ in b[name]] == [s for s, _ in points] == [1, 2, 3], name  # once each
-        if name.startswith(TIMING):
-            continue
-        for (_, x), (_, y) in zip(points, b[name], strict=True):
-            assert y == pytest.approx(x, rel=1e-4, abs=1e-7), name
-    x, y = _adapter(one), _adapter(two)
-    assert x.keys() == y.keys()
-    for key in x:
-        torch.testing.assert_close(y[key], x[key], rtol=1e-4, atol=1e-5)
-    # rank 0 alone reported: one launch, one start naming 2 processes, every checkpoint once
-    events = store.list_events(two.id)
-    kinds = [e.kind for e in events]
-    assert kinds.count("launched") == 1 and kinds.count("started") == 1
-    started = next(e for e in events if e.kind == "started")
-    assert started.data["processes"] == 2
-    assert [c.step for c in store.list_checkpoints(two.id)] == [1, 2, 3]
-    assert _ranks(two.id) == {}
-
-
-def test_a_lost_rank_requeues_the_job_which_resumes_exactly_once(
-    store: Any, worker_settings: Any, tiny_spec_dict: Any, straight_two_gpu_job: Any
-) -> None:
-    job_id = create_job(store, _two_gpu_spec(tiny_spec_dict))
+    job_id = create_job(store, _two_gpu_spec(spec_dict))
     thread, out = _run_in_thread(
         job_id=job_id, store=store, settings=worker_settings, worker_id="w-a"
     )
-    wait_for(lambda: store.list_checkpoints(job_id), timeout=TIMEOUT_S, what="a checkpoint")
-    ranks = wait_for(lambda: _ranks(job_id), timeout=10, what="the ranks")
+    first = Path(worker_settings.artifacts_uri) / "jobs" / job_id / "checkpoints" / "step-000001"
+    wait_for(first.is_dir, timeout=TIMEOUT_S, interval=0.02, what="rank 0's first checkpoint")
+    ranks = _ranks(job_id)
+    assert sorted(ranks) == [0, 1]
     os.kill(ranks[1], signal.SIGKILL)  # rank 1 dies mid-run: the group is lost as a whole
     thread.join(TIMEOUT_S)
     assert out.get("result") == REQUEUED, out
@@ -146,21 +142,33 @@ def test_a_lost_rank_requeues_the_job_which_resumes_exactly_once(
 
     # the next turn (here: another worker) resumes it from its last checkpoint
     assert run_job(job_id, store=store, settings=worker_settings, worker_id="w-b") == "succeeded"
-    job = store.get_job(job_id)
-    assert job.attempt == 2
-    metrics = store.query_metrics(job_id)
-    assert all([s for s, _ in points] == [1, 2, 3] for points in metrics.values())
-    resumed = [e for e in store.list_events(job_id) if e.kind == "started"]
-    assert len(resumed) == 2 and resumed[-1].data["start_step"] >= 1
-    straight = _adapter(straight_two_gpu_job)
-    for key, value in _adapter(job).items():
-        assert torch.equal(value, straight[key]), key
+    one, two = store.get_job(one_id), store.get_job(job_id)
+    assert two.attempt == 2 and (two.progress_step, two.total_steps) == (STEPS, STEPS)
+    events = store.list_events(job_id)
+    kinds = [e.kind for e in events]
+    assert kinds.count("launched") == 2 and kinds.count("resumed") == 1
+    started = [e for e in events if e.kind == "started"]  # rank 0 alone reports
+    assert [e.data["processes"] for e in started] == [2, 2]
+    assert [c.step for c in store.list_checkpoints(job_id)] == list(range(1, STEPS + 1))
+
+    a, b = store.query_metrics(one.id), store.query_metrics(two.id)
+    assert a.keys() == b.keys()
+    for name, points in a.items():
+        assert [s for s, _ in b[name]] == [s for s, _ in points] == list(range(1, STEPS + 1))
+        if name.startswith(TIMING):
+            continue
+        for (_, x), (_, y) in zip(points, b[name], strict=True):
+            assert y == pytest.approx(x, rel=1e-4, abs=1e-7), name
+    x, y = _adapter(one), _adapter(two)
+    assert x.keys() == y.keys()
+    for key in x:
+        torch.testing.assert_close(y[key], x[key], rtol=1e-4, atol=1e-5)
 
 
 def test_cancel_stops_every_rank_of_the_group(
-    store: Any, worker_settings: Any, tiny_spec_dict: Any
+    store: Any, worker_settings: Any, spec_dict: Any
 ) -> None:
-    job_id = create_job(store, _two_gpu_spec(tiny_spec_dict, optim={"max_steps": 200}))
+    job_id = create_job(store, _two_gpu_spec(spec_dict, optim={"max_steps": 200}))
     thread, out = _run_in_thread(
         job_id=job_id, store=store, settings=worker_settings, worker_id="w-c"
     )
@@ -174,6 +182,4 @@ def test_cancel_stops_every_rank_of_the_group(
     assert job.status == "cancelled" and job.progress_step < 200
     # stopped by the stop file: rank 0 saved the last step, and it was recorded
     assert max(c.step for c in store.list_checkpoints(job_id)) == job.progress_step
-    assert [e.kind for e in store.list_events(job_id)][-2:] == ["cancelling", "cancelled"] or (
-        "cancelled" in [e.kind for e in store.list_events(job_id)]
-    )
+    assert [e.kind for e in store.list_events(job_id)][-1] == "cancelled"
