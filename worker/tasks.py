@@ -91,7 +91,7 @@ def run_job_task(self: Any, job_id: str, gpus: int | None = None) -> str:
         return outcome
 
     claimed: list[str | None] = []
-    outcome = _run(self, f"a turn of class {gpus}, sent for", job_id, next_job)
+    outcome = _run(self, "job", job_id, next_job)  # the message's job, or a fairer one
     ran = claimed[-1] if claimed else None
     if outcome in (RELEASED, REQUEUED):  # the job is queued again: it needs another turn
         enqueue_job(self.app, str(ran or job_id), gpus=int(gpus))
