@@ -711,7 +711,7 @@ class Store(EvalQueries, TenancyQueries):
             )
         return job
 
-    def count_queued(self, *, gpus: int) -> int:
+    def count_queued_in_class(self, *, gpus: int) -> int:
         """Queued jobs of resource class ``gpus``."""
         with self._read() as session:
             return int(

@@ -375,11 +375,14 @@ class RuntimeConfig(_Group):
         None, description="FSDP options (accelerate's names); only with distributed: fsdp."
     )
 
-    @model_validator(mode="after")
-    def _fsdp_options_need_fsdp(self) -> RuntimeConfig:
-        if self.fsdp_config is not None and self.distributed != "fsdp":
-            raise ValueError("fsdp_config is only allowed with distributed: fsdp")
-        return self
+    @field_validator("fsdp_config")
+    @classmethod
+    def _fsdp_options_need_fsdp(
+        cls, value: FSDPConfig | None, info: ValidationInfo
+    ) -> FSDPConfig | None:
+        if value is not None and info.data.get("distributed") != "fsdp":
+            raise ValueError("only allowed with runtime.distributed: fsdp")
+        return value
 
 
 class ResourcesConfig(_Group):

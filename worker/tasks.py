@@ -99,7 +99,7 @@ def run_job_task(self: Any, job_id: str, gpus: int | None = None) -> str:
         # With a per-tenant cap, a turn that found every queued job's tenant at its cap was
         # dropped; a job that ends frees a place, so the class gets a turn back while jobs wait.
         settings = get_settings()
-        if process_store(settings.database_url).count_queued(gpus=int(gpus)) > 0:
+        if process_store(settings.database_url).count_queued_in_class(gpus=int(gpus)) > 0:
             enqueue_job(self.app, str(ran), gpus=int(gpus))
     return outcome
 

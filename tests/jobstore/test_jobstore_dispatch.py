@@ -22,7 +22,7 @@ def _finish(store: Store, job_id: str) -> None:
 def test_claims_stay_in_their_resource_class(store, tenant) -> None:
     one, _ = store.create_job(tenant.id, spec=SPEC)  # no resources: class 1
     two, _ = store.create_job(tenant.id, spec=_spec(2))
-    assert store.count_queued(gpus=2) == 1 and store.count_queued(gpus=1) == 1
+    assert store.count_queued_in_class(gpus=2) == 1 and store.count_queued_in_class(gpus=1) == 1
     assert store.claim_next_job(WORKER, gpus=8, lease_seconds=60) is None
     claimed = store.claim_next_job(WORKER, gpus=2, lease_seconds=60)
     assert claimed is not None and claimed.id == two.id and claimed.status == RUNNING
@@ -52,7 +52,7 @@ def test_fewest_running_first_and_the_per_tenant_cap(store, tenant, other_tenant
     assert second is not None and second.id == b.id
     # both tenants at their cap: nothing is claimable although A's jobs wait
     assert store.claim_next_job("w-3", gpus=1, lease_seconds=60, max_running_per_tenant=1) is None
-    assert store.count_queued(gpus=1) == 2
+    assert store.count_queued_in_class(gpus=1) == 2
     # without a cap the same claim takes A's next job
     third = store.claim_next_job("w-3", gpus=1, lease_seconds=60)
     assert third is not None and third.id == a[1]
