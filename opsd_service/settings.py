@@ -141,7 +141,7 @@ class ServiceSettings(BaseSettings):
     tenant_max_running_jobs: int = Field(
         0, ge=0, description="Jobs of one tenant running at once across workers; 0: no cap."
     )
-    collective_timeout_seconds: float = Field(
+    collective_timeout_s: float = Field(
         600.0, gt=0, description="How long a rank of a multi-process job waits on a collective."
     )
     launch_stop_grace_seconds: float = Field(

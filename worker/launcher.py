@@ -297,7 +297,7 @@ def run_group(
     )
     env = {
         **os.environ,
-        "OPSD_COLLECTIVE_TIMEOUT_S": str(settings.collective_timeout_seconds),
+        "OPSD_COLLECTIVE_TIMEOUT_S": str(settings.collective_timeout_s),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
