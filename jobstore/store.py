@@ -657,29 +657,35 @@ class Store(EvalQueries, TenancyQueries):
                 session.execute(
                     sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended("claim", 0)))
                 )
-            held = jobs.alias("held")
+            # Each tenant's running jobs counted once (not per queued row): one pass over the
+            # live rows through ix_jobs_status, joined to the queued jobs of the class.
             running = (
-                sa.select(sa.func.count())
-                .select_from(held)
-                .where(held.c.tenant_id == jobs.c.tenant_id)
-                .where(held.c.status.in_((RUNNING, CANCELLING)))
-                .scalar_subquery()
+                sa.select(jobs.c.tenant_id, sa.func.count().label("n"))
+                .where(jobs.c.status.in_((RUNNING, CANCELLING)))
+                .group_by(jobs.c.tenant_id)
+                .subquery("running")
             )
-            turn = (
-                sa.select(dispatch_turns.c.last_dispatched_at)
-                .where(
-                    dispatch_turns.c.tenant_id == jobs.c.tenant_id,
-                    dispatch_turns.c.gpus == int(gpus),
+            held = sa.func.coalesce(running.c.n, 0)
+            query = (
+                sa.select(jobs.c.id, jobs.c.tenant_id)
+                .select_from(
+                    jobs.outerjoin(running, running.c.tenant_id == jobs.c.tenant_id).outerjoin(
+                        dispatch_turns,
+                        sa.and_(
+                            dispatch_turns.c.tenant_id == jobs.c.tenant_id,
+                            dispatch_turns.c.gpus == int(gpus),
+                        ),
+                    )
                 )
-                .scalar_subquery()
-            )
-            query = sa.select(jobs.c.id, jobs.c.tenant_id).where(
-                jobs.c.status == QUEUED, jobs.c.gpus == int(gpus)
+                .where(jobs.c.status == QUEUED, jobs.c.gpus == int(gpus))
             )
             if max_running_per_tenant > 0:
-                query = query.where(running < max_running_per_tenant)
+                query = query.where(held < max_running_per_tenant)
             query = query.order_by(
-                running, turn.asc().nulls_first(), jobs.c.created_at, jobs.c.id
+                held,
+                dispatch_turns.c.last_dispatched_at.asc().nulls_first(),
+                jobs.c.created_at,
+                jobs.c.id,
             ).limit(1)
             if self._dialect == "postgresql":
                 query = query.with_for_update(skip_locked=True, of=jobs)
