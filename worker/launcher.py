@@ -27,7 +27,8 @@ keeps renewing the lease:
   until its attempts are spent.
 
 The group runs in its own session (``start_new_session``), so no rank outlives the job: every
-way out of :func:`run_group` kills what is left of the group.
+way out of :func:`run_group` kills what is left of the group, and a worker killed outright takes
+its group with it (the launcher gets SIGTERM when its parent dies: `worker.die_with_parent`).
 """
 
 from __future__ import annotations
@@ -311,7 +312,8 @@ def run_group(
     )
     with open(launch / "stdout.log", "wb") as out, open(launch / "stderr.log", "wb") as err:
         process = subprocess.Popen(
-            command,
+            # ended when this worker dies, whatever kills it
+            [sys.executable, "-m", "worker.die_with_parent", str(os.getpid()), *command],
             cwd=run_dir,
             env=env,
             stdout=out,

@@ -117,3 +117,47 @@ def test_ingest_sends_each_step_once_and_only_this_launchs_events(tmp_path: Path
     _append(metrics, {"step": 2, "loss": 0.5})
     ingest()
     assert _rows(copy / "metrics.jsonl") == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+
+
+def test_a_launcher_ends_when_the_worker_that_started_it_is_killed(tmp_path: Path) -> None:
+    """The worker starts its launcher through `worker.die_with_parent`: SIGKILL the worker and
+    the launcher gets SIGTERM (here: a sleeping stand-in for torchrun writes its pid first)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "launcher.pid"
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    worker = tmp_path / "celery_worker_stand_in.py"
+    worker.write_text(
+        "import os, subprocess, sys, time\n"
+        "shim = [sys.executable, '-m', 'worker.die_with_parent', str(os.getpid())]\n"
+        f"subprocess.Popen([*shim, sys.executable, {str(launcher)!r}], start_new_session=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(worker)], cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "the launcher outlived its worker"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has ended: its parent died before it could wait for it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
