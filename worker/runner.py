@@ -9,6 +9,12 @@ continues from its last checkpoint) and writes every report into the store throu
 `JobError` -- unless the lease was lost, in which case another worker owns the job now and this
 one writes nothing. No exception escapes from a claimed job.
 
+Jobs of several GPUs (`resources.gpus` > 1) run as a child process group (`worker.launcher`)
+that this thread watches while the heartbeat keeps the lease: the same callbacks receive rank 0's
+reports; a rank's user error fails the job, a lost rank requeues it as one unit (`requeued`,
+attempt + 1, resumed from its last checkpoint). `run_next_job` claims the next job of a resource
+class in tenant round-robin order (what a message of a class's queue is a turn for).
+
 Untrusted tenants: the engine runs under the tenant's dataset guard (`worker.access`), so every
 dataset it opens is checked against the deployment's policy at open time, and the base model is
 checked before it is loaded. A job stops at its wall-time limit (`OPSD_MAX_JOB_SECONDS`) and
