@@ -59,6 +59,7 @@ _GROUPS = (
     "runtime",
     "grpo",
     "eval",
+    "resources",
 )
 
 
@@ -159,6 +160,7 @@ class Jobs:
         loss: Mapping[str, Any] | None = None,
         prompts: Mapping[str, Any] | None = None,
         runtime: Mapping[str, Any] | None = None,
+        resources: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
@@ -185,6 +187,7 @@ class Jobs:
                 "loss": loss,
                 "prompts": prompts,
                 "runtime": runtime,
+                "resources": resources,
                 **dict(extra_body or {}),
             },
         )
@@ -412,6 +415,7 @@ class AsyncJobs:
         loss: Mapping[str, Any] | None = None,
         prompts: Mapping[str, Any] | None = None,
         runtime: Mapping[str, Any] | None = None,
+        resources: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> AsyncJob:
@@ -436,6 +440,7 @@ class AsyncJobs:
                 "loss": loss,
                 "prompts": prompts,
                 "runtime": runtime,
+                "resources": resources,
                 **dict(extra_body or {}),
             },
         )
