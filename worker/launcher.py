@@ -275,6 +275,18 @@ def run_group(
                 "user",
             )
         )
+    if cuda:
+        import torch
+
+        if (visible := torch.cuda.device_count()) < processes:  # a worker set up wrongly
+            raise GroupFailed(
+                JobError(
+                    "insufficient_devices",
+                    f"the worker sees {visible} GPU(s) and the job needs {processes}; the "
+                    "deployment's worker is misconfigured (CUDA_VISIBLE_DEVICES, --gpus)",
+                    "system",
+                )
+            )
     launch = run_dir / LAUNCH_DIR
     shutil.rmtree(launch, ignore_errors=True)
     launch.mkdir(parents=True)
