@@ -34,6 +34,7 @@ TABLES = {
     "evals",
     "files",
     "dispatch_turns",  # 0008: each tenant's turn per resource class
+    "preflights",
 }
 
 
