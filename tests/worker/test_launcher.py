@@ -161,3 +161,35 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_a_rank_refused_by_the_tenants_guard_reports_a_user_error(
+    tmp_path: Path, tiny_model_dir: Path, tiny_dataset: Path
+) -> None:
+    """A rank (`worker.rank_entry`, run alone: rank 0 of 1) opens its datasets under the tenant's
+    guard that the worker wrote; a dataset the policy does not allow is a user error in the
+    rank's error file, which the watching worker turns into the job's failure."""
+    import subprocess
+    import sys
+
+    from jobstore.records import JobError
+    from opsd_engine.config import spec_to_dict
+    from tests.conftest import make_tiny_spec
+    from worker.launcher import GroupFailed, _outcome, write_guard
+
+    spec_file, guard, errors = tmp_path / "spec.json", tmp_path / "guard.json", tmp_path / "errors"
+    spec_file.write_text(json.dumps(spec_to_dict(make_tiny_spec(tiny_model_dir, tiny_dataset))))
+    settings = ServiceSettings(home=tmp_path, dataset_uri_policy="")  # uploaded files only
+    write_guard(guard, settings, "acme", {})
+    command = [sys.executable, "-m", "worker.rank_entry", str(spec_file), "--out"]
+    command += [str(tmp_path / "run"), "--stop-file", str(tmp_path / "stop")]
+    command += ["--error-dir", str(errors), "--guard", str(guard)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    report = json.loads((errors / "error-rank0.json").read_text())
+    assert report["category"] == "user", report
+    assert "not allowed" in report["message"], report
+    (tmp_path / "stdout.log").write_text(done.stdout)
+    with pytest.raises(GroupFailed) as failed:
+        _outcome(1, tmp_path, errors, stopped=False)
+    assert failed.value.error == JobError(report["code"], report["message"], "user")

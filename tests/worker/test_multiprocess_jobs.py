@@ -1,6 +1,7 @@
-"""Jobs of several GPUs through the worker (issue 14): a `resources.gpus: 2` job on a worker
-started with 2 devices and no GPU runs as a real 2-process gloo group (`torchrun`), watched by
-the worker's runner, on a real Postgres store.
+"""Jobs of several GPUs through the service (issue 14): a `resources.gpus: 2` job sent to its
+class's queue is taken by a real Celery worker started with `opsd worker --gpus 2` on a machine
+without a GPU, which runs it as a real 2-process gloo group (`torchrun`) and watches it, on real
+Redis and Postgres.
 
 What must hold: the same metrics and, within fp32 reduction tolerance, the same adapter as the
 1-GPU job at the same global batch, every step recorded once; a rank killed mid-run requeues the
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,18 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_tiny_spec
-from tests.worker.helpers import create_job, wait_for
-from worker.runner import REQUEUED, run_job
+from tests.worker.helpers import (
+    REDIS_TEST_URL,
+    ServiceProcess,
+    create_job,
+    flush_redis,
+    service_env,
+    wait_for,
+    wait_status,
+)
+from worker.queue import enqueue_job
 
+FINAL = {"succeeded", "failed", "cancelled"}
 TIMEOUT_S = 300  # one launch on a slow, shared CI machine; never reached when things work
 TIMING = ("time_", "tokens_per_s")
 STEPS = 5  # enough steps after the first checkpoint for the test to kill a rank mid-run
@@ -42,21 +52,28 @@ def store(postgres_url: str) -> Iterator[Any]:  # one backend: these tests launc
 
 
 @pytest.fixture(scope="module")
-def worker_settings(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A worker of 2 devices (CPU: 2 gloo processes), rendezvous ports in the tests' range."""
+def service(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """`opsd worker --gpus 2` (CPU: 2 gloo processes per job) on Redis and Postgres, rendezvous
+    ports in the tests' range; yields (artifacts root, a sending Celery app, the worker)."""
     from opsd_service.settings import ServiceSettings
+    from worker.queue import make_celery
 
     root = tmp_path_factory.mktemp("group-worker")
-    return ServiceSettings(
-        home=root / "home",
-        database_url=postgres_url,
-        artifacts_uri=str(root / "artifacts"),
-        lease_seconds=5.0,
-        heartbeat_seconds=0.2,
-        worker_gpus=2,
-        launch_ports="16400-16499",
-        launch_stop_grace_seconds=60,
-    )
+    flush_redis()
+    values: dict[str, Any] = {
+        "home": root / "home",
+        "database_url": postgres_url,
+        "broker_url": REDIS_TEST_URL,
+        "artifacts_uri": str(root / "artifacts"),
+        "queue": f"opsd-groups-{uuid.uuid4().hex[:8]}",
+        "resource_classes": "1,2",
+        "launch_ports": "16400-16499",
+        "lease_seconds": 6,  # a heartbeat every 2 s: a cancel is seen within 2 s
+    }
+    celery = make_celery(ServiceSettings(**values))
+    command = ["worker", "--gpus", "2"]
+    with ServiceProcess(command, service_env(**values), root / "worker.log") as worker:
+        yield root / "artifacts", celery, worker
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +83,6 @@ def spec_dict(tiny_model_dir: Path, tiny_dataset: Path) -> Callable[..., dict[st
     return lambda **overrides: spec_to_dict(
         make_tiny_spec(tiny_model_dir, tiny_dataset, **overrides)
     )
-
-
-def _run_in_thread(**kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["result"] = run_job(**kwargs)
-        except BaseException as exc:  # surfaced by the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, out
 
 
 def _ranks(job_id: str) -> dict[int, int]:
@@ -114,39 +117,37 @@ def _two_gpu_spec(spec_dict: Any, **overrides: Any) -> dict[str, Any]:
 
 
 def test_a_two_gpu_job_that_loses_a_rank_resumes_once_and_equals_the_one_gpu_job(
-    store: Any, worker_settings: Any, spec_dict: Any
+    store: Any, service: Any, spec_dict: Any
 ) -> None:
-    """One launch of 2 processes loses rank 1 after its first checkpoint: the job is requeued as
-    one unit (attempt 2), the next turn resumes it from that checkpoint, and the job ends with
-    the metrics (every step once) and, within fp32 tolerance, the adapter of the 1-GPU job at
-    the same global batch. (Bitwise exactness of a 2-process resume is the engine's test.)"""
+    """One launch of 2 processes loses rank 1 after its first checkpoint: the worker requeues the
+    job as one unit (attempt 2) and sends its class a turn, which resumes it from that checkpoint;
+    the job ends with the metrics (every step once) and, within fp32 tolerance, the adapter of
+    the 1-GPU job at the same global batch. (Bitwise exactness of a 2-process resume is the
+    engine's test.)"""
+    artifacts, celery, worker = service
     one_id = create_job(store, spec_dict(checkpoint_every=1, optim={"max_steps": STEPS}))
-    assert run_job(one_id, store=store, settings=worker_settings, worker_id="w1") == "succeeded"
+    enqueue_job(celery, one_id)
+    assert wait_status(store, one_id, FINAL, timeout=TIMEOUT_S, worker=worker).status == (
+        "succeeded"
+    )
 
     job_id = create_job(store, _two_gpu_spec(spec_dict))
-    thread, out = _run_in_thread(
-        job_id=job_id, store=store, settings=worker_settings, worker_id="w-a"
-    )
-    first = Path(worker_settings.artifacts_uri) / "jobs" / job_id / "checkpoints" / "step-000001"
+    enqueue_job(celery, job_id, gpus=2)
+    first = artifacts / "jobs" / job_id / "checkpoints" / "step-000001"
     wait_for(first.is_dir, timeout=TIMEOUT_S, interval=0.02, what="rank 0's first checkpoint")
     ranks = _ranks(job_id)
     assert sorted(ranks) == [0, 1]
     os.kill(ranks[1], signal.SIGKILL)  # rank 1 dies mid-run: the group is lost as a whole
-    thread.join(TIMEOUT_S)
-    assert out.get("result") == REQUEUED, out
-    wait_for(lambda: not _ranks(job_id), timeout=15, what="no rank left")
-    job = store.get_job(job_id)
-    assert job.status == "queued" and job.attempt == 2 and job.lease_owner is None
-    requeued = [e for e in store.list_events(job_id) if e.kind == "requeued"]
-    assert len(requeued) == 1 and requeued[0].data["error"]["code"] == "rank_lost"
-
-    # the next turn (here: another worker) resumes it from its last checkpoint
-    assert run_job(job_id, store=store, settings=worker_settings, worker_id="w-b") == "succeeded"
-    one, two = store.get_job(one_id), store.get_job(job_id)
+    two = wait_status(store, job_id, FINAL, timeout=TIMEOUT_S, worker=worker)
+    assert two.status == "succeeded", two.error
+    assert _ranks(job_id) == {}
+    one = store.get_job(one_id)
     assert two.attempt == 2 and (two.progress_step, two.total_steps) == (STEPS, STEPS)
     events = store.list_events(job_id)
     kinds = [e.kind for e in events]
     assert kinds.count("launched") == 2 and kinds.count("resumed") == 1
+    requeued = [e for e in events if e.kind == "requeued"]
+    assert len(requeued) == 1 and requeued[0].data["error"]["code"] == "rank_lost"
     started = [e for e in events if e.kind == "started"]  # rank 0 alone reports
     assert [e.data["processes"] for e in started] == [2, 2]
     assert [c.step for c in store.list_checkpoints(job_id)] == list(range(1, STEPS + 1))
@@ -165,21 +166,16 @@ def test_a_two_gpu_job_that_loses_a_rank_resumes_once_and_equals_the_one_gpu_job
         torch.testing.assert_close(y[key], x[key], rtol=1e-4, atol=1e-5)
 
 
-def test_cancel_stops_every_rank_of_the_group(
-    store: Any, worker_settings: Any, spec_dict: Any
-) -> None:
+def test_cancel_stops_every_rank_of_the_group(store: Any, service: Any, spec_dict: Any) -> None:
+    _, celery, worker = service
     job_id = create_job(store, _two_gpu_spec(spec_dict, optim={"max_steps": 200}))
-    thread, out = _run_in_thread(
-        job_id=job_id, store=store, settings=worker_settings, worker_id="w-c"
-    )
+    enqueue_job(celery, job_id, gpus=2)
     wait_for(lambda: store.query_metrics(job_id), timeout=TIMEOUT_S, what="a first step")
     assert len(wait_for(lambda: _ranks(job_id), timeout=10, what="the ranks")) == 2
     assert store.request_cancel(job_id) is not None
-    thread.join(TIMEOUT_S)
-    assert out.get("result") == "cancelled", out
-    assert _ranks(job_id) == {}
-    job = store.get_job(job_id)
+    job = wait_status(store, job_id, FINAL, timeout=TIMEOUT_S, worker=worker)
     assert job.status == "cancelled" and job.progress_step < 200
+    wait_for(lambda: not _ranks(job_id), timeout=15, what="no rank left")
     # stopped by the stop file: rank 0 saved the last step, and it was recorded
     assert max(c.step for c in store.list_checkpoints(job_id)) == job.progress_step
     assert [e.kind for e in store.list_events(job_id)][-1] == "cancelled"
