@@ -32,4 +32,12 @@ if ! have_chromium; then
     fi
 fi
 
-python -m pytest "$@"
+# Two pytest-xdist workers by default (OPSD_TEST_WORKERS=0 runs in one process): most tests wait
+# on servers, subprocesses and jobs; each worker gets its own Redis databases and server ports,
+# and a test file's tests stay on one worker (their module-scoped services are started once).
+WORKERS="${OPSD_TEST_WORKERS:-2}"
+if [ "$WORKERS" = 0 ]; then
+    python -m pytest "$@"
+else
+    python -m pytest -n "$WORKERS" --dist loadfile "$@"
+fi

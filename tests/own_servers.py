@@ -21,12 +21,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.service_fixtures import XDIST_WORKERS_MAX, xdist_worker_index
+
 PORTS_ENV = "OPSD_TEST_OWN_PORTS"
 
 
 def own_port() -> int:
-    """A free port of the range reserved for the tests' own servers."""
+    """A free port of the range reserved for the tests' own servers.
+
+    Under pytest-xdist the range is split, one share per worker, so two workers never pick the
+    same port between the check here and their server's start.
+    """
     low, high = (int(p) for p in os.environ.get(PORTS_ENV, "16200-16299").split("-"))
+    share = (high - low + 1) // XDIST_WORKERS_MAX
+    low += share * xdist_worker_index()
+    high = low + share - 1
     for port in range(low, high + 1):
         with socket.socket() as sock:
             try:

@@ -101,14 +101,28 @@ def fresh_postgres_url(*, migrate: bool = True) -> tuple[str, Callable[[], None]
     return url, drop
 
 
+XDIST_WORKERS_MAX = 3  # Redis has 16 databases: the suite's 4 (11-14), moved down 4 per worker
+
+
+def xdist_worker_index() -> int:
+    """0 in a plain pytest run, N in pytest-xdist's worker ``gwN`` (its PYTEST_XDIST_WORKER)."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+    if index >= XDIST_WORKERS_MAX:
+        raise RuntimeError(f"the suite runs on at most {XDIST_WORKERS_MAX} xdist workers (-n)")
+    return index
+
+
 def redis_test_url(db: int) -> str:
     """URL of Redis database ``db`` on the tests' Redis server (flushed by the tests using it).
 
     The server is ``OPSD_TEST_REDIS_SERVER`` (default ``redis://127.0.0.1:6379``), so two test
     runs on one machine can each use their own server instead of flushing each other's data.
+    Under pytest-xdist each worker gets its own databases (``db - 4 * worker``), so two workers
+    never flush or consume each other's queues.
     """
     server = (os.environ.get(REDIS_SERVER_ENV) or DEFAULT_REDIS_SERVER).rstrip("/")
-    return f"{server}/{db}"
+    return f"{server}/{db - 4 * xdist_worker_index()}"
 
 
 def sqlite_url(path: str | os.PathLike[str]) -> str:

@@ -69,6 +69,11 @@ def test_every_json_body_route_accepts_json_under_any_content_type(
         assert reference.status_code != 422, (template, reference.text)
         for content_type in CONTENT_TYPES:
             response = _send(client, method, path, body, key, content_type)
+            if response.status_code == 409 and reference.status_code == 201:
+                # one at a time (a job's pre-flight): the body was parsed and validated before
+                # the route found the first request still in progress
+                assert response.json()["error"]["code"].endswith("_in_progress"), response.text
+                continue
             assert response.status_code == reference.status_code, (
                 template,
                 content_type,

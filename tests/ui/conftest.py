@@ -38,7 +38,9 @@ def service(
     return shared_service(request.config, tmp_path_factory)
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an asyncio loop running while it is
+# open, and asyncio.run() in a later async test of the same worker would then fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
