@@ -14,6 +14,7 @@ import pytest
 
 from opsd_engine.config import parse_spec
 from opsd_service.settings import ServiceSettings
+from tests.service_fixtures import launch_ports
 from worker.launcher import _Ingest, launch_command, rendezvous_port
 
 SPEC = {"base_model": "Qwen/Qwen3-8B", "dataset_uri": "file-" + "a" * 26}
@@ -66,10 +67,11 @@ def test_a_gpu_worker_launches_accelerate_with_the_specs_fsdp_options() -> None:
 
 
 def test_the_rendezvous_port_is_a_free_one_of_the_range(tmp_path: Path) -> None:
-    settings = ServiceSettings(home=tmp_path, launch_ports="16410-16411")
+    low = int(launch_ports().split("-")[0])  # this test process's share of the tests' range
+    settings = ServiceSettings(home=tmp_path, launch_ports=f"{low}-{low + 1}")
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 16410))
-        assert rendezvous_port(settings) == 16411
+        taken.bind(("127.0.0.1", low))
+        assert rendezvous_port(settings) == low + 1
     assert rendezvous_port(ServiceSettings(home=tmp_path)) is None
     with pytest.raises(ValueError):
         ServiceSettings(home=tmp_path, launch_ports="16410")

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_tiny_spec
+from tests.service_fixtures import launch_ports
 from tests.worker.helpers import (
     REDIS_TEST_URL,
     ServiceProcess,
@@ -67,7 +68,7 @@ def service(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "artifacts_uri": str(root / "artifacts"),
         "queue": f"opsd-groups-{uuid.uuid4().hex[:8]}",
         "resource_classes": "1,2",
-        "launch_ports": "16400-16499",
+        "launch_ports": launch_ports(),
         "lease_seconds": 6,  # a heartbeat every 2 s: a cancel is seen within 2 s
     }
     celery = make_celery(ServiceSettings(**values))
