@@ -359,11 +359,65 @@ class PreflightSpec(_Group):
 TrackerName = Literal["tensorboard", "wandb", "mlflow"]
 
 
+MAX_GPUS = 64
+
+
+class FSDPConfig(_Group):
+    """FSDP options, named as accelerate's config file (``fsdp_config``) names them; the worker
+    hands them to ``accelerate launch`` as its ``--fsdp_*`` flags (GPU workers only)."""
+
+    fsdp_sharding_strategy: Literal[
+        "FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"
+    ] = "FULL_SHARD"
+    fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = (
+        "TRANSFORMER_BASED_WRAP"
+    )
+    fsdp_transformer_layer_cls_to_wrap: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}(,[A-Za-z_][A-Za-z0-9_]{0,127}){0,15}$",
+        description="Comma-separated decoder layer classes; unset: `_no_split_modules`.",
+    )
+    fsdp_min_num_params: int = Field(100_000_000, ge=1, description="SIZE_BASED_WRAP only.")
+    fsdp_backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH"] = "BACKWARD_PRE"
+    fsdp_state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = "FULL_STATE_DICT"
+    fsdp_offload_params: bool = False
+    fsdp_forward_prefetch: bool = False
+    fsdp_use_orig_params: bool = True
+    fsdp_cpu_ram_efficient_loading: bool = True
+    fsdp_sync_module_states: bool = True
+    fsdp_activation_checkpointing: bool = False
+
+
 class RuntimeConfig(_Group):
     dtype: DType = "auto"
     gradient_checkpointing: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: str | None = Field(None, pattern=r"^[A-Za-z0-9_./-]{1,128}$")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How a job on several GPUs (resources.gpus > 1) shares the model: ddp "
+        "(a full copy per GPU) or fsdp (sharded; for models that do not fit one device).",
+    )
+    fsdp_config: FSDPConfig | None = Field(
+        None, description="FSDP options (accelerate's names); only with distributed: fsdp."
+    )
+
+    @field_validator("fsdp_config")
+    @classmethod
+    def _fsdp_options_need_fsdp(
+        cls, value: FSDPConfig | None, info: ValidationInfo
+    ) -> FSDPConfig | None:
+        if value is not None and info.data.get("distributed") != "fsdp":
+            raise ValueError("only allowed with runtime.distributed: fsdp")
+        return value
+
+
+class ResourcesConfig(_Group):
+    """What one job occupies: ``gpus`` devices (processes) on ``nodes`` machines. The service
+    runs the job on a worker of that resource class; on a CPU worker each GPU is a process."""
+
+    gpus: int = Field(1, ge=1, le=MAX_GPUS, description="Devices (data-parallel processes).")
+    nodes: Literal[1] = Field(1, description="Machines; one in this version.")
 
 
 class JobSpec(BaseModel):
@@ -403,6 +457,7 @@ class JobSpec(BaseModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

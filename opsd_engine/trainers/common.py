@@ -62,13 +62,15 @@ from opsd_engine.rollout import (
 # Fields that do not change what training computes; a resume may differ in them. (Evaluations
 # run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is;
 # `report_to` and `checkpoint` only say where metrics and checkpoints go; `preflight` runs before
-# the first step only, on seeded sampling, and leaves the RNG state as it found it.)
+# the first step only, on seeded sampling, and leaves the RNG state as it found it; `resources`
+# only how many processes compute the same result: sampling is seeded per example, not rank.)
 RESUME_NEUTRAL_FIELDS = (
     "metadata",
     "checkpoint_every",
     "eval",
     "report_to",
     "checkpoint",
+    "resources",
     "preflight",
 )
 # Fields a resume may change although they change what is computed from now on: the steps done

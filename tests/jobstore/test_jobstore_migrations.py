@@ -33,6 +33,7 @@ TABLES = {
     "checkpoints",
     "evals",
     "files",
+    "dispatch_turns",  # 0008: each tenant's turn per resource class
     "preflights",
 }
 
