@@ -199,6 +199,15 @@ class LossConfig(_Group):
     clip: float | None = Field(
         None, gt=0.0, le=1e6, description="Per-token cap on the loss; off by default."
     )
+    vocab_clip: float | None = Field(
+        None,
+        gt=0.0,
+        le=1e6,
+        description="Per-vocabulary-entry cap, the OPSD authors' jsd_token_clip: each term of "
+        "the divergence's sum over the vocabulary is clamped at this value before the sum "
+        "(official recipe: 0.05). Divergences only. The clipped loss can be negative. Off by "
+        "default.",
+    )
     implementation: Literal["chunked", "naive"] = Field(
         "chunked", description="chunked: from hidden states, never builds T x V logits."
     )
@@ -391,6 +400,16 @@ class JobSpec(BaseModel):
     @classmethod
     def _unique_trackers(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
+
+    @field_validator("loss")
+    @classmethod
+    def _vocab_clip_needs_a_divergence(cls, value: LossConfig, info: ValidationInfo) -> LossConfig:
+        if value.vocab_clip is not None and info.data.get("divergence") == "sampled_token":
+            raise ValueError(
+                "vocab_clip clips the terms of a full-vocabulary divergence; it does not apply "
+                "to divergence: sampled_token (use loss.clip)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _method_defaults(self) -> JobSpec:

@@ -110,3 +110,11 @@ def test_file_errors_name_the_file(tmp_path) -> None:
     listing.write_text("- a\n- b\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec(listing)
+
+
+def test_vocab_clip_is_refused_with_the_sampled_token_loss() -> None:
+    with pytest.raises(SpecError, match="vocab_clip") as info:
+        parse_spec({**MINIMAL, "divergence": "sampled_token", "loss": {"vocab_clip": 0.05}})
+    assert info.value.first_field == "loss"
+    spec = parse_spec({**MINIMAL, "divergence": "forward_kl", "loss": {"vocab_clip": 0.05}})
+    assert spec.loss.vocab_clip == 0.05 and spec.loss.clip is None
