@@ -283,6 +283,9 @@ def submit(
     base_model: str | None = typer.Option(None, "--base-model", help="Model id or path."),
     dataset_uri: str | None = typer.Option(None, "--dataset-uri", help="Training data URI."),
     method: str | None = typer.Option(None, "--method", help="opsd (default), sft or grpo."),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Defaults preset: paper-v1 or official-2026-04 (fields win)."
+    ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Sets optim.max_steps."),
     overrides: list[str] = typer.Option(
         [], "--set", help="Set any field, e.g. --set optim.learning_rate=1e-5 (repeatable)."
@@ -309,6 +312,8 @@ def submit(
         body["dataset_uri"] = _local_path(dataset_uri, cwd)
     if method is not None:
         body["method"] = method
+    if recipe is not None:
+        body["recipe"] = recipe
     if max_steps is not None:
         _assign(body, ["optim", "max_steps"], max_steps)
     for item in overrides:

@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic.json_schema import WithJsonSchema
 
+from opsd_engine.recipes import RecipeName, apply_recipe, value_sources
+
 Method = Literal["opsd", "sft", "grpo"]
 DivergenceName = Literal["jsd", "forward_kl", "reverse_kl", "sampled_token"]
 TeacherMode = Literal["initial", "current"]
@@ -363,6 +365,14 @@ class JobSpec(BaseModel):
         description="An uploaded file's id (file-...) or a location the deployment allows.",
     )
     method: Method = "opsd"
+    recipe: RecipeName | None = Field(
+        None,
+        description="A named set of defaults with its source: paper-v1 (the paper's first "
+        "version) or official-2026-04 (the authors' repository's recipe of April 2026: forward "
+        "KL, per-vocabulary clip 0.05, lr 5e-6, max_grad_norm 0.1, 1024-token rollouts at "
+        "temperature 1.1 / top-p 0.95 / top-k 20, student thinking off). Fields set explicitly "
+        "override it; method opsd only.",
+    )
     divergence: DivergenceName = "jsd"
     beta: float = Field(0.5, ge=0.0, le=1.0)
     max_new_tokens: int = Field(2048, ge=1, le=MAX_NEW_TOKENS)
@@ -400,6 +410,22 @@ class JobSpec(BaseModel):
     @classmethod
     def _unique_trackers(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        # The preset's values go under the document's own: an explicit field always wins.
+        return apply_recipe(data) if isinstance(data, dict) else data
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_for_opsd(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("method", "opsd") != "opsd":
+            raise ValueError(
+                f"recipe {value!r} is an OPSD recipe; it does not apply to method "
+                f"{info.data.get('method')!r}"
+            )
+        return value
 
     @field_validator("loss")
     @classmethod
@@ -494,6 +520,17 @@ def parse_spec(data: Any, *, source: str | None = None) -> JobSpec:
 
 def load_spec(path: str | Path) -> JobSpec:
     """Load a spec from a YAML (.yaml/.yml) or JSON (.json) file."""
+    return load_spec_with_sources(path)[0]
+
+
+def spec_sources(raw: dict[str, Any], spec: JobSpec) -> dict[str, tuple[Any, str]]:
+    """Each value of ``spec`` (dotted path -> (value, source)) and who set it, given the
+    document ``raw`` it was parsed from: ``user``, ``recipe <name>`` or ``default``."""
+    return value_sources(raw, spec_to_dict(spec))
+
+
+def load_spec_with_sources(path: str | Path) -> tuple[JobSpec, dict[str, tuple[Any, str]]]:
+    """:func:`load_spec` plus :func:`spec_sources` of the file's document."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -505,8 +542,8 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError(
             [("(file)", f"not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}")], str(path)
         ) from None
-    spec = parse_spec(data, source=str(path))
-    return _resolve_relative_paths(spec, path.parent)
+    spec = _resolve_relative_paths(parse_spec(data, source=str(path)), path.parent)
+    return spec, spec_sources(data, spec)
 
 
 def _resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:

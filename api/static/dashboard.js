@@ -530,6 +530,7 @@
     link.setAttribute('href', apiUrl(jobPath(job.id, '/adapter')).pathname);
 
     const rows = [
+      ['recipe', spec.recipe || 'none (defaults)'],
       ['base model', spec.base_model],
       ['dataset', spec.dataset_uri],
       ['created', fmtTime(job.created_at)],

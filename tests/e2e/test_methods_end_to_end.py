@@ -127,3 +127,53 @@ def test_method_job_runs_to_success_through_the_service(
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_official_recipe_job_runs_end_to_end_through_the_sdk(
+    service: tuple[httpx.Client, Any], tiny_model_dir: Path, tiny_dataset: Path
+) -> None:
+    """`recipe: official-2026-04` through the SDK and the API on the tiny task: the recipe's
+    values reach the stored spec (forward KL, the per-vocabulary clip, lr, grad-norm clip,
+    sampling, thinking off), explicit fields (shapes small enough for the CPU) override it, and
+    the job trains to success reporting the clip's activity."""
+    from opsd_client import Client
+
+    http, up = service
+    with Client(
+        base_url=str(http.base_url), api_key=http.headers["Authorization"].split()[1]
+    ) as client:
+        job = client.jobs.create(
+            base_model=str(tiny_model_dir),
+            dataset_uri=str(tiny_dataset),
+            recipe="official-2026-04",
+            max_new_tokens=8,
+            lora={"r": 4, "alpha": 8, "dropout": 0.0},
+            optim={"batch_size": 2, "grad_accum": 1, "max_steps": 2, "warmup_ratio": 0.0},
+            runtime={"dtype": "float32", "device": "cpu", "gradient_checkpointing": False},
+        )
+        spec = job.spec
+        assert spec["recipe"] == "official-2026-04"
+        assert (spec["divergence"], spec["beta"]) == ("jsd", 0.0)
+        assert spec["loss"]["vocab_clip"] == 0.05
+        assert spec["optim"]["learning_rate"] == 5e-6 and spec["optim"]["max_grad_norm"] == 0.1
+        assert spec["optim"]["max_steps"] == 2 and spec["max_new_tokens"] == 8
+        assert spec["generation"] == {
+            "temperature": 1.1,
+            "top_p": 0.95,
+            "top_k": 20,
+            "num_generations": 1,
+        }
+        assert spec["prompts"]["student_thinking"] is False
+        assert spec["teacher"] == "initial"
+
+        def finished() -> dict[str, Any] | None:
+            assert up.process.poll() is None, f"opsd up exited:\n{up.tail()}"
+            current = http.get(f"/jobs/{job.id}").json()
+            return current if current["status"] in {"succeeded", "failed", "cancelled"} else None
+
+        done = wait_for(finished, timeout=180, interval=0.25, what="the recipe job to finish")
+        assert done["status"] == "succeeded", done["error"]
+        metrics = client.jobs.metrics(job.id).metrics
+        assert metrics["loss"].steps == [1, 2]
+        assert {"vocab_clip_frac", "vocab_clip_token_frac"} <= metrics.keys()
+        assert all(0.0 <= v <= 1.0 for v in metrics["vocab_clip_frac"].values)
