@@ -327,6 +327,76 @@ class EvalSpec(_Group):
     )
     at_end: bool = True
     include_base: bool = Field(False, description="Also evaluate the base model (adapter off).")
+    select: Literal["best", "last"] = Field(
+        "last",
+        description="Which adapter the job publishes: the last step's, or the one of the "
+        "evaluation with the best select_metric (the authors evaluate every 20 steps and "
+        "report the best checkpoint).",
+    )
+    select_metric: str = Field(
+        "avg",
+        pattern=r"^(avg|majority|pass@[0-9]{1,3})$",
+        description="Held-out metric that ranks evaluations: avg (avg@n), majority or pass@k.",
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Stop early after this many evaluations in a row without a new best "
+        "(needs every_steps); the job still succeeds, with the adapter select says.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0.0, le=1.0, description="A new best must beat the old one by more than this."
+    )
+
+    @model_validator(mode="after")
+    def _selection_needs_evals(self) -> EvalSpec:
+        if self.patience is not None and self.every_steps is None:
+            raise ValueError("eval.patience counts periodic evaluations: set eval.every_steps")
+        if (self.select == "best" or self.patience is not None) and not self.dataset_uri:
+            raise ValueError("eval.select: best and eval.patience need eval.dataset_uri")
+        return self
+
+
+class GuardConfig(_Group):
+    """Collapse alarms on the step metrics: each is a job event (`alarm`) when its condition
+    starts to hold on the moving average of the last `window` steps; null turns one off."""
+
+    window: int = Field(5, ge=1, le=10_000, description="Steps in the moving average.")
+    length_collapse_ratio: float | None = Field(
+        0.3,
+        gt=0.0,
+        lt=1.0,
+        description="Rollout length below this share of its first-window mean.",
+    )
+    entropy_collapse_ratio: float | None = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Student entropy below this share of its first-window mean.",
+    )
+    divergence_floor: float | None = Field(
+        1e-4,
+        gt=0.0,
+        le=1e6,
+        description="Divergence below this (nats): the teacher no longer teaches anything.",
+    )
+    clip_saturation: float | None = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Share of loss tokens whose loss.clip is active (clip_frac) above this.",
+    )
+    vocab_clip_saturation: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Share of loss tokens with a term capped by loss.vocab_clip "
+        "(vocab_clip_token_frac) above this; off by default (such tokens still pass gradient).",
+    )
+    stop_on_alarm: bool = Field(
+        False, description="Stop the run (succeeded, adapter as eval.select says) at an alarm."
+    )
 
 
 class CheckpointConfig(_Group):
@@ -398,6 +468,7 @@ class JobSpec(BaseModel):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     report_to: list[TrackerName] = Field(
         default_factory=list,
         description="Experiment trackers that mirror every metric and the spec (HF Trainer's "

@@ -29,12 +29,16 @@
   const CHARTED = new Set(CHARTS.flatMap((c) => c.series || []));
   const COLORS = ['#3b5bdb', '#e8590c', '#2b8a3e', '#ae3ec9', '#1098ad', '#f08c00', '#c92a2a'];
 
+  // Job events drawn on every chart at their step (see appendEvents).
+  const MARKER_COLORS = { alarm: '#c92a2a', best_checkpoint: '#2b8a3e', early_stopped: '#868e96' };
+
   const state = {
     key: null,
     selected: null,
     job: null,
     metrics: {},
     lastEventId: 0,
+    markers: [],
     checkpointsSeen: -1,
     statusFilter: '',
     nextCursor: null,
@@ -418,6 +422,7 @@
     state.job = null;
     state.metrics = {};
     state.lastEventId = 0;
+    state.markers = [];
     state.checkpointsSeen = -1;
     const params = hashParams();
     params.set('job', id);
@@ -461,8 +466,8 @@
         updateJobItem(job);
         state.metrics = metrics.metrics;
         renderJob(job);
-        renderCharts(job);
         appendEvents(events.data);
+        renderCharts(job);
         renderEvals(evals.data);
         evalsPending = evals.data.some((e) => !EVAL_TERMINAL.has(e.status));
         const checkpointEvents = events.data.filter((e) => e.kind === 'checkpoint').length;
@@ -609,6 +614,15 @@
     if (chart && chart.unit && traces.every(inUnit)) layout.yaxis.range = [-0.03, 1.03];
     layout.showlegend = traces.length > 1;
     if (layout.showlegend) layout.margin.t = 52;
+    // collapse-guard markers: alarms (red), the best evaluation (green), an early stop (grey)
+    layout.shapes = state.markers.map((m) => ({
+      type: 'line', xref: 'x', yref: 'paper', x0: m.step, x1: m.step, y0: 0, y1: 1,
+      line: { color: MARKER_COLORS[m.kind], width: 1, dash: m.kind === 'alarm' ? 'dot' : 'dash' },
+    }));
+    layout.annotations = state.markers.map((m) => ({
+      xref: 'x', yref: 'paper', x: m.step, y: 1, yanchor: 'bottom', showarrow: false,
+      text: m.label, font: { size: 9, color: MARKER_COLORS[m.kind] },
+    }));
     Plotly.react(node, traces, layout, {
       displaylogo: false,
       responsive: true,
@@ -694,6 +708,12 @@
     const atBottom = wrap.scrollTop + wrap.clientHeight >= wrap.scrollHeight - 4;
     for (const event of events) {
       state.lastEventId = Math.max(state.lastEventId, event.id);
+      const data = event.data || {};
+      if (MARKER_COLORS[event.kind] && Number.isFinite(data.step)) {
+        const label = event.kind === 'alarm' ? data.alarm
+          : event.kind === 'best_checkpoint' ? 'best' : 'early stop';
+        state.markers.push({ kind: event.kind, step: data.step, label });
+      }
       body.append(
         el(
           'tr',
