@@ -32,6 +32,7 @@ from jobstore.records import (
 )
 from jobstore.store import Store
 from jobstore.tenancy import ApiKeyRecord, FileRecord, new_file_id
+from jobstore.usage import JobUsage
 
 __all__ = [
     "CANCELLED",
@@ -56,6 +57,7 @@ __all__ = [
     "JobError",
     "JobNotFound",
     "JobRecord",
+    "JobUsage",
     "Store",
     "StoreError",
     "TenantNotFound",

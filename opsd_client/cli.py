@@ -81,6 +81,12 @@ files_app = typer.Typer(
     "5 service unreachable or failing.",
 )
 
+usage_app = typer.Typer(
+    help="What this tenant used (device-seconds, tokens) over a time range.",
+    invoke_without_command=True,
+    epilog="Exit codes: 0 ok, 2 bad range (422), 4 authentication, 5 service unreachable.",
+)
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON (for scripts) instead of tables.")
@@ -91,6 +97,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(evals_app, name="evals")
     app.add_typer(files_app, name="files")
+    app.add_typer(usage_app, name="usage")
 
 
 # ----------------------------------------------------------------------------------- plumbing
@@ -822,6 +829,46 @@ def files_delete(ctx: typer.Context, file_id: str = typer.Argument(...)) -> None
     with _client(ctx) as client:
         client.files.delete(file_id)
     typer.echo(f"deleted {file_id}")
+
+
+@usage_app.callback()
+@handle_errors
+def usage(
+    ctx: typer.Context,
+    start: str | None = typer.Option(
+        None, "--start", help="ISO 8601, inclusive (default: 30 days before --end)."
+    ),
+    end: str | None = typer.Option(None, "--end", help="ISO 8601, exclusive (default: now)."),
+    base_url: str | None = typer.Option(
+        None, "--base-url", envvar="OPSD_BASE_URL", show_default=False, help="Service URL."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="OPSD_API_KEY", show_default=False, help="API key."
+    ),
+    timeout: float = typer.Option(60.0, "--timeout-s", help="Seconds per HTTP request."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """`GET /usage`: device-seconds, generated / scored / eval tokens, in total and per job."""
+    ctx.obj = Connection(base_url=base_url, api_key=api_key, timeout=timeout)
+    with _client(ctx) as client:
+        report = client.usage.retrieve(start=start, end=end)
+    if json_output:
+        _print_json(_dump(report))
+        return
+    typer.echo(f"usage from {report.start.isoformat()} to {report.end.isoformat()}")
+    header = ("job", "steps", "device_s", "generated", "teacher", "student", "eval")
+    rows = [(j.job_id, j) for j in report.jobs] + [("total", report.totals)]
+    typer.echo("  ".join(f"{h:>12}" if i else f"{h:<30}" for i, h in enumerate(header)))
+    for name, u in rows:
+        values = (
+            u.steps,
+            f"{u.device_seconds:.1f}",
+            u.generated_tokens,
+            u.teacher_scored_tokens,
+            u.student_scored_tokens,
+            u.eval_tokens,
+        )
+        typer.echo(f"{name:<30}  " + "  ".join(f"{v:>12}" for v in values))
 
 
 def main() -> None:  # pragma: no cover - `python -m opsd_client.cli` without the engine

@@ -377,3 +377,28 @@ class ApiKey(_Model):
 class ApiKeyList(_Model):
     object: Literal["list"] = "list"
     data: list[ApiKey]
+
+
+class UsageTotals(_Model):
+    """Usage sums (`GET /usage`): device-seconds and token counts."""
+
+    steps: int
+    device_seconds: float
+    generated_tokens: int
+    teacher_scored_tokens: int
+    student_scored_tokens: int
+    eval_tokens: int
+
+
+class JobUsage(UsageTotals):
+    job_id: str
+
+
+class Usage(_Model):
+    """`GET /usage`: the tenant's usage in `[start, end)`, in total and per job."""
+
+    object: Literal["usage"] = "usage"
+    start: datetime
+    end: datetime
+    totals: UsageTotals
+    jobs: list[JobUsage] = Field(default_factory=list)

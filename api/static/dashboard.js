@@ -222,14 +222,36 @@
     if (!state.key) return;
     try {
       if (!document.hidden) {
-        const page = await api('/jobs', { limit: 50, status: state.statusFilter });
+        const [page, usage] = await Promise.all([
+          api('/jobs', { limit: 50, status: state.statusFilter }),
+          api('/usage'),
+        ]);
         renderJobs(page.data, page.next_cursor);
+        renderUsage(usage);
         banner('');
       }
     } catch (error) {
       if (handleError(error)) return;
     }
     schedule('list', refreshList, LIST_POLL_MS);
+  }
+
+  // The tenant's usage over the last 30 days (GET /usage), under the jobs list.
+  function renderUsage(usage) {
+    const t = usage.totals;
+    const n = (v) => Number(v).toLocaleString();
+    const rows = [
+      ['device time', fmtDuration(t.device_seconds)],
+      ['steps', n(t.steps)],
+      ['generated tokens', n(t.generated_tokens)],
+      ['scored (teacher)', n(t.teacher_scored_tokens)],
+      ['scored (student)', n(t.student_scored_tokens)],
+      ['eval tokens', n(t.eval_tokens)],
+    ];
+    $('#usage-totals').replaceChildren(
+      ...rows.flatMap(([name, value]) => [el('dt', { text: name }), el('dd', { text: value })]),
+    );
+    $('#usage').hidden = false;
   }
 
   async function loadMore() {

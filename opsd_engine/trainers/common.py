@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -508,6 +509,7 @@ class SpecEvaluator:
             )
             model = self.policy.peft_model
             report = self._progress_reporter(step, adapter)
+            began = time.perf_counter()
             rng = ckpt.capture_rng_state()
             try:
                 torch.manual_seed(self.spec.seed)
@@ -524,7 +526,12 @@ class SpecEvaluator:
             finally:
                 ckpt.restore_rng_state(rng)
             scores = summary_metrics(result.summary)
-            self.callbacks.on_metrics(step, scores)
+            # usage of the evaluation: tokens of its samples, device time (this process)
+            usage = {
+                "eval_tokens": float(sum(sample.num_tokens for sample in result.samples)),
+                "time_eval_device_s": time.perf_counter() - began,
+            }
+            self.callbacks.on_metrics(step, {**scores, **usage})
             self._report_finished(step, adapter, scores)
         self.accelerator.wait_for_everyone()
         return scores
@@ -701,6 +708,9 @@ def run_steps(trainer: SteppedTrainer, started: str) -> TrainResult:
             callbacks.on_event("cancelled", f"stopped after step {step}", {"step": step})
             return TrainResult("cancelled", step, trainer.total_steps, None, last_checkpoint)
         step = trainer.state.step
+        if "time_device_s" not in metrics and "time_step_s" in metrics:
+            # usage: device time of the step over all processes
+            metrics["time_device_s"] = metrics["time_step_s"] * trainer.accelerator.num_processes
         callbacks.on_metrics(step, metrics)
         guard.observe_step(step, metrics)
         _observe_eval(trainer, guard, step, trainer.evaluator.after_step(step, trainer.total_steps))

@@ -260,6 +260,8 @@ class OPSDTrainer:
                     float(sum(r.finished for r in rollouts)),
                     totals["vocab_entries"],
                     totals["vocab_tokens"],
+                    float(sum(len(p.teacher_ids) + len(r.token_ids) for p, r in rows)),
+                    float(sum(len(p.student_ids) + len(r.token_ids) for p, r in rows)),
                 ],
                 dtype=torch.float64,
                 device=acc.device,
@@ -298,6 +300,11 @@ class OPSDTrainer:
             "time_optimizer_s": time_optimizer,
             "time_step_s": step_time,
             "tokens_per_s": generated / step_time if step_time > 0 else 0.0,
+            # usage: tokens through the teacher's and the student's scoring forward passes
+            # (prompt + rollout, no padding), and device time (all processes)
+            "teacher_scored_tokens": reduced[10],
+            "student_scored_tokens": reduced[11],
+            "time_device_s": step_time * acc.num_processes,
         }
         if spec.loss.clip is not None:
             metrics["clip_frac"] = reduced[3] / denominator

@@ -25,6 +25,7 @@ from tests.service_fixtures import fresh_postgres_url, sqlite_url
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {"tenants", "api_keys", "jobs", "job_events", "metrics", "checkpoints", "evals", "files"}
+TABLES |= {"job_usage"}  # revision 0007_usage
 
 
 @pytest.fixture(scope="module")
