@@ -15,8 +15,9 @@ import html
 import importlib.metadata
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -65,8 +66,15 @@ async def dashboard(request: Request) -> HTMLResponse:
 
 
 @router.get("/ui/assets/plotly.min.js")
-async def plotly_js(request: Request) -> Response:
-    """plotly.js from the installed `plotly` package (gzipped once, cached by version)."""
+async def plotly_js(
+    request: Request,
+    v: Annotated[
+        str | None, Query(max_length=64, description="The page's cache-busting version.")
+    ] = None,
+) -> Response:
+    """plotly.js from the installed `plotly` package (gzipped once, cached by version). `v` is
+    declared so that the app-wide check for unknown query parameters lets the page's
+    `?v=<plotly version>` through."""
     raw, packed = await run_in_threadpool(_plotly_bundle)  # first call reads and compresses
     headers = {**ASSET_HEADERS, "Cache-Control": IMMUTABLE, "Vary": "Accept-Encoding"}
     if "gzip" in request.headers.get("accept-encoding", ""):
