@@ -69,12 +69,15 @@ async def dashboard(request: Request) -> HTMLResponse:
 async def plotly_js(
     request: Request,
     v: Annotated[
-        str | None, Query(max_length=64, description="The page's cache-busting version.")
+        str | None,
+        Query(max_length=64, description="The plotly version the page asks for (a cache key)"),
     ] = None,
 ) -> Response:
-    """plotly.js from the installed `plotly` package (gzipped once, cached by version). `v` is
-    declared so that the app-wide check for unknown query parameters lets the page's
-    `?v=<plotly version>` through."""
+    """plotly.js from the installed `plotly` package (gzipped once, cached by version).
+
+    The page names the version in `?v=` so a browser's immutable cache entry ends with an
+    upgrade; the bundle served is always the installed one.
+    """
     raw, packed = await run_in_threadpool(_plotly_bundle)  # first call reads and compresses
     headers = {**ASSET_HEADERS, "Cache-Control": IMMUTABLE, "Vary": "Accept-Encoding"}
     if "gzip" in request.headers.get("accept-encoding", ""):

@@ -111,8 +111,10 @@ def test_an_outage_longer_than_the_lease_requeues_without_spending_an_attempt(
 ) -> None:
     from worker.runner import RELEASED, run_job
 
-    settings = _settings(own_pg.url, tmp_path, lease_seconds=3.0)
-    job_id = create_job(pg_store, tiny_spec_dict(optim={"max_steps": 16}))
+    settings = _settings(own_pg.url, tmp_path, lease_seconds=2.0, heartbeat_seconds=0.25)
+    # The engine never waits for the store, so the job must outlast the outage (a tiny step is
+    # ~0.2 s here): 64 steps, where the outage below is 5 s from the first one.
+    job_id = create_job(pg_store, tiny_spec_dict(optim={"max_steps": 64}))
     thread, out = _run(job_id, store=pg_store, settings=settings, worker_id="w1")
     wait_for(lambda: _progress(pg_store, job_id) >= 1, timeout=300, what="a step")
     own_pg.stop()
@@ -122,7 +124,7 @@ def test_an_outage_longer_than_the_lease_requeues_without_spending_an_attempt(
     job = pg_store.get_job(job_id)
     assert (job.status, job.attempt, job.lease_owner, job.error) == ("queued", 1, None, None)
     stopped_at = job.progress_step
-    assert 1 <= stopped_at < 16
+    assert 1 <= stopped_at < 64
     assert pg_store.list_checkpoints(job_id)[-1].step == stopped_at
     kinds = [e.kind for e in pg_store.list_events(job_id)]
     assert "released" in kinds and "failed" not in kinds and "requeued" not in kinds
@@ -131,7 +133,7 @@ def test_an_outage_longer_than_the_lease_requeues_without_spending_an_attempt(
     job = pg_store.get_job(job_id)
     assert (job.status, job.attempt) == ("succeeded", 1)
     steps = [s for s, _ in pg_store.query_metrics(job_id, names=["loss"])["loss"]]
-    assert steps == list(range(1, 17))
+    assert steps == list(range(1, 65))
 
 
 def test_the_reaper_gives_workers_a_lease_of_grace_after_a_store_outage(
