@@ -11,8 +11,10 @@ ledger column               metric (per step)
 ``device_seconds``          ``time_device_s`` (train: step time x processes) or
                             ``time_eval_device_s`` (eval)
 ``generated_tokens``        ``generated_tokens`` (rollout tokens sampled)
-``teacher_scored_tokens``   ``teacher_scored_tokens`` (prompt + rollout through the teacher)
-``student_scored_tokens``   ``student_scored_tokens`` (prompt + rollout through the student)
+``teacher_scored_tokens``   ``teacher_scored_tokens`` (prompt + rollout through the teacher;
+                            GRPO: the reference pass when ``kl_beta > 0``; SFT: 0)
+``student_scored_tokens``   ``student_scored_tokens`` (prompt + rollout through the student;
+                            GRPO: old log-probs + policy pass; SFT: prompt + reference)
 ``eval_tokens``             ``eval_tokens`` (tokens of the evaluation's samples)
 ==========================  ===========================================================
 
@@ -62,7 +64,12 @@ job_usage = sa.Table(
     sa.Index(None, "recorded_at"),
 )
 
-_TRAIN_METRICS = ("time_device_s", "generated_tokens", "teacher_scored_tokens")
+_TRAIN_METRICS = (
+    "time_device_s",
+    "generated_tokens",
+    "teacher_scored_tokens",
+    "student_scored_tokens",
+)
 
 
 @dataclass(frozen=True)

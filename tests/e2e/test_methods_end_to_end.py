@@ -108,7 +108,7 @@ def test_method_job_runs_to_success_through_the_service(
 
     metrics = http.get(f"/jobs/{job_id}/metrics").json()["metrics"]
     names = METHOD_METRICS[method] | {"grad_norm", "lr", "generated_tokens"}
-    names |= {"generated_tokens_total", "time_step_s"}
+    names |= {"generated_tokens_total", "time_step_s", "time_device_s", "student_scored_tokens"}
     assert names <= metrics.keys(), sorted(metrics)
     assert metrics["loss"]["steps"] == [1, 2, 3]
     tokens = metrics["generated_tokens"]["values"]
@@ -118,6 +118,13 @@ def test_method_job_runs_to_success_through_the_service(
         assert total[-1] == 0  # SFT samples nothing
     else:
         assert tokens[0] >= 2 * 2 * 4  # batch 2 x accumulation 2 x 4 completions, >= 1 token
+
+    # the job's usage is the sum of its per-step metrics, whatever the method
+    (usage,) = [j for j in http.get("/usage").json()["jobs"] if j["job_id"] == job_id]
+    assert usage["steps"] == 3 and usage["generated_tokens"] == total[-1]
+    scored = sum(metrics["student_scored_tokens"]["values"])
+    assert usage["student_scored_tokens"] == scored > 0
+    assert usage["device_seconds"] == pytest.approx(sum(metrics["time_device_s"]["values"]))
 
     archive = http.get(f"/jobs/{job_id}/adapter")
     assert archive.status_code == 200
