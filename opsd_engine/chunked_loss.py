@@ -247,7 +247,8 @@ def _chunk_loss(
     gradient of the form ``d t_v / d z_k = g_v (delta_vk - p_S,k)``, with ``g_v = -p_T,v``
     (forward KL), ``p_S,v (log p_S,v - log p_T,v + 1)`` (reverse KL) or
     ``(1 - beta) p_S,v (log p_S,v - log m_v)`` (JSD); so with ``u_v = [t_v <= vocab_clip]`` the
-    gradient is ``g u - p_S * sum_v(g_v u_v)``. One extra boolean ``[n, V]`` tensor holds ``u``.
+    gradient is ``g u - p_S * sum_v(g_v u_v)``. One extra boolean ``[n, V]`` tensor marks the
+    clipped entries (a quarter of a float buffer).
     """
     _log_softmax_(ls, ps)
     _log_softmax_(lt, pt)
@@ -332,24 +333,23 @@ def _vocab_clipped_chunk(
     """
     if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
         terms = lt.sub_(ls).mul_(pt)  # p_T (log p_T - log p_S)
-        keep = terms <= vocab_clip
-        g = torch.mul(pt, keep, out=scratch).neg_()  # g_v u_v = -p_T,v u_v
+        clipped = terms > vocab_clip
+        g = torch.neg(pt, out=scratch).masked_fill_(clipped, 0.0)  # g_v u_v = -p_T,v u_v
     elif loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
         terms = torch.mul(ls.sub_(lt), ps, out=scratch)  # p_S (log p_S - log p_T)
-        keep = terms <= vocab_clip
-        g = ls.add_(1.0).mul_(ps).mul_(keep)  # p_S (log p_S - log p_T + 1) u
+        clipped = terms > vocab_clip
+        g = ls.add_(1.0).mul_(ps).masked_fill_(clipped, 0.0)  # p_S (log p_S - log p_T + 1) u
     else:
         log_m = torch.mul(pt, beta, out=scratch).add_(ps, alpha=1.0 - beta)
         log_m.clamp_min_(torch.finfo(log_m.dtype).tiny).log_()
         teacher_terms = lt.sub_(log_m).mul_(pt)  # p_T (log p_T - log m)
         student_terms = ls.sub_(log_m).mul_(ps)  # p_S (log p_S - log m)
         terms = torch.mul(teacher_terms, beta, out=scratch).add_(student_terms, alpha=1.0 - beta)
-        keep = terms <= vocab_clip
-        g = student_terms.mul_(keep).mul_(1.0 - beta)
+        clipped = terms > vocab_clip
+        g = student_terms.masked_fill_(clipped, 0.0).mul_(1.0 - beta)
     stats.divergence += terms.sum()
-    clipped_entries = keep.numel() - keep.sum()
-    stats.vocab_clipped_entries += clipped_entries
-    stats.vocab_clipped_tokens += (~keep.all(dim=-1)).sum()
+    stats.vocab_clipped_entries += torch.count_nonzero(clipped)  # no int64 copy of the mask
+    stats.vocab_clipped_tokens += clipped.any(dim=-1).sum()
     per_row = terms.clamp_(max=vocab_clip).sum(dim=-1)
     grad = g.addcmul_(ps, g.sum(dim=-1, keepdim=True), value=-1.0)
     return per_row, grad
