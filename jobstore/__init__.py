@@ -8,6 +8,7 @@ Public surface: :class:`Store` (every query), the records, states and exceptions
 
 from jobstore.evals import EVAL_STATUSES, EVAL_TERMINAL_STATUSES, EvalRecord
 from jobstore.migrate import current_revision, head_revision, upgrade
+from jobstore.preflights import PREFLIGHT_STATUSES, PreflightRecord
 from jobstore.records import (
     CANCELLED,
     CANCELLING,
@@ -42,6 +43,7 @@ __all__ = [
     "FAILED",
     "JOB_STATUSES",
     "LIVE_STATUSES",
+    "PREFLIGHT_STATUSES",
     "QUEUED",
     "RUNNING",
     "SUCCEEDED",
@@ -58,6 +60,7 @@ __all__ = [
     "JobNotFound",
     "JobRecord",
     "JobUsage",
+    "PreflightRecord",
     "Store",
     "StoreError",
     "TenantNotFound",

@@ -48,6 +48,7 @@ from jobstore.cursor import decode_cursor, encode_cursor
 from jobstore.db import Executor, create_engine, read_engine, session_factory, write_engine
 from jobstore.evals import EvalQueries
 from jobstore.ids import new_api_key_id, new_job_id, new_tenant_id
+from jobstore.preflights import PreflightQueries
 from jobstore.records import (
     CANCELLED,
     CANCELLING,
@@ -172,7 +173,7 @@ def _event_record(row: Row[Any]) -> EventRecord:
     )
 
 
-class Store(EvalQueries, TenancyQueries, UsageQueries):
+class Store(EvalQueries, PreflightQueries, TenancyQueries, UsageQueries):
     """The service's state on PostgreSQL (``postgresql+psycopg://…``) or SQLite (``sqlite:///…``).
 
     Thread-safe: every method opens its own short transaction from a pool. The schema must have

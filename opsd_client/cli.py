@@ -8,7 +8,8 @@ local `opsd up` default (`http://127.0.0.1:8000`, key from `$OPSD_HOME/api_key`)
 Exit codes (stable, for scripts):
 
     0  success
-    1  the job or eval ended failed or cancelled (`wait`, `submit --wait`, `evals wait`)
+    1  the job or eval ended failed or cancelled (`wait`, `submit --wait`, `evals wait`), or
+       a pre-flight found a failing check or could not run (`jobs preflight`)
     2  usage or request error: bad flags or spec file, invalid field (422), conflict (409)
     3  not found (404; another tenant's ids are not found too)
     4  authentication: missing or rejected API key (401/403)
@@ -399,6 +400,90 @@ def cancel(
         _print_json(_dump(job))
     else:
         typer.echo(f"{job.id}: {job.status}")
+
+
+# --------------------------------------------------------------------------------- pre-flight
+_BADGES = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
+
+
+def preflight_text(found: Any) -> str:
+    """A finished pre-flight for people: the gap, the first profile positions, one line per
+    check (with its fix when it did not pass)."""
+    if found.status == "failed":
+        error = found.error
+        detail = f"{error.code}: {error.message}" if hasattr(error, "code") else str(error)
+        return f"{found.id}: the pre-flight could not run ({detail})"
+    report = found.report
+    if report is None:
+        return f"{found.id}: {found.status}"
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1%}"
+
+    lines = [
+        f"{found.id} (job {found.job_id}): {_BADGES.get(report.status or '', report.status)} "
+        f"({report.n_problems} problems x {report.samples_per_problem} samples)",
+        f"  student without the reference: {pct(report.student_accuracy)}",
+        f"  teacher with the reference:    {pct(report.teacher_accuracy)}",
+    ]
+    if report.gap is not None:
+        lines.append(f"  privileged gap:                {report.gap:+.1%}")
+    if report.divergence_profile:
+        first = " ".join(f"{v:.3f}" for v in report.divergence_profile[:8])
+        lines.append(f"  {report.divergence} per position (nats), first tokens: {first}")
+    for check in report.checks:
+        lines.append(f"  [{_BADGES[check.status]}] {check.name}: {check.message}")
+        if check.status != "pass" and check.fix:
+            lines.append(f"         fix: {check.fix}")
+    return "\n".join(lines)
+
+
+@jobs_app.command("preflight")
+@handle_errors
+def preflight(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., help="Job id (job_...)."),
+    sample_size: int | None = typer.Option(None, "--sample-size", help="Problems (1-256)."),
+    samples_per_problem: int | None = typer.Option(
+        None, "--samples-per-problem", help="Samples per problem and role (1-16)."
+    ),
+    profile_rollouts: int | None = typer.Option(
+        None, "--profile-rollouts", help="Rollouts in the divergence profile (1-32)."
+    ),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens"),
+    min_gap: float | None = typer.Option(None, "--min-gap", help="Gap that passes (0.10)."),
+    show_only: bool = typer.Option(
+        False, "--show", help="Show the latest pre-flight instead of starting one."
+    ),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Start it and return."),
+    timeout: float | None = typer.Option(None, "--timeout", min=0, help="Exit 6 after this."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Run a job's pre-flight (privileged gap, divergence profile, alignment checks) and print
+    its report; exit 1 when a check fails or the pre-flight could not run."""
+    with _client(ctx) as client:
+        if show_only:
+            found = client.jobs.retrieve_preflight(job_id)
+        else:
+            found = client.jobs.preflight(
+                job_id,
+                sample_size=sample_size,
+                samples_per_problem=samples_per_problem,
+                profile_rollouts=profile_rollouts,
+                max_new_tokens=max_new_tokens,
+                min_gap=min_gap,
+            )
+            if not json_output:
+                typer.echo(f"{found.id}: {found.status}", err=True)
+            if not no_wait:
+                found = client.jobs.wait_preflight(job_id, timeout=timeout, poll=1.0)
+    if json_output:
+        _print_json(_dump(found))
+    else:
+        typer.echo(preflight_text(found))
+    verdict = found.report.status if found.report is not None else None
+    if found.status == "failed" or verdict == "fail":
+        raise typer.Exit(EXIT_JOB_FAILED)
 
 
 # ------------------------------------------------------------------------------------ metrics

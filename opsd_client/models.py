@@ -379,6 +379,108 @@ class ApiKeyList(_Model):
     data: list[ApiKey]
 
 
+# ------------------------------------------------------------------------------- pre-flight
+PreflightStatus = Literal["queued", "running", "succeeded", "failed"]
+CheckStatus = Literal["pass", "warn", "fail"]
+
+
+class PreflightCheck(_Model):
+    """One named alignment check of a pre-flight: `status` pass|warn|fail, what was found
+    (`message`) and the suggested `fix`."""
+
+    name: str
+    status: CheckStatus
+    message: str
+    fix: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreflightReport(_Model):
+    """What a pre-flight found. `status` is the worst check's; accuracies are fractions (None
+    without reference answers); `divergence_profile[n]` is the mean divergence (nats) at rollout
+    position n over `profile_counts[n]` rollouts (the first 512 positions);
+    `divergence_by_tenth` the means over each tenth of the rollout span."""
+
+    status: CheckStatus | None = None
+    checks: list[PreflightCheck] = Field(default_factory=list)
+    n_problems: int | None = None
+    samples_per_problem: int | None = None
+    student_accuracy: float | None = None
+    teacher_accuracy: float | None = None
+    gap: float | None = None
+    gap_interval: list[float] | None = None
+    divergence: str | None = None
+    divergence_profile: list[float] = Field(default_factory=list)
+    profile_counts: list[int] = Field(default_factory=list)
+    divergence_by_tenth: list[float] = Field(default_factory=list)
+    divergence_mean: float | None = None
+    seconds: float | None = None
+
+    def check(self, name: str) -> PreflightCheck:
+        """The check called `name` (KeyError if the report has none)."""
+        for check in self.checks:
+            if check.name == name:
+                return check
+        raise KeyError(name)
+
+
+class PreflightProgress(_Model):
+    """Which phase a running pre-flight is in (student, teacher, profile): `done` of `total`."""
+
+    phase: str
+    done: int
+    total: int
+
+
+class _PreflightFields(_Model):
+    id: str
+    object: Literal["preflight"] = "preflight"
+    job_id: str
+    status: PreflightStatus
+    config: dict[str, Any] = Field(default_factory=dict)
+    report: PreflightReport | None = None
+    progress: PreflightProgress | None = None
+    error: JobError | str | None = None
+    created_at: datetime
+    finished_at: datetime | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+
+class Preflight(_PreflightFields):
+    """A job's pre-flight (`POST /jobs/{id}/preflight`): the privileged gap, the divergence
+    profile and the alignment checks. `status` is the run's; the verdict is `report.status`."""
+
+    _client: Any = PrivateAttr(default=None)
+
+    def wait(self, *, timeout: float | None = None, poll: float = 1.0) -> Preflight:
+        """Block until the pre-flight finished (succeeded or failed) and return it."""
+        return _bound(self).jobs.wait_preflight(self.job_id, timeout=timeout, poll=poll)
+
+
+class AsyncPreflight(_PreflightFields):
+    """A pre-flight returned by `AsyncClient`; `wait` is a coroutine."""
+
+    _client: Any = PrivateAttr(default=None)
+
+    async def wait(self, *, timeout: float | None = None, poll: float = 1.0) -> AsyncPreflight:
+        return await _bound(self).jobs.wait_preflight(self.job_id, timeout=timeout, poll=poll)
+
+
+class PreflightList(_Model):
+    """`GET /jobs/{id}/preflights`."""
+
+    object: Literal["list"] = "list"
+    data: list[Preflight]
+
+
+class AsyncPreflightList(_Model):
+    object: Literal["list"] = "list"
+    data: list[AsyncPreflight]
+
+
 class UsageTotals(_Model):
     """Usage sums (`GET /usage`): device-seconds and token counts."""
 

@@ -1,5 +1,7 @@
 """The `opsd` command line: local training and developer helpers.
 
+`opsd preflight SPEC` checks, before training, that self-distillation has something to teach
+and that the two roles are aligned (:mod:`opsd_engine.preflight`; exit 1 when a check fails).
 `opsd train SPEC --out DIR [--resume]` runs a job locally (Ctrl-C stops it after the current
 step with a checkpoint, records an `interrupted` event, prints the command that resumes it and
 exits 130); `opsd spec show SPEC` prints the
@@ -42,6 +44,7 @@ def register(parent: typer.Typer) -> None:
     """Mount the engine's commands on the top-level `opsd` command."""
     parent.command("train")(train)
     parent.command("report")(report)
+    parent.command("preflight")(preflight)
     parent.add_typer(spec_app, name="spec")
     parent.add_typer(dev_app, name="dev")
 
@@ -57,8 +60,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from opsd_engine.data import DatasetError
     from opsd_engine.local_run import RunDirectoryError
     from opsd_engine.modeling import ModelLoadError
+    from opsd_engine.preflight import PreflightFailed
 
-    return (SpecError, DatasetError, ModelLoadError, RunDirectoryError, ResumeMismatchError)
+    return (
+        SpecError,
+        DatasetError,
+        ModelLoadError,
+        RunDirectoryError,
+        ResumeMismatchError,
+        PreflightFailed,
+    )
 
 
 @app.command()
@@ -205,6 +216,74 @@ def report(
     typer.echo(format_table(summarize(rows)))
     if plot is not None:
         typer.echo(f"plot: {plot_metrics(rows, plot, title=str(run_dir))}")
+
+
+EXIT_PREFLIGHT_FAILED = 1
+
+
+@app.command()
+def preflight(
+    spec_file: Path = typer.Argument(
+        ..., help="Job spec (YAML or JSON), same shape as POST /jobs."
+    ),
+    sample_size: int | None = typer.Option(
+        None, "--sample-size", help="Problems sampled (1-256; default: the spec's preflight, 16)."
+    ),
+    samples_per_problem: int | None = typer.Option(
+        None, "--samples-per-problem", help="Samples per problem and role (1-16; default 1)."
+    ),
+    profile_rollouts: int | None = typer.Option(
+        None, "--profile-rollouts", help="Student rollouts in the divergence profile (1-32; 4)."
+    ),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", help="Rollout length; default: the spec's max_new_tokens."
+    ),
+    min_gap: float | None = typer.Option(
+        None, "--min-gap", help="Smallest privileged gap that passes (default: spec, 0.10)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 on a warning too."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress lines."),
+) -> None:
+    """Before training: the privileged gap, the divergence profile and the alignment checks.
+
+    Exit status 0 when no check fails (warnings allowed unless --strict), 1 when one fails,
+    2 for a bad spec, dataset, model or option.
+    """
+    from opsd_engine.config import load_spec
+    from opsd_engine.preflight import format_report, run_preflight, settings_from_spec
+
+    try:
+        spec = load_spec(spec_file)
+        settings = settings_from_spec(
+            spec,
+            sample_size=sample_size,
+            samples_per_problem=samples_per_problem,
+            profile_rollouts=profile_rollouts,
+            max_new_tokens=max_new_tokens,
+            min_gap=min_gap,
+        )
+    except (*_user_errors(), ValueError) as exc:
+        _fail(str(exc))
+        return
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if not no_progress:
+            what = {"student": "student samples", "teacher": "teacher samples"}.get(
+                phase, "divergence profile"
+            )
+            typer.echo(f"pre-flight: {what} {done}/{total}", err=True)
+
+    try:
+        if not no_progress:
+            typer.echo(f"pre-flight: loading {spec.base_model} and {spec.dataset_uri}", err=True)
+        report = run_preflight(spec, settings, on_progress=progress)
+    except (*_user_errors(), ValueError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    if report.status == "fail" or (strict and report.status == "warn"):
+        raise typer.Exit(EXIT_PREFLIGHT_FAILED)
 
 
 @spec_app.command("show")

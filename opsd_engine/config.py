@@ -410,6 +410,33 @@ class CheckpointConfig(_Group):
     )
 
 
+class PreflightSpec(_Group):
+    """The pre-flight (:mod:`opsd_engine.preflight`): its sample sizes, and whether the job runs
+    it before its first step (``run_first``), failing before training when the report is at
+    least as bad as ``stop_on``. The same sizes are the defaults of ``opsd preflight`` and
+    ``POST /jobs/{id}/preflight`` for this spec."""
+
+    run_first: bool = Field(
+        False, description="Run the pre-flight before the first training step (not on resume)."
+    )
+    stop_on: Literal["fail", "warn", "never"] = Field(
+        "fail",
+        description="With run_first: fail the job before training when the pre-flight's status "
+        "is this or worse (fail: a failing check; warn: any warning; never: report only).",
+    )
+    sample_size: int = Field(16, ge=1, le=256, description="Problems sampled.")
+    samples_per_problem: int = Field(1, ge=1, le=16, description="Samples per problem and role.")
+    profile_rollouts: int = Field(
+        4, ge=1, le=32, description="Student rollouts in the divergence profile."
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS, description="Rollout length; None: max_new_tokens."
+    )
+    min_gap: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Smallest privileged gap that passes; None: 0.10."
+    )
+
+
 TrackerName = Literal["tensorboard", "wandb", "mlflow"]
 
 
@@ -468,6 +495,7 @@ class JobSpec(BaseModel):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     report_to: list[TrackerName] = Field(
         default_factory=list,

@@ -21,6 +21,7 @@ from opsd_service.settings import ServiceSettings, filesystem_broker_root, is_fi
 
 RUN_JOB_TASK = "opsd.run_job"
 RUN_EVAL_TASK = "opsd.run_eval"
+RUN_PREFLIGHT_TASK = "opsd.run_preflight"
 
 
 def filesystem_transport_options(settings: ServiceSettings) -> dict[str, Any]:
@@ -55,6 +56,7 @@ def make_celery(settings: ServiceSettings) -> Celery:
         "task_routes": {
             RUN_JOB_TASK: {"queue": settings.queue},
             RUN_EVAL_TASK: {"queue": settings.queue},
+            RUN_PREFLIGHT_TASK: {"queue": settings.queue},
         },
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": False,
@@ -91,6 +93,19 @@ def enqueue_eval(celery: Celery, eval_id: str) -> str:
     result = celery.send_task(
         RUN_EVAL_TASK,
         args=[str(eval_id)],
+        queue=celery.conf.task_default_queue,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        ignore_result=True,
+    )
+    return str(result.id)
+
+
+def enqueue_preflight(celery: Celery, preflight_id: str) -> str:
+    """Send `opsd.run_preflight(preflight_id)` (the id only); returns the message id."""
+    result = celery.send_task(
+        RUN_PREFLIGHT_TASK,
+        args=[str(preflight_id)],
         queue=celery.conf.task_default_queue,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},

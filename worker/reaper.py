@@ -1,4 +1,4 @@
-"""The expired-lease reaper: puts jobs and evals of lost workers back on the queue.
+"""The expired-lease reaper: puts jobs, evals and pre-flights of lost workers back on the queue.
 
 A worker that dies mid-run stops renewing its lease. `reap_once` asks the store to requeue every
 job whose lease expired (attempt + 1, or `failed` with `worker_lost` when attempts are used up)
@@ -6,8 +6,8 @@ and sends a fresh message for each requeued job; the job then resumes from its l
 on whichever worker claims it. Every worker process runs `Reaper` in a background thread; the
 store's conditional UPDATEs make concurrent reapers harmless, and a duplicate message is skipped
 by the claim. It also re-sends queued jobs left untouched for long (a message lost with a killed
-worker). Evals get the same two sweeps (an eval lost on its last attempt fails with
-`worker_lost`). The same loop prunes old processed-message files of the file-backed broker.
+worker). Evals and pre-flights get the same two sweeps (one lost on its last attempt fails
+with `worker_lost`). The same loop prunes old processed-message files of the file-backed broker.
 
 Outages: after a round that could not reach the store (or one that stalled), the reaper gives
 workers one lease of grace before it requeues expired leases: a live worker whose heartbeats
@@ -30,7 +30,7 @@ from typing import Any
 
 from celery import Celery
 
-from worker.queue import broker_identity, enqueue_eval, enqueue_job
+from worker.queue import broker_identity, enqueue_eval, enqueue_job, enqueue_preflight
 
 log = logging.getLogger("opsd.reaper")
 
@@ -44,7 +44,8 @@ def reap_once(
     stale_queued_after: timedelta | None = None,
     requeue_expired: bool = True,
 ) -> list[str]:
-    """Requeue jobs and evals with expired leases and re-enqueue each; returns their ids.
+    """Requeue jobs, evals and pre-flights with expired leases and re-enqueue each; returns
+    their ids.
 
     With `stale_queued_after`, queued jobs and evals untouched that long get a fresh message too
     (their first one may have been lost with a killed worker; `timedelta(0)`: every queued one).
@@ -55,12 +56,15 @@ def reap_once(
     if requeue_expired:
         sent += _send(celery, enqueue_job, store.requeue_expired(), lost)
         sent += _send(celery, enqueue_eval, store.requeue_lost_evals(), lost)
+        sent += _send(celery, enqueue_preflight, store.requeue_lost_preflights(), lost)
     if stale_queued_after is not None:
         stale = f"queued for over {stale_queued_after}; sent again"
         jobs = store.requeue_stale_queued(older_than=stale_queued_after)
         sent += _send(celery, enqueue_job, jobs, stale)
         evals = store.resend_stale_queued_evals(older_than=stale_queued_after)
         sent += _send(celery, enqueue_eval, evals, stale)
+        preflights = store.resend_stale_queued_preflights(older_than=stale_queued_after)
+        sent += _send(celery, enqueue_preflight, preflights, stale)
     return sent
 
 
@@ -69,7 +73,7 @@ def _send(
 ) -> list[str]:
     for record_id in record_ids:
         enqueue(celery, record_id)
-        log.warning("%s: %s", record_id, why)  # ids name their kind: job_… / eval_…
+        log.warning("%s: %s", record_id, why)  # ids name their kind: job_… / eval_… / pf_…
     return list(record_ids)
 
 

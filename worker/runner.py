@@ -180,6 +180,10 @@ def classify_error(exc: BaseException) -> JobError:
         return JobError("access_denied", _clip(str(exc)), "user")
     if isinstance(exc, ModelLoadError):
         return JobError("model_load_error", _clip(str(exc)), "user")
+    from opsd_engine.preflight import PreflightFailed
+
+    if isinstance(exc, PreflightFailed):
+        return JobError("preflight_failed", _clip(str(exc)), "user")
     if isinstance(exc, InferenceError):
         return system_error("inference_server_error", exc, "an inference server error")
     if _is_oom(exc):

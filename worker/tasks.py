@@ -1,4 +1,5 @@
-"""The Celery tasks `opsd.run_job(job_id)` and `opsd.run_eval(eval_id)`: as thin as web views.
+"""The Celery tasks `opsd.run_job(job_id)`, `opsd.run_eval(eval_id)` and
+`opsd.run_preflight(preflight_id)`: as thin as web views.
 
 Each opens (once per process) the store named by the settings and hands the id to
 `worker.runner.run_job` / `worker.evals.run_eval`, which own every decision. Only a failure to
@@ -17,7 +18,7 @@ from typing import Any
 from celery import shared_task
 
 from opsd_service.settings import get_settings
-from worker.queue import RUN_EVAL_TASK, RUN_JOB_TASK
+from worker.queue import RUN_EVAL_TASK, RUN_JOB_TASK, RUN_PREFLIGHT_TASK
 
 RELEASED = "released"  # worker.runner.RELEASED (not imported here: the runner loads the engine)
 
@@ -85,3 +86,11 @@ def run_eval_task(self: Any, eval_id: str) -> str:
     from worker.evals import run_eval
 
     return _run(self, "eval", eval_id, run_eval)
+
+
+@shared_task(name=RUN_PREFLIGHT_TASK, bind=True, max_retries=MAX_TASK_RETRIES, ignore_result=True)
+def run_preflight_task(self: Any, preflight_id: str) -> str:
+    """Run one pre-flight by id (see `worker.preflight.run_preflight`)."""
+    from worker.preflight import run_preflight
+
+    return _run(self, "preflight", preflight_id, run_preflight)

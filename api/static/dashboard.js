@@ -39,6 +39,7 @@
     metrics: {},
     lastEventId: 0,
     markers: [],
+    runFirstPreflight: null,
     checkpointsSeen: -1,
     statusFilter: '',
     nextCursor: null,
@@ -445,6 +446,7 @@
     state.metrics = {};
     state.lastEventId = 0;
     state.markers = [];
+    state.runFirstPreflight = null;
     state.checkpointsSeen = -1;
     const params = hashParams();
     params.set('job', id);
@@ -462,6 +464,8 @@
     $('#checkpoints tbody').replaceChildren();
     $('#evals tbody').replaceChildren();
     $('#evals-section').hidden = true;
+    $('#preflight-section').hidden = true;
+    $('#preflight-checks tbody').replaceChildren();
     $('#charts').replaceChildren();
     $('#chart-extra').hidden = true;
     $('#extra-metric').value = '';
@@ -474,13 +478,15 @@
     if (!id || !state.key) return;
     let job = state.job;
     let evalsPending = false;
+    let preflightPending = false;
     try {
       if (!document.hidden || !job) {
-        const [fresh, metrics, events, evals] = await Promise.all([
+        const [fresh, metrics, events, evals, preflights] = await Promise.all([
           api(jobPath(id)),
           api(jobPath(id, '/metrics'), { max_points: MAX_POINTS }),
           api(jobPath(id, '/events'), { after_id: state.lastEventId }),
           api(jobPath(id, '/evals')),
+          api(jobPath(id, '/preflights')),
         ]);
         if (generation !== state.generation) return;
         job = fresh;
@@ -491,7 +497,11 @@
         appendEvents(events.data);
         renderCharts(job);
         renderEvals(evals.data);
+        // the latest pre-flight asked for (POST) wins over the one run before training
+        const preflight = preflights.data[preflights.data.length - 1] || null;
+        renderPreflight(preflight || state.runFirstPreflight);
         evalsPending = evals.data.some((e) => !EVAL_TERMINAL.has(e.status));
+        preflightPending = Boolean(preflight) && !EVAL_TERMINAL.has(preflight.status);
         const checkpointEvents = events.data.filter((e) => e.kind === 'checkpoint').length;
         if (state.checkpointsSeen < 0 || checkpointEvents || TERMINAL.has(job.status)) {
           const checkpoints = await api(jobPath(id, '/checkpoints'));
@@ -518,7 +528,9 @@
     indicator.textContent = live
       ? `live · updated ${new Date().toLocaleTimeString()}`
       : `updated ${new Date().toLocaleTimeString()}`;
-    if (live || evalsPending || !job) schedule('job', refreshJob, JOB_POLL_MS);
+    if (live || evalsPending || preflightPending || !job) {
+      schedule('job', refreshJob, JOB_POLL_MS);
+    }
   }
 
   function eta(job) {
@@ -736,6 +748,15 @@
           : event.kind === 'best_checkpoint' ? 'best' : 'early stop';
         state.markers.push({ kind: event.kind, step: data.step, label });
       }
+      if (event.kind === 'preflight_finished' && event.data && event.data.report) {
+        // the spec's preflight.run_first: its report travels in this event
+        state.runFirstPreflight = {
+          id: 'before training',
+          status: 'succeeded',
+          report: event.data.report,
+          created_at: event.created_at,
+        };
+      }
       body.append(
         el(
           'tr',
@@ -796,6 +817,48 @@
           el('td', { class: 'time', text: fmtTime(e.created_at) }),
         );
       }),
+    );
+  }
+
+  // ------------------------------------------------------------------------------ pre-flight
+  function pct(value) {
+    return typeof value === 'number' ? `${(100 * value).toFixed(1)}%` : 'n/a';
+  }
+
+  function renderPreflight(preflight) {
+    $('#preflight-section').hidden = !preflight;
+    if (!preflight) return;
+    const report = preflight.report;
+    const verdict = report ? report.status : preflight.status;
+    const head = $('#preflight-status');
+    head.className = `badge s-${verdict}`;
+    head.textContent = verdict;
+    let summary;
+    if (preflight.error) {
+      summary = `could not run: ${preflight.error.code}: ${preflight.error.message}`;
+    } else if (!report) {
+      const p = preflight.progress;
+      summary = p ? `${preflight.status}: ${p.phase} ${p.done}/${p.total}` : preflight.status;
+    } else {
+      const profile = (report.divergence_profile || []).slice(0, 8).map((v) => v.toFixed(3));
+      summary =
+        `student without the reference ${pct(report.student_accuracy)}, teacher with it ` +
+        `${pct(report.teacher_accuracy)}, privileged gap ${pct(report.gap)} ` +
+        `(${report.n_problems} problems × ${report.samples_per_problem}); ` +
+        `${report.divergence} on the first tokens: ${profile.join(' ') || '–'}`;
+    }
+    $('#preflight-summary').textContent = summary;
+    $('#preflight-checks tbody').replaceChildren(
+      ...((report && report.checks) || []).map((check) =>
+        el(
+          'tr',
+          { 'data-check': check.name },
+          el('td', {}, el('code', { text: check.name })),
+          el('td', {}, badge(check.status)),
+          el('td', { text: check.message }),
+          el('td', { class: 'muted', text: check.status === 'pass' ? '' : check.fix || '' }),
+        ),
+      ),
     );
   }
 

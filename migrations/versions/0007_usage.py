@@ -1,7 +1,7 @@
 """Usage ledger: what each job consumed per step (device-seconds, tokens), for `GET /usage`.
 
 Revision ID: 0007_usage
-Revises: 0004_tenant_security
+Revises: 0006_preflight
 Create Date: 2026-11-30
 
 ``job_usage`` has one row per job, step and source (``train`` or ``eval``), written with the
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007_usage"
-down_revision: str | Sequence[str] | None = "0004_tenant_security"
+down_revision: str | Sequence[str] | None = "0006_preflight"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

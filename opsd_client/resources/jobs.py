@@ -33,6 +33,8 @@ from opsd_client.errors import (
 from opsd_client.models import (
     AsyncJob,
     AsyncJobList,
+    AsyncPreflight,
+    AsyncPreflightList,
     Checkpoint,
     CheckpointList,
     Event,
@@ -40,6 +42,8 @@ from opsd_client.models import (
     Job,
     JobList,
     Metrics,
+    Preflight,
+    PreflightList,
 )
 
 if TYPE_CHECKING:
@@ -59,6 +63,7 @@ _GROUPS = (
     "runtime",
     "grpo",
     "eval",
+    "preflight",
 )
 
 
@@ -78,6 +83,23 @@ def build_spec(spec: Mapping[str, Any] | None, fields: Mapping[str, Any]) -> dic
         else:
             body[name] = dict(value) if isinstance(value, Mapping) else value
     return body
+
+
+def _preflight_body(
+    sample_size: int | None,
+    samples_per_problem: int | None,
+    profile_rollouts: int | None,
+    max_new_tokens: int | None,
+    min_gap: float | None,
+) -> dict[str, Any]:
+    fields = {
+        "sample_size": sample_size,
+        "samples_per_problem": samples_per_problem,
+        "profile_rollouts": profile_rollouts,
+        "max_new_tokens": max_new_tokens,
+        "min_gap": min_gap,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def job_path(job_id: str, suffix: str = "") -> str:
@@ -160,6 +182,7 @@ class Jobs:
         loss: Mapping[str, Any] | None = None,
         prompts: Mapping[str, Any] | None = None,
         runtime: Mapping[str, Any] | None = None,
+        preflight: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
@@ -189,6 +212,7 @@ class Jobs:
                 "loss": loss,
                 "prompts": prompts,
                 "runtime": runtime,
+                "preflight": preflight,
                 **dict(extra_body or {}),
             },
         )
@@ -321,6 +345,59 @@ class Jobs:
                 )
             time.sleep(delay)
 
+    def preflight(
+        self,
+        job_id: str,
+        *,
+        sample_size: int | None = None,
+        samples_per_problem: int | None = None,
+        profile_rollouts: int | None = None,
+        max_new_tokens: int | None = None,
+        min_gap: float | None = None,
+    ) -> Preflight:
+        """`POST /jobs/{id}/preflight`: queue the job's pre-flight (privileged gap, divergence
+        profile, alignment checks); options left out take the server's defaults."""
+        body = _preflight_body(
+            sample_size, samples_per_problem, profile_rollouts, max_new_tokens, min_gap
+        )
+        response = self._client._http_api.request(
+            "POST", job_path(job_id, "/preflight"), json=body, idempotent=False
+        )
+        return self._preflight(response)
+
+    def retrieve_preflight(self, job_id: str) -> Preflight:
+        """`GET /jobs/{id}/preflight`: the job's latest pre-flight and its report."""
+        return self._preflight(
+            self._client._http_api.request("GET", job_path(job_id, "/preflight"))
+        )
+
+    def list_preflights(self, job_id: str) -> list[Preflight]:
+        """`GET /jobs/{id}/preflights`: the job's pre-flights (the last 100), oldest first."""
+        response = self._client._http_api.request("GET", job_path(job_id, "/preflights"))
+        found = PreflightList.model_validate(response.json()).data
+        for item in found:
+            item._client = self._client
+        return found
+
+    def wait_preflight(
+        self, job_id: str, *, timeout: float | None = None, poll: float = 1.0
+    ) -> Preflight:
+        """Poll the latest pre-flight until it succeeded or failed (`WaitTimeoutError` after
+        `timeout` seconds) and return it: check `status` (the run) and `report.status`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = self.retrieve_preflight(job_id)
+            if found.is_terminal:
+                return found
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(f"pre-flight of {job_id}", timeout or 0.0, found)
+            time.sleep(poll)
+
+    def _preflight(self, response: httpx.Response) -> Preflight:
+        found = Preflight.model_validate(response.json())
+        found._client = self._client
+        return found
+
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         """`GET /jobs/{id}/checkpoints`, oldest first."""
         response = self._client._http_api.request("GET", job_path(job_id, "/checkpoints"))
@@ -417,6 +494,7 @@ class AsyncJobs:
         loss: Mapping[str, Any] | None = None,
         prompts: Mapping[str, Any] | None = None,
         runtime: Mapping[str, Any] | None = None,
+        preflight: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> AsyncJob:
@@ -442,6 +520,7 @@ class AsyncJobs:
                 "loss": loss,
                 "prompts": prompts,
                 "runtime": runtime,
+                "preflight": preflight,
                 **dict(extra_body or {}),
             },
         )
@@ -564,6 +643,52 @@ class AsyncJobs:
                     f"event stream of {job_id} dropped {state.failures - 1} times in a row"
                 )
             await asyncio.sleep(delay)
+
+    async def preflight(
+        self,
+        job_id: str,
+        *,
+        sample_size: int | None = None,
+        samples_per_problem: int | None = None,
+        profile_rollouts: int | None = None,
+        max_new_tokens: int | None = None,
+        min_gap: float | None = None,
+    ) -> AsyncPreflight:
+        body = _preflight_body(
+            sample_size, samples_per_problem, profile_rollouts, max_new_tokens, min_gap
+        )
+        response = await self._client._http_api.request(
+            "POST", job_path(job_id, "/preflight"), json=body, idempotent=False
+        )
+        return self._preflight(response)
+
+    async def retrieve_preflight(self, job_id: str) -> AsyncPreflight:
+        response = await self._client._http_api.request("GET", job_path(job_id, "/preflight"))
+        return self._preflight(response)
+
+    async def list_preflights(self, job_id: str) -> list[AsyncPreflight]:
+        response = await self._client._http_api.request("GET", job_path(job_id, "/preflights"))
+        found = AsyncPreflightList.model_validate(response.json()).data
+        for item in found:
+            item._client = self._client
+        return found
+
+    async def wait_preflight(
+        self, job_id: str, *, timeout: float | None = None, poll: float = 1.0
+    ) -> AsyncPreflight:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = await self.retrieve_preflight(job_id)
+            if found.is_terminal:
+                return found
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(f"pre-flight of {job_id}", timeout or 0.0, found)
+            await asyncio.sleep(poll)
+
+    def _preflight(self, response: httpx.Response) -> AsyncPreflight:
+        found = AsyncPreflight.model_validate(response.json())
+        found._client = self._client
+        return found
 
     async def checkpoints(self, job_id: str) -> list[Checkpoint]:
         response = await self._client._http_api.request("GET", job_path(job_id, "/checkpoints"))

@@ -65,7 +65,8 @@ from opsd_engine.rollout import (
 
 # Fields that do not change what training computes; a resume may differ in them. (Evaluations
 # run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is;
-# `report_to` and `checkpoint` only say where metrics and checkpoints go.)
+# `report_to` and `checkpoint` only say where metrics and checkpoints go; `preflight` runs before
+# the first step only, on seeded sampling, and leaves the RNG state as it found it.)
 RESUME_NEUTRAL_FIELDS = (
     "metadata",
     "checkpoint_every",
@@ -74,6 +75,7 @@ RESUME_NEUTRAL_FIELDS = (
     "checkpoint",
     "recipe",  # a label: the values it resolved to are compared field by field
     "guard",
+    "preflight",
 )
 # Fields a resume may change although they change what is computed from now on: the steps done
 # stay valid (more steps or epochs extend the run, the LR schedule is recomputed for the new
@@ -588,6 +590,7 @@ class SteppedTrainer(Protocol):
     total_steps: int
     checkpoint_dir: Path
     output_dir: Path
+    examples: list[Any]  # the dataset's examples (`spec.preflight.run_first` samples them)
 
     def train_step(self) -> dict[str, float]: ...
 
@@ -687,6 +690,12 @@ def run_steps(trainer: SteppedTrainer, started: str) -> TrainResult:
             "processes": trainer.accelerator.num_processes,
         },
     )
+    if spec.preflight.run_first and trainer.state.step == 0:
+        from opsd_engine.preflight import run_before_training
+
+        rng = ckpt.capture_rng_state()  # (seeded sampling; restored anyway: training unchanged)
+        run_before_training(spec, trainer.policy, trainer.examples, callbacks)
+        ckpt.restore_rng_state(rng)
     last_checkpoint = ckpt.latest_checkpoint(trainer.checkpoint_dir)
     guard = CollapseGuard(spec, callbacks, trainer.state.extra.setdefault("guard", {}))
     trainer.evaluator.at_start(trainer.state.step)

@@ -24,7 +24,17 @@ from jobstore.tables import metadata
 from tests.service_fixtures import fresh_postgres_url, sqlite_url
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"tenants", "api_keys", "jobs", "job_events", "metrics", "checkpoints", "evals", "files"}
+TABLES = {
+    "tenants",
+    "api_keys",
+    "jobs",
+    "job_events",
+    "metrics",
+    "checkpoints",
+    "evals",
+    "files",
+    "preflights",
+}
 TABLES |= {"job_usage"}  # revision 0007_usage
 
 

@@ -15,7 +15,15 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from opsd_client.models import CheckpointList, EventList, Job, JobList, Metrics
+from opsd_client.models import (
+    CheckpointList,
+    EventList,
+    Job,
+    JobList,
+    Metrics,
+    Preflight,
+    PreflightList,
+)
 from tests.opsd_client.service import LiveService
 
 JOB_OPERATIONS: list[tuple[str, str, str, type[BaseModel]]] = [
@@ -26,6 +34,9 @@ JOB_OPERATIONS: list[tuple[str, str, str, type[BaseModel]]] = [
     ("get", "/jobs/{job_id}/metrics", "200", Metrics),
     ("get", "/jobs/{job_id}/events", "200", EventList),
     ("get", "/jobs/{job_id}/checkpoints", "200", CheckpointList),
+    ("post", "/jobs/{job_id}/preflight", "201", Preflight),
+    ("get", "/jobs/{job_id}/preflight", "200", Preflight),
+    ("get", "/jobs/{job_id}/preflights", "200", PreflightList),
 ]
 
 Schema = dict[str, Any]

@@ -142,6 +142,37 @@ def test_spec_show_fills_defaults(tmp_path) -> None:
     assert json.loads(result.stdout)["lora"]["r"] == 64
 
 
+def test_preflight_prints_a_report_and_exits_1_on_a_failed_check(
+    tmp_path, qwen3_base_model_dir, tiny_dataset
+) -> None:
+    options = ["--sample-size", "4", "--profile-rollouts", "2"]
+    good = _spec_file(tmp_path, qwen3_base_model_dir, tiny_dataset)
+    result = runner.invoke(app, ["preflight", str(good), *options])
+    assert result.exit_code == 0, result.output
+    assert "[PASS] generation_prompt_state" in result.output
+    assert "pre-flight: student samples 4/4" in result.output  # progress (stderr, mixed here)
+    result = runner.invoke(app, ["preflight", str(good), *options, "--json", "--no-progress"])
+    report = json.loads(result.stdout)  # (stderr: the model's loading bar)
+    assert report["n_problems"] == 4 and len(report["checks"]) == 4
+    # random model: no gap, a warning, so --strict fails
+    result = runner.invoke(app, ["preflight", str(good), *options, "--strict", "--no-progress"])
+    assert result.exit_code == 1 and "[WARN] privileged_gap" in result.output
+
+    mismatch = {"student_thinking": False, "teacher_thinking": True}
+    bad = _spec_file(
+        tmp_path,
+        qwen3_base_model_dir,
+        tiny_dataset,
+        prompts={**mismatch, "allow_thinking_mismatch": True},
+    )
+    result = runner.invoke(app, ["preflight", str(bad), *options, "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "[FAIL] generation_prompt_state" in result.output and "fix:" in result.output
+
+    result = runner.invoke(app, ["preflight", str(good), "--sample-size", "0"])
+    assert result.exit_code == 2 and "sample_size" in result.output
+
+
 def test_spec_show_prints_each_value_with_its_source(tmp_path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("base_model: m\ndataset_uri: d.jsonl\nrecipe: official-2026-04\nbeta: 0.5\n")

@@ -108,3 +108,86 @@ def test_the_sign_in_card_says_where_opsd_up_saves_the_key(service: LiveService)
     page = httpx.get(f"{service.base_url}/ui", timeout=30).text
     card = page[page.index('id="key-form"') : page.index("</form>")]
     assert "--home" in card and "$OPSD_HOME" in card and "opsd keys create" in card
+
+
+def test_the_job_view_shows_the_preflight_report_with_badges(
+    browser: Any, service: LiveService, tenant: tuple[str, Any]
+) -> None:
+    """A pre-flight's report as the worker stores it (the engine's `to_dict()` shape): the
+    verdict badge, the gap summary and one row per check with its badge and fix."""
+    key, store = tenant
+    job_id = _job(store, key, "succeeded", {0: {"preflight/gap": 0.05}})
+    owner = store.authenticate(key)
+    record = store.create_preflight(owner.id, job_id, config={"sample_size": 16})
+    assert store.claim_preflight(record.id, "ui-test") is not None
+    checks = [
+        ("generation_prompt_state", "fail", "student prompt ends '<think>…'", "leave it unset"),
+        ("rollout_tokenization", "pass", "4 rollouts tokenize identically", None),
+        ("teacher_first_tokens", "pass", "teacher entropy 2.1 nats", None),
+        ("privileged_gap", "warn", "gap too small for self-distillation to help", "harder data"),
+    ]
+    report = {
+        "status": "fail",
+        "checks": [
+            {"name": n, "status": s, "message": m, "fix": f, "details": {}} for n, s, m, f in checks
+        ],
+        "n_problems": 16,
+        "samples_per_problem": 1,
+        "student_accuracy": 0.375,
+        "teacher_accuracy": 0.4375,
+        "gap": 0.0625,
+        "divergence": "jsd",
+        "divergence_profile": [0.5, 0.25],
+        "profile_counts": [4, 4],
+    }
+    assert store.finish_preflight(record.id, report=report, worker_id="ui-test")
+    context, page, watch = _open(browser, service, f"{service.base_url}/ui#job={job_id}")
+    try:
+        _sign_in(page, key)
+        page.wait_for_selector("#preflight-section:not([hidden])")
+        page.wait_for_selector("#preflight-status.s-fail")
+        summary = page.inner_text("#preflight-summary")
+        assert "37.5%" in summary and "43.8%" in summary and "6.3%" in summary
+        rows = page.evaluate(
+            "[...document.querySelectorAll('#preflight-checks tbody tr')].map(r => "
+            "[r.dataset.check, r.querySelector('.badge').className, r.cells[3].textContent])"
+        )
+        assert rows == [
+            ["generation_prompt_state", "badge s-fail", "leave it unset"],
+            ["rollout_tokenization", "badge s-pass", ""],
+            ["teacher_first_tokens", "badge s-pass", ""],
+            ["privileged_gap", "badge s-warn", "harder data"],
+        ]
+        assert watch.errors == []
+    finally:
+        context.close()
+
+
+def test_the_report_of_a_preflight_run_before_training_shows_from_its_event(
+    browser: Any, service: LiveService, tenant: tuple[str, Any]
+) -> None:
+    """`preflight.run_first` reports through the job's `preflight_finished` event (no
+    pre-flight row): the job view shows that report."""
+    key, store = tenant
+    job_id = _job(store, key, "succeeded", {})
+    report = {
+        "status": "pass",
+        "checks": [{"name": "privileged_gap", "status": "pass", "message": "gap +51.6%"}],
+        "n_problems": 64,
+        "samples_per_problem": 1,
+        "student_accuracy": 0.296875,
+        "teacher_accuracy": 0.8125,
+        "gap": 0.515625,
+        "divergence": "jsd",
+        "divergence_profile": [0.27],
+    }
+    store.add_event(job_id, "preflight_finished", "pre-flight: pass", {"report": report})
+    context, page, watch = _open(browser, service, f"{service.base_url}/ui#job={job_id}")
+    try:
+        _sign_in(page, key)
+        page.wait_for_selector("#preflight-status.s-pass")
+        assert "51.6%" in page.inner_text("#preflight-summary")
+        assert page.inner_text("#preflight-checks tbody").startswith("privileged_gap")
+        assert watch.errors == []
+    finally:
+        context.close()
