@@ -52,7 +52,7 @@ def create_app(
     broker_ping: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """Build the app from settings (environment by default); parts can be injected for tests."""
-    from api.routes import evals, files, health, jobs, keys, preflight, prometheus, ui
+    from api.routes import evals, files, health, jobs, keys, preflight, prometheus, ui, usage
     from api.throttle import Throttle
     from opsd_engine.config import JobSpec  # pure pydantic: no torch
     from opsd_service.settings import get_settings
@@ -112,6 +112,7 @@ def create_app(
         evals.build_router(),
         preflight.build_router(),
         files.router,
+        usage.router,
         keys.router,
         ui.router,
         prometheus.router,

@@ -81,6 +81,7 @@ from jobstore.tables import (
     tenants,
 )
 from jobstore.tenancy import TenancyQueries
+from jobstore.usage import UsageQueries, job_usage, usage_rows
 
 API_KEY_PREFIX = "opsd"
 MAX_INT32 = 2**31 - 1
@@ -180,7 +181,7 @@ def _event_record(row: Row[Any]) -> EventRecord:
     )
 
 
-class Store(EvalQueries, PreflightQueries, TenancyQueries):
+class Store(EvalQueries, PreflightQueries, TenancyQueries, UsageQueries):
     """The service's state on PostgreSQL (``postgresql+psycopg://…``) or SQLite (``sqlite:///…``).
 
     Thread-safe: every method opens its own short transaction from a pool. The schema must have
@@ -1124,7 +1125,10 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries):
     def record_metrics_bulk(
         self, job_id: str, steps: Iterable[tuple[int, dict[str, float]]]
     ) -> int:
-        """:meth:`record_metrics` for many ``(step, {name: value})`` in one transaction."""
+        """:meth:`record_metrics` for many ``(step, {name: value})`` in one transaction, with
+        their usage-ledger rows (:mod:`jobstore.usage`)."""
+        steps = list(steps)
+        ledger = usage_rows(job_id, steps, _now())
         rows = []
         for step, metrics_at_step in steps:
             for name, value in metrics_at_step.items():
@@ -1144,7 +1148,15 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries):
         )
         try:
             with self._write() as session:
-                return len(session.execute(stmt, rows).all())
+                inserted = len(session.execute(stmt, rows).all())
+                if ledger:
+                    session.execute(
+                        self._insert(job_usage).on_conflict_do_nothing(
+                            index_elements=["job_id", "step", "source"]
+                        ),
+                        ledger,
+                    )
+                return inserted
         except IntegrityError as exc:
             raise JobNotFound(job_id) from exc
 

@@ -1,7 +1,7 @@
 """Resource classes and fair dispatch: a job's GPU count, and each tenant's last turn per class.
 
 Revision ID: 0008_resources
-Revises: 0006_preflight
+Revises: 0007_usage
 Create Date: 2026-11-30
 
 ``jobs.gpus`` is the job spec's ``resources.gpus`` (1 for existing rows): the resource class whose
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008_resources"
-down_revision: str | Sequence[str] | None = "0006_preflight"
+down_revision: str | Sequence[str] | None = "0007_usage"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -168,6 +168,7 @@ class Jobs:
         dataset_uri: str | None = None,
         spec: Mapping[str, Any] | None = None,
         method: str | None = None,
+        recipe: str | None = None,
         divergence: str | None = None,
         beta: float | None = None,
         max_new_tokens: int | None = None,
@@ -188,14 +189,17 @@ class Jobs:
         idempotency_key: str | None = None,
     ) -> Job:
         """Submit a job (`POST /jobs`). Only `base_model` and `dataset_uri` are required (here or
-        in `spec`); the rest defaults to the paper. An `Idempotency-Key` is generated when none is
-        given, so the automatic retries of this call can never create a second job."""
+        in `spec`); the rest defaults to the paper, or to `recipe` (`paper-v1`,
+        `official-2026-04`) where one is named: fields given explicitly override the recipe.
+        An `Idempotency-Key` is generated when none is given, so the automatic retries of this
+        call can never create a second job."""
         body = build_spec(
             spec,
             {
                 "base_model": base_model,
                 "dataset_uri": dataset_uri,
                 "method": method,
+                "recipe": recipe,
                 "divergence": divergence,
                 "beta": beta,
                 "max_new_tokens": max_new_tokens,
@@ -478,6 +482,7 @@ class AsyncJobs:
         dataset_uri: str | None = None,
         spec: Mapping[str, Any] | None = None,
         method: str | None = None,
+        recipe: str | None = None,
         divergence: str | None = None,
         beta: float | None = None,
         max_new_tokens: int | None = None,
@@ -504,6 +509,7 @@ class AsyncJobs:
                 "base_model": base_model,
                 "dataset_uri": dataset_uri,
                 "method": method,
+                "recipe": recipe,
                 "divergence": divergence,
                 "beta": beta,
                 "max_new_tokens": max_new_tokens,
