@@ -52,7 +52,7 @@ def create_app(
     broker_ping: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """Build the app from settings (environment by default); parts can be injected for tests."""
-    from api.routes import evals, files, health, jobs, keys, preflight, prometheus, ui
+    from api.routes import evals, files, health, jobs, keys, preflight, prometheus, ui, usage
     from api.throttle import Throttle
     from opsd_engine.config import JobSpec  # pure pydantic: no torch
     from opsd_service.settings import get_settings
@@ -65,8 +65,9 @@ def create_app(
     from worker.queue import enqueue_job, make_celery
 
     celery = make_celery(settings)  # connects only when used
+    enqueue_routes = enqueue is None  # our sender takes the job's resource class too
     if enqueue is None or broker_ping is None:
-        enqueue = enqueue or (lambda job_id: enqueue_job(celery, job_id))
+        enqueue = enqueue or (lambda job_id, gpus=1: enqueue_job(celery, job_id, gpus=gpus))
         broker_ping = broker_ping or (lambda: _broker_ping(celery))
 
     @asynccontextmanager
@@ -88,6 +89,7 @@ def create_app(
     app.state.settings = settings
     app.state.store = store
     app.state.enqueue = enqueue
+    app.state.enqueue_routes = enqueue_routes
     app.state.broker_ping = broker_ping
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.state.revocation_mark = None  # the store's revocation mark the key cache agrees with
@@ -110,6 +112,7 @@ def create_app(
         evals.build_router(),
         preflight.build_router(),
         files.router,
+        usage.router,
         keys.router,
         ui.router,
         prometheus.router,

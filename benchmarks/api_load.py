@@ -39,7 +39,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = os.environ.get("OPSD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 BODY = {
     "base_model": "Qwen/Qwen3-4B",
     "dataset_uri": "/data/train.jsonl",
@@ -311,6 +311,7 @@ def main() -> None:
     parser.add_argument(
         "--connections", type=int, default=32, help="keep-alive connections of the load generator"
     )
+    parser.add_argument("--port", type=int, default=0, help="API port (0: a free one)")
     args = parser.parse_args()
 
     from jobstore import Store
@@ -319,7 +320,7 @@ def main() -> None:
 
     database_url, drop = fresh_postgres_url()
     _durable_commits(database_url)
-    port = _free_port()
+    port = args.port or _free_port()
     base_url = f"http://127.0.0.1:{port}"
     api = None
     try:

@@ -19,6 +19,9 @@ would exceed ``--max-naive-gb``.
 Usage::
 
     python benchmarks/chunked_loss.py --T 512 1024 2048 4096 --vocab 151936 --hidden 2560
+
+``--vocab-clip C`` runs ``naive`` and ``chunked`` with the per-vocabulary-entry clip (the OPSD
+authors' ``jsd_token_clip``; TRL has none, so ``trl`` ignores it).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def _run_child(args: argparse.Namespace) -> dict[str, Any]:
                 mask,
                 loss=args.loss,
                 beta=args.beta,
+                vocab_clip=args.vocab_clip,
                 normalizer=n_tokens,
             )
             loss = result.loss
@@ -117,6 +121,7 @@ def _run_child(args: argparse.Namespace) -> dict[str, Any]:
                 mask,
                 loss=args.loss,
                 beta=args.beta,
+                vocab_clip=args.vocab_clip,
                 normalizer=n_tokens,
                 chunk_size=args.chunk_size,
             )
@@ -204,6 +209,8 @@ def _child_command(args: argparse.Namespace, method: str, n_tokens: int) -> list
         command += ["--threads", str(args.threads)]
     if args.chunk_size is not None:
         command += ["--chunk-size", str(args.chunk_size)]
+    if args.vocab_clip is not None:
+        command += ["--vocab-clip", str(args.vocab_clip)]
     return command
 
 
@@ -307,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--chunk-size", type=int, default=None, help="default: auto")
+    parser.add_argument(
+        "--vocab-clip", type=float, default=None, help="per-vocabulary-entry clip (naive, chunked)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--repeat", type=int, default=1, help="timed steps per child; the fastest is reported"

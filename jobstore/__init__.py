@@ -33,6 +33,7 @@ from jobstore.records import (
 )
 from jobstore.store import Store
 from jobstore.tenancy import ApiKeyRecord, FileRecord, new_file_id
+from jobstore.usage import JobUsage
 
 __all__ = [
     "CANCELLED",
@@ -58,6 +59,7 @@ __all__ = [
     "JobError",
     "JobNotFound",
     "JobRecord",
+    "JobUsage",
     "PreflightRecord",
     "Store",
     "StoreError",

@@ -74,12 +74,14 @@ from jobstore.tables import (
     UTCDateTime,
     api_keys,
     checkpoints,
+    dispatch_turns,
     job_events,
     jobs,
     metrics,
     tenants,
 )
 from jobstore.tenancy import TenancyQueries
+from jobstore.usage import UsageQueries, job_usage, usage_rows
 
 API_KEY_PREFIX = "opsd"
 MAX_INT32 = 2**31 - 1
@@ -121,6 +123,13 @@ def _failure_values(error: JobError, now: datetime) -> dict[str, Any]:
         "finished_at": now,
         "lease_expires_at": None,
     }
+
+
+def spec_gpus(spec: Any) -> int:
+    """``resources.gpus`` of a job spec (a dict); 1 when absent (specs from before resources)."""
+    resources = spec.get("resources") if isinstance(spec, dict) else None
+    gpus = resources.get("gpus") if isinstance(resources, dict) else None
+    return gpus if isinstance(gpus, int) and not isinstance(gpus, bool) and gpus >= 1 else 1
 
 
 def _tenant_record(row: Row[Any]) -> TenantRecord:
@@ -172,7 +181,7 @@ def _event_record(row: Row[Any]) -> EventRecord:
     )
 
 
-class Store(EvalQueries, PreflightQueries, TenancyQueries):
+class Store(EvalQueries, PreflightQueries, TenancyQueries, UsageQueries):
     """The service's state on PostgreSQL (``postgresql+psycopg://…``) or SQLite (``sqlite:///…``).
 
     Thread-safe: every method opens its own short transaction from a pool. The schema must have
@@ -199,6 +208,7 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries):
             "request_hash",
             "created_at",
             "updated_at",
+            "gpus",
         )
         self._insert_job = (
             self._insert(jobs)
@@ -448,6 +458,7 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries):
             "request_hash": request_hash,
             "created_at": now,
             "updated_at": now,
+            "gpus": spec_gpus(spec),
         }
         try:
             if self._dialect == "postgresql":
@@ -623,6 +634,152 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries):
                 },
                 event_data=lambda job: {"worker_id": worker_id, "attempt": job.attempt},
             )
+
+    def claim_next_job(
+        self,
+        worker_id: str,
+        *,
+        gpus: int,
+        lease_seconds: float,
+        max_running_per_tenant: int = 0,
+    ) -> JobRecord | None:
+        """Claim the next queued job of resource class ``gpus`` in fair order; None if none.
+
+        Fair order: the tenant with the fewest running jobs first, then the tenant whose last
+        turn (``tenants.last_dispatched_at``) is oldest (never: first), then the oldest job --
+        round-robin across tenants, so one tenant's hundred queued jobs do not starve another's
+        one. With ``max_running_per_tenant`` > 0 a tenant already running that many jobs is
+        passed over. On PostgreSQL claims are serialized by a transaction-level advisory lock
+        (the cap and the turns stay exact between workers) and rows another transaction holds
+        (a cancel) are skipped (``FOR UPDATE SKIP LOCKED``); SQLite serializes writes anyway.
+        """
+        now = _now()
+        with self._write() as session:
+            if self._dialect == "postgresql":
+                session.execute(
+                    sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended("claim", 0)))
+                )
+            # Each tenant's running jobs counted once (not per queued row): one pass over the
+            # live rows through ix_jobs_status, joined to the queued jobs of the class.
+            running = (
+                sa.select(jobs.c.tenant_id, sa.func.count().label("n"))
+                .where(jobs.c.status.in_((RUNNING, CANCELLING)))
+                .group_by(jobs.c.tenant_id)
+                .subquery("running")
+            )
+            held = sa.func.coalesce(running.c.n, 0)
+            query = (
+                sa.select(jobs.c.id, jobs.c.tenant_id)
+                .select_from(
+                    jobs.outerjoin(running, running.c.tenant_id == jobs.c.tenant_id).outerjoin(
+                        dispatch_turns,
+                        sa.and_(
+                            dispatch_turns.c.tenant_id == jobs.c.tenant_id,
+                            dispatch_turns.c.gpus == int(gpus),
+                        ),
+                    )
+                )
+                .where(jobs.c.status == QUEUED, jobs.c.gpus == int(gpus))
+            )
+            if max_running_per_tenant > 0:
+                query = query.where(held < max_running_per_tenant)
+            query = query.order_by(
+                held,
+                dispatch_turns.c.last_dispatched_at.asc().nulls_first(),
+                jobs.c.created_at,
+                jobs.c.id,
+            ).limit(1)
+            if self._dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True, of=jobs)
+            picked = session.execute(query).first()
+            if picked is None:
+                return None
+            job = self._transition(
+                session,
+                picked.id,
+                (QUEUED,),
+                RUNNING,
+                now,
+                lambda job: (
+                    f"claimed by worker {worker_id} (attempt {job.attempt} of {job.max_attempts})"
+                ),
+                values={
+                    "lease_owner": worker_id,
+                    "lease_expires_at": now + timedelta(seconds=lease_seconds),
+                    "started_at": sa.func.coalesce(jobs.c.started_at, _ts(now)),
+                },
+                event_data=lambda job: {"worker_id": worker_id, "attempt": job.attempt},
+            )
+            session.execute(
+                self._insert(dispatch_turns)
+                .values(tenant_id=picked.tenant_id, gpus=int(gpus), last_dispatched_at=now)
+                .on_conflict_do_update(
+                    index_elements=["tenant_id", "gpus"], set_={"last_dispatched_at": now}
+                )
+            )
+        return job
+
+    def count_queued_in_class(self, *, gpus: int) -> int:
+        """Queued jobs of resource class ``gpus``."""
+        with self._read() as session:
+            return int(
+                session.execute(
+                    sa.select(sa.func.count())
+                    .select_from(jobs)
+                    .where(jobs.c.status == QUEUED, jobs.c.gpus == int(gpus))
+                ).scalar_one()
+            )
+
+    def requeue_job(self, job_id: str, worker_id: str, *, error: JobError) -> str | None:
+        """The lease owner's job lost a process of its group: requeue it as a whole.
+
+        running -> queued with attempt + 1 (event ``requeued``, data: the error) while attempts
+        are left, else -> failed with ``error``. Returns the new status, or None when the
+        worker no longer holds the lease (nothing changed).
+        """
+        now = _now()
+        with self._write() as session:
+            row = session.execute(
+                sa.select(jobs.c.attempt, jobs.c.max_attempts).where(
+                    jobs.c.id == job_id,
+                    jobs.c.status == RUNNING,
+                    jobs.c.lease_owner == worker_id,
+                )
+            ).first()
+            if row is None:
+                return None
+            if row.attempt < row.max_attempts:
+                job = self._transition(
+                    session,
+                    job_id,
+                    (RUNNING,),
+                    QUEUED,
+                    now,
+                    f"{error.message}; requeued for attempt {row.attempt + 1} of "
+                    f"{row.max_attempts}",
+                    worker_id=worker_id,
+                    extra_where=[jobs.c.attempt == row.attempt],
+                    values={
+                        "attempt": jobs.c.attempt + 1,
+                        "lease_owner": None,
+                        "lease_expires_at": None,
+                    },
+                    event_kind="requeued",
+                    event_data={"attempt": row.attempt + 1, "error": error.to_dict()},
+                )
+                return QUEUED if job is not None else None
+            job = self._transition(
+                session,
+                job_id,
+                (RUNNING,),
+                FAILED,
+                now,
+                f"{error.code}: {error.message}",
+                worker_id=worker_id,
+                values=_failure_values(error, now),
+                event_data={"error": error.to_dict()},
+            )
+            return FAILED if job is not None else None
 
     def heartbeat(self, job_id: str, worker_id: str, *, lease_seconds: float) -> str | None:
         """Extend the lease if ``worker_id`` still holds it on a running/cancelling job.
@@ -968,7 +1125,10 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries):
     def record_metrics_bulk(
         self, job_id: str, steps: Iterable[tuple[int, dict[str, float]]]
     ) -> int:
-        """:meth:`record_metrics` for many ``(step, {name: value})`` in one transaction."""
+        """:meth:`record_metrics` for many ``(step, {name: value})`` in one transaction, with
+        their usage-ledger rows (:mod:`jobstore.usage`)."""
+        steps = list(steps)
+        ledger = usage_rows(job_id, steps, _now())
         rows = []
         for step, metrics_at_step in steps:
             for name, value in metrics_at_step.items():
@@ -988,7 +1148,15 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries):
         )
         try:
             with self._write() as session:
-                return len(session.execute(stmt, rows).all())
+                inserted = len(session.execute(stmt, rows).all())
+                if ledger:
+                    session.execute(
+                        self._insert(job_usage).on_conflict_do_nothing(
+                            index_elements=["job_id", "step", "source"]
+                        ),
+                        ledger,
+                    )
+                return inserted
         except IntegrityError as exc:
             raise JobNotFound(job_id) from exc
 

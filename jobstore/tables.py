@@ -113,12 +113,30 @@ jobs = sa.Table(
     sa.Column("finished_at", UTCDateTime(), nullable=True),
     # what a running job does besides its steps (an eval of its spec's `eval` group); 0005
     sa.Column("activity", JSONDoc, nullable=True),
+    # the spec's resources.gpus: the resource class whose workers may claim the job; 0008
+    sa.Column("gpus", sa.Integer(), nullable=False, server_default="1"),
     sa.UniqueConstraint("tenant_id", "idempotency_key"),
     sa.CheckConstraint(f"status IN ({_status_list})", name="status"),
     sa.CheckConstraint("attempt >= 1 AND max_attempts >= 1", name="attempts"),
     sa.Index(None, "tenant_id", "created_at", "id"),
     sa.Index(None, "status"),
     sa.Index(None, "tenant_id", "status"),
+    sa.Index(None, "status", "gpus", "created_at"),
+)
+
+# When a worker last started a job of a tenant in a resource class: the tenant's turn in fair
+# dispatch (the oldest turn goes first); 0008.
+dispatch_turns = sa.Table(
+    "dispatch_turns",
+    metadata,
+    sa.Column(
+        "tenant_id",
+        sa.String(40),
+        sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("gpus", sa.Integer(), primary_key=True),
+    sa.Column("last_dispatched_at", UTCDateTime(), nullable=False),
 )
 
 job_events = sa.Table(

@@ -20,6 +20,7 @@ from opsd_client._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, AsyncHTTP, S
 from opsd_client.resources.evals import AsyncEvals, Evals
 from opsd_client.resources.files import AsyncFiles, AsyncKeys, Files, Keys
 from opsd_client.resources.jobs import AsyncJobs, Jobs
+from opsd_client.resources.usage import AsyncUsage, Usage
 
 
 class Client:
@@ -34,6 +35,7 @@ class Client:
     evals: Evals
     files: Files
     keys: Keys
+    usage: Usage
 
     def __init__(
         self,
@@ -57,6 +59,7 @@ class Client:
         self.evals = Evals(self)
         self.files = Files(self)
         self.keys = Keys(self)
+        self.usage = Usage(self)
 
     @property
     def base_url(self) -> str:
@@ -97,6 +100,7 @@ class AsyncClient:
     evals: AsyncEvals
     files: AsyncFiles
     keys: AsyncKeys
+    usage: AsyncUsage
 
     def __init__(
         self,
@@ -120,6 +124,7 @@ class AsyncClient:
         self.evals = AsyncEvals(self)
         self.files = AsyncFiles(self)
         self.keys = AsyncKeys(self)
+        self.usage = AsyncUsage(self)
 
     @property
     def base_url(self) -> str:

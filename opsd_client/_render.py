@@ -126,6 +126,7 @@ def job_sheet(job: Job) -> Table:
     rows: list[tuple[str, Any]] = [
         ("status", status_text(job.status)),
         ("method", method),
+        ("recipe", spec.get("recipe") or "-"),
         ("base model", spec.get("base_model", "-")),
         ("dataset", spec.get("dataset_uri", "-")),
         ("progress", f"{progress(job)} steps"),

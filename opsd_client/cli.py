@@ -82,6 +82,12 @@ files_app = typer.Typer(
     "5 service unreachable or failing.",
 )
 
+usage_app = typer.Typer(
+    help="What this tenant used (device-seconds, tokens) over a time range.",
+    invoke_without_command=True,
+    epilog="Exit codes: 0 ok, 2 bad range (422), 4 authentication, 5 service unreachable.",
+)
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON (for scripts) instead of tables.")
@@ -92,6 +98,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(evals_app, name="evals")
     app.add_typer(files_app, name="files")
+    app.add_typer(usage_app, name="usage")
 
 
 # ----------------------------------------------------------------------------------- plumbing
@@ -284,6 +291,9 @@ def submit(
     base_model: str | None = typer.Option(None, "--base-model", help="Model id or path."),
     dataset_uri: str | None = typer.Option(None, "--dataset-uri", help="Training data URI."),
     method: str | None = typer.Option(None, "--method", help="opsd (default), sft or grpo."),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Defaults preset: paper-v1 or official-2026-04 (fields win)."
+    ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Sets optim.max_steps."),
     overrides: list[str] = typer.Option(
         [], "--set", help="Set any field, e.g. --set optim.learning_rate=1e-5 (repeatable)."
@@ -310,6 +320,8 @@ def submit(
         body["dataset_uri"] = _local_path(dataset_uri, cwd)
     if method is not None:
         body["method"] = method
+    if recipe is not None:
+        body["recipe"] = recipe
     if max_steps is not None:
         _assign(body, ["optim", "max_steps"], max_steps)
     for item in overrides:
@@ -902,6 +914,46 @@ def files_delete(ctx: typer.Context, file_id: str = typer.Argument(...)) -> None
     with _client(ctx) as client:
         client.files.delete(file_id)
     typer.echo(f"deleted {file_id}")
+
+
+@usage_app.callback()
+@handle_errors
+def usage(
+    ctx: typer.Context,
+    start: str | None = typer.Option(
+        None, "--start", help="ISO 8601, inclusive (default: 30 days before --end)."
+    ),
+    end: str | None = typer.Option(None, "--end", help="ISO 8601, exclusive (default: now)."),
+    base_url: str | None = typer.Option(
+        None, "--base-url", envvar="OPSD_BASE_URL", show_default=False, help="Service URL."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="OPSD_API_KEY", show_default=False, help="API key."
+    ),
+    timeout: float = typer.Option(60.0, "--timeout-s", help="Seconds per HTTP request."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """`GET /usage`: device-seconds, generated / scored / eval tokens, in total and per job."""
+    ctx.obj = Connection(base_url=base_url, api_key=api_key, timeout=timeout)
+    with _client(ctx) as client:
+        report = client.usage.retrieve(start=start, end=end)
+    if json_output:
+        _print_json(_dump(report))
+        return
+    typer.echo(f"usage from {report.start.isoformat()} to {report.end.isoformat()}")
+    header = ("job", "steps", "device_s", "generated", "teacher", "student", "eval")
+    rows = [(j.job_id, j) for j in report.jobs] + [("total", report.totals)]
+    typer.echo("  ".join(f"{h:>12}" if i else f"{h:<30}" for i, h in enumerate(header)))
+    for name, u in rows:
+        values = (
+            u.steps,
+            f"{u.device_seconds:.1f}",
+            u.generated_tokens,
+            u.teacher_scored_tokens,
+            u.student_scored_tokens,
+            u.eval_tokens,
+        )
+        typer.echo(f"{name:<30}  " + "  ".join(f"{v:>12}" for v in values))
 
 
 def main() -> None:  # pragma: no cover - `python -m opsd_client.cli` without the engine

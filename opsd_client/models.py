@@ -479,3 +479,28 @@ class PreflightList(_Model):
 class AsyncPreflightList(_Model):
     object: Literal["list"] = "list"
     data: list[AsyncPreflight]
+
+
+class UsageTotals(_Model):
+    """Usage sums (`GET /usage`): device-seconds and token counts."""
+
+    steps: int
+    device_seconds: float
+    generated_tokens: int
+    teacher_scored_tokens: int
+    student_scored_tokens: int
+    eval_tokens: int
+
+
+class JobUsage(UsageTotals):
+    job_id: str
+
+
+class Usage(_Model):
+    """`GET /usage`: the tenant's usage in `[start, end)`, in total and per job."""
+
+    object: Literal["usage"] = "usage"
+    start: datetime
+    end: datetime
+    totals: UsageTotals
+    jobs: list[JobUsage] = Field(default_factory=list)

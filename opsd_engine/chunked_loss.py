@@ -215,6 +215,8 @@ class _ChunkStats:
         self.student_entropy = zero()
         self.teacher_entropy = zero()
         self.clipped = torch.zeros((), device=device, dtype=torch.long)
+        self.vocab_clipped_entries = torch.zeros((), device=device, dtype=torch.long)
+        self.vocab_clipped_tokens = torch.zeros((), device=device, dtype=torch.long)
 
 
 def _chunk_loss(
@@ -230,6 +232,7 @@ def _chunk_loss(
     temperature: float,
     clip: float | None,
     stats: _ChunkStats,
+    vocab_clip: float | None = None,
 ) -> Tensor:
     """Loss, statistics and ``d(sum of per-token losses) / d(student logits)`` for one chunk.
 
@@ -237,6 +240,15 @@ def _chunk_loss(
     ``ps``/``pt``/``scratch`` are free buffers of the same ``[n, V]`` shape; all of them are
     overwritten. Adds the chunk's sums to ``stats`` and returns the gradient with respect to the
     unscaled logits, as a view of one of the buffers.
+
+    With ``vocab_clip`` (divergences only) the per-token loss is the sum over the vocabulary of
+    the per-entry terms ``t_v`` clamped at ``vocab_clip`` (see
+    :func:`opsd_engine.losses.token_divergence_terms`). Every such term has a student-logit
+    gradient of the form ``d t_v / d z_k = g_v (delta_vk - p_S,k)``, with ``g_v = -p_T,v``
+    (forward KL), ``p_S,v (log p_S,v - log p_T,v + 1)`` (reverse KL) or
+    ``(1 - beta) p_S,v (log p_S,v - log m_v)`` (JSD); so with ``u_v = [t_v <= vocab_clip]`` the
+    gradient is ``g u - p_S * sum_v(g_v u_v)``. One extra boolean ``[n, V]`` tensor marks the
+    clipped entries (a quarter of a float buffer).
     """
     _log_softmax_(ls, ps)
     _log_softmax_(lt, pt)
@@ -256,6 +268,10 @@ def _chunk_loss(
         # d(-A * log p_S(y)) / dz = A * (p_S - onehot(y))
         grad = ps.mul_(advantage.unsqueeze(1))
         grad.scatter_add_(1, index, -advantage.unsqueeze(1))
+    elif vocab_clip is not None:
+        per_row, grad = _vocab_clipped_chunk(
+            ls, lt, ps, pt, scratch, loss=loss, beta=beta, vocab_clip=vocab_clip, stats=stats
+        )
     else:
         if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
             # KL(p_T || p_S); gradient p_S - p_T.
@@ -279,12 +295,14 @@ def _chunk_loss(
             # d JSD / dz = (1 - beta) p_S * (log p_S - log m - KL(p_S || m))
             grad = terms.addcmul_(ps, kl_student.unsqueeze(1), value=-1.0).mul_(1.0 - beta)
         stats.divergence += divergence.sum()
+        per_row = divergence
+    if loss != "sampled_token":
         if clip is None:
-            stats.loss += divergence.sum()
+            stats.loss += per_row.sum()
         else:
-            clipped = divergence > clip
+            clipped = per_row > clip
             stats.clipped += clipped.sum()
-            stats.loss += torch.where(clipped, clip, divergence).sum()
+            stats.loss += torch.where(clipped, clip, per_row).sum()
             keep = (~clipped).to(grad.dtype)
 
     scale = 1.0 / temperature
@@ -293,6 +311,48 @@ def _chunk_loss(
     elif scale != 1.0:
         grad.mul_(scale)
     return grad
+
+
+def _vocab_clipped_chunk(
+    ls: Tensor,
+    lt: Tensor,
+    ps: Tensor,
+    pt: Tensor,
+    scratch: Tensor,
+    *,
+    loss: str,
+    beta: float,
+    vocab_clip: float,
+    stats: _ChunkStats,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss ``sum_v min(t_v, vocab_clip)`` ``[n]`` and its student-logit gradient.
+
+    ``ls``/``lt`` are log-probabilities and ``ps``/``pt`` probabilities (``[n, V]``, from
+    :func:`_log_softmax_`); every buffer may be overwritten. Adds the unclipped divergence and the
+    clip counts to ``stats``. See :func:`_chunk_loss` for the gradient's form.
+    """
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
+        terms = lt.sub_(ls).mul_(pt)  # p_T (log p_T - log p_S)
+        clipped = terms > vocab_clip
+        g = torch.neg(pt, out=scratch).masked_fill_(clipped, 0.0)  # g_v u_v = -p_T,v u_v
+    elif loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
+        terms = torch.mul(ls.sub_(lt), ps, out=scratch)  # p_S (log p_S - log p_T)
+        clipped = terms > vocab_clip
+        g = ls.add_(1.0).mul_(ps).masked_fill_(clipped, 0.0)  # p_S (log p_S - log p_T + 1) u
+    else:
+        log_m = torch.mul(pt, beta, out=scratch).add_(ps, alpha=1.0 - beta)
+        log_m.clamp_min_(torch.finfo(log_m.dtype).tiny).log_()
+        teacher_terms = lt.sub_(log_m).mul_(pt)  # p_T (log p_T - log m)
+        student_terms = ls.sub_(log_m).mul_(ps)  # p_S (log p_S - log m)
+        terms = torch.mul(teacher_terms, beta, out=scratch).add_(student_terms, alpha=1.0 - beta)
+        clipped = terms > vocab_clip
+        g = student_terms.masked_fill_(clipped, 0.0).mul_(1.0 - beta)
+    stats.divergence += terms.sum()
+    stats.vocab_clipped_entries += torch.count_nonzero(clipped)  # no int64 copy of the mask
+    stats.vocab_clipped_tokens += clipped.any(dim=-1).sum()
+    per_row = terms.clamp_(max=vocab_clip).sum(dim=-1)
+    grad = g.addcmul_(ps, g.sum(dim=-1, keepdim=True), value=-1.0)
+    return per_row, grad
 
 
 class _ChunkedRolloutLoss(torch.autograd.Function):
@@ -321,7 +381,8 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
         temperature: float,
         clip: float | None,
         chunk_size: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        vocab_clip: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         dtype = compute_dtype(student_hidden, teacher_hidden, weight)
         device = student_hidden.device
         n_valid = positions.shape[0]
@@ -369,6 +430,7 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
                     temperature=temperature,
                     clip=clip,
                     stats=stats,
+                    vocab_clip=vocab_clip,
                 )
                 if grad_hidden is not None:
                     _back_project(grad_logits, weight, grad_hidden[start:end])
@@ -381,6 +443,8 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
             stats.student_entropy,
             stats.teacher_entropy,
             stats.clipped,
+            stats.vocab_clipped_entries,
+            stats.vocab_clipped_tokens,
         )
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -396,7 +460,7 @@ class _ChunkedRolloutLoss(torch.autograd.Function):
             rows = (grad_hidden * grad_loss.to(grad_hidden.dtype)).to(ctx.hidden_dtype)  # type: ignore[attr-defined]
             grad = rows.new_zeros(ctx.hidden_shape)  # type: ignore[attr-defined]
             grad.index_put_(tuple(positions.unbind(1)), rows)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 def rollout_loss_from_hidden(
@@ -411,6 +475,7 @@ def rollout_loss_from_hidden(
     beta: float = 0.5,
     temperature: float = 1.0,
     clip: float | None = None,
+    vocab_clip: float | None = None,
     normalizer: float | Tensor,
     chunk_size: int | None = None,
 ) -> RolloutLoss:
@@ -418,7 +483,8 @@ def rollout_loss_from_hidden(
 
     Same semantics and result as :func:`opsd_engine.losses.rollout_loss_from_logits` applied to
     ``student_hidden @ output_weight.T + output_bias`` and the teacher's equivalent (see there
-    for ``loss``, ``beta``, ``temperature``, ``clip`` and the step-level ``normalizer``: the
+    for ``loss``, ``beta``, ``temperature``, ``clip``, ``vocab_clip`` (the authors' per-vocabulary
+    clip; the clipped loss can be negative) and the step-level ``normalizer``: the
     number of valid tokens in the whole optimizer step, across gradient-accumulation
     micro-batches and data-parallel ranks, never a per-micro-batch count).
 
@@ -435,14 +501,15 @@ def rollout_loss_from_hidden(
         sampled_ids: ``[B, T]`` sampled token ids (used by ``sampled_token``).
         mask: ``[B, T]`` bool, true at valid rollout positions. Only those positions are gathered
             and computed, so whatever masked-out hidden states hold (even NaN) is ignored.
-        loss, beta, temperature, clip, normalizer: as in ``rollout_loss_from_logits``.
+        loss, beta, temperature, clip, vocab_clip, normalizer: as in
+            ``rollout_loss_from_logits``.
         chunk_size: positions per chunk; default :func:`auto_chunk_size` for this device.
 
     Returns:
         A :class:`~opsd_engine.losses.RolloutLoss`; only ``loss`` carries a gradient (to
         ``student_hidden``, in its dtype).
     """
-    validate_loss_args(loss, beta, temperature, clip, normalizer)
+    validate_loss_args(loss, beta, temperature, clip, normalizer, vocab_clip)
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(
             f"student/teacher hidden shapes differ: {tuple(student_hidden.shape)} vs "
@@ -473,7 +540,15 @@ def rollout_loss_from_hidden(
     ids = sampled_ids[valid].long()
     bias = output_bias.detach() if output_bias is not None else None
 
-    loss_sum, divergence_sum, student_entropy, teacher_entropy, clipped = _ChunkedRolloutLoss.apply(
+    (
+        loss_sum,
+        divergence_sum,
+        student_entropy,
+        teacher_entropy,
+        clipped,
+        vocab_entries,
+        vocab_tokens,
+    ) = _ChunkedRolloutLoss.apply(
         student_hidden,
         teacher_hidden.detach(),
         positions,
@@ -485,6 +560,7 @@ def rollout_loss_from_hidden(
         temperature,
         clip,
         chunk_size,
+        vocab_clip,
     )
     if isinstance(normalizer, Tensor):
         normalizer = normalizer.detach().to(device=loss_sum.device, dtype=loss_sum.dtype)
@@ -495,4 +571,6 @@ def rollout_loss_from_hidden(
         teacher_entropy_sum=teacher_entropy,
         clipped_tokens=clipped,
         valid_tokens=valid.sum(),
+        vocab_clipped_entries=vocab_entries,
+        vocab_clipped_tokens=vocab_tokens,
     )

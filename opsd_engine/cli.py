@@ -287,16 +287,29 @@ def preflight(
 
 
 @spec_app.command("show")
-def spec_show(spec_file: Path) -> None:
-    """Validate a spec and print it with every default filled in."""
-    from opsd_engine.config import load_spec, spec_to_dict
+def spec_show(
+    spec_file: Path,
+    json_output: bool = typer.Option(
+        False, "--json", help="Print the whole spec as JSON (no sources)."
+    ),
+) -> None:
+    """Validate a spec and print every value with what set it: you, its recipe, or the default."""
+    from opsd_engine.config import load_spec_with_sources, spec_to_dict
+    from opsd_engine.recipes import RECIPES
 
     try:
-        spec = load_spec(spec_file)
+        spec, sources = load_spec_with_sources(spec_file)
     except _user_errors() as exc:
         _fail(str(exc))
         return
-    typer.echo(json.dumps(spec_to_dict(spec), indent=2))
+    if json_output:
+        typer.echo(json.dumps(spec_to_dict(spec), indent=2))
+        return
+    if spec.recipe is not None:
+        typer.echo(f"# recipe {spec.recipe}: {RECIPES[spec.recipe].source}")
+    width = max(len(path) for path in sources)
+    for path, (value, source) in sources.items():
+        typer.echo(f"{path:<{width}}  {json.dumps(value):<24}  {source}")
 
 
 @dev_app.command("tiny-model")

@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic.json_schema import WithJsonSchema
 
+from opsd_engine.recipes import RecipeName, apply_recipe, value_sources
+
 Method = Literal["opsd", "sft", "grpo"]
 DivergenceName = Literal["jsd", "forward_kl", "reverse_kl", "sampled_token"]
 TeacherMode = Literal["initial", "current"]
@@ -199,6 +201,15 @@ class LossConfig(_Group):
     clip: float | None = Field(
         None, gt=0.0, le=1e6, description="Per-token cap on the loss; off by default."
     )
+    vocab_clip: float | None = Field(
+        None,
+        gt=0.0,
+        le=1e6,
+        description="Per-vocabulary-entry cap, the OPSD authors' jsd_token_clip: each term of "
+        "the divergence's sum over the vocabulary is clamped at this value before the sum "
+        "(official recipe: 0.05). Divergences only. The clipped loss can be negative. Off by "
+        "default.",
+    )
     implementation: Literal["chunked", "naive"] = Field(
         "chunked", description="chunked: from hidden states, never builds T x V logits."
     )
@@ -316,6 +327,76 @@ class EvalSpec(_Group):
     )
     at_end: bool = True
     include_base: bool = Field(False, description="Also evaluate the base model (adapter off).")
+    select: Literal["best", "last"] = Field(
+        "last",
+        description="Which adapter the job publishes: the last step's, or the one of the "
+        "evaluation with the best select_metric (the authors evaluate every 20 steps and "
+        "report the best checkpoint).",
+    )
+    select_metric: str = Field(
+        "avg",
+        pattern=r"^(avg|majority|pass@[0-9]{1,3})$",
+        description="Held-out metric that ranks evaluations: avg (avg@n), majority or pass@k.",
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Stop early after this many evaluations in a row without a new best "
+        "(needs every_steps); the job still succeeds, with the adapter select says.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0.0, le=1.0, description="A new best must beat the old one by more than this."
+    )
+
+    @model_validator(mode="after")
+    def _selection_needs_evals(self) -> EvalSpec:
+        if self.patience is not None and self.every_steps is None:
+            raise ValueError("eval.patience counts periodic evaluations: set eval.every_steps")
+        if (self.select == "best" or self.patience is not None) and not self.dataset_uri:
+            raise ValueError("eval.select: best and eval.patience need eval.dataset_uri")
+        return self
+
+
+class GuardConfig(_Group):
+    """Collapse alarms on the step metrics: each is a job event (`alarm`) when its condition
+    starts to hold on the moving average of the last `window` steps; null turns one off."""
+
+    window: int = Field(5, ge=1, le=10_000, description="Steps in the moving average.")
+    length_collapse_ratio: float | None = Field(
+        0.3,
+        gt=0.0,
+        lt=1.0,
+        description="Rollout length below this share of its first-window mean.",
+    )
+    entropy_collapse_ratio: float | None = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Student entropy below this share of its first-window mean.",
+    )
+    divergence_floor: float | None = Field(
+        1e-4,
+        gt=0.0,
+        le=1e6,
+        description="Divergence below this (nats): the teacher no longer teaches anything.",
+    )
+    clip_saturation: float | None = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Share of loss tokens whose loss.clip is active (clip_frac) above this.",
+    )
+    vocab_clip_saturation: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Share of loss tokens with a term capped by loss.vocab_clip "
+        "(vocab_clip_token_frac) above this; off by default (such tokens still pass gradient).",
+    )
+    stop_on_alarm: bool = Field(
+        False, description="Stop the run (succeeded, adapter as eval.select says) at an alarm."
+    )
 
 
 class CheckpointConfig(_Group):
@@ -359,11 +440,65 @@ class PreflightSpec(_Group):
 TrackerName = Literal["tensorboard", "wandb", "mlflow"]
 
 
+MAX_GPUS = 64
+
+
+class FSDPConfig(_Group):
+    """FSDP options, named as accelerate's config file (``fsdp_config``) names them; the worker
+    hands them to ``accelerate launch`` as its ``--fsdp_*`` flags (GPU workers only)."""
+
+    fsdp_sharding_strategy: Literal[
+        "FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"
+    ] = "FULL_SHARD"
+    fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = (
+        "TRANSFORMER_BASED_WRAP"
+    )
+    fsdp_transformer_layer_cls_to_wrap: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}(,[A-Za-z_][A-Za-z0-9_]{0,127}){0,15}$",
+        description="Comma-separated decoder layer classes; unset: `_no_split_modules`.",
+    )
+    fsdp_min_num_params: int = Field(100_000_000, ge=1, description="SIZE_BASED_WRAP only.")
+    fsdp_backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH"] = "BACKWARD_PRE"
+    fsdp_state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = "FULL_STATE_DICT"
+    fsdp_offload_params: bool = False
+    fsdp_forward_prefetch: bool = False
+    fsdp_use_orig_params: bool = True
+    fsdp_cpu_ram_efficient_loading: bool = True
+    fsdp_sync_module_states: bool = True
+    fsdp_activation_checkpointing: bool = False
+
+
 class RuntimeConfig(_Group):
     dtype: DType = "auto"
     gradient_checkpointing: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: str | None = Field(None, pattern=r"^[A-Za-z0-9_./-]{1,128}$")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How a job on several GPUs (resources.gpus > 1) shares the model: ddp "
+        "(a full copy per GPU) or fsdp (sharded; for models that do not fit one device).",
+    )
+    fsdp_config: FSDPConfig | None = Field(
+        None, description="FSDP options (accelerate's names); only with distributed: fsdp."
+    )
+
+    @field_validator("fsdp_config")
+    @classmethod
+    def _fsdp_options_need_fsdp(
+        cls, value: FSDPConfig | None, info: ValidationInfo
+    ) -> FSDPConfig | None:
+        if value is not None and info.data.get("distributed") != "fsdp":
+            raise ValueError("only allowed with runtime.distributed: fsdp")
+        return value
+
+
+class ResourcesConfig(_Group):
+    """What one job occupies: ``gpus`` devices (processes) on ``nodes`` machines. The service
+    runs the job on a worker of that resource class; on a CPU worker each GPU is a process."""
+
+    gpus: int = Field(1, ge=1, le=MAX_GPUS, description="Devices (data-parallel processes).")
+    nodes: Literal[1] = Field(1, description="Machines; one in this version.")
 
 
 class JobSpec(BaseModel):
@@ -381,6 +516,14 @@ class JobSpec(BaseModel):
         description="An uploaded file's id (file-...) or a location the deployment allows.",
     )
     method: Method = "opsd"
+    recipe: RecipeName | None = Field(
+        None,
+        description="A named set of defaults with its source: paper-v1 (the paper's first "
+        "version) or official-2026-04 (the authors' repository's recipe of April 2026: forward "
+        "KL, per-vocabulary clip 0.05, lr 5e-6, max_grad_norm 0.1, 1024-token rollouts at "
+        "temperature 1.1 / top-p 0.95 / top-k 20, student thinking off). Fields set explicitly "
+        "override it; method opsd only.",
+    )
     divergence: DivergenceName = "jsd"
     beta: float = Field(0.5, ge=0.0, le=1.0)
     max_new_tokens: int = Field(2048, ge=1, le=MAX_NEW_TOKENS)
@@ -403,10 +546,12 @@ class JobSpec(BaseModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     preflight: PreflightSpec = Field(default_factory=PreflightSpec)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     report_to: list[TrackerName] = Field(
         default_factory=list,
         description="Experiment trackers that mirror every metric and the spec (HF Trainer's "
@@ -419,6 +564,32 @@ class JobSpec(BaseModel):
     @classmethod
     def _unique_trackers(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        # The preset's values go under the document's own: an explicit field always wins.
+        return apply_recipe(data) if isinstance(data, dict) else data
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_for_opsd(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("method", "opsd") != "opsd":
+            raise ValueError(
+                f"recipe {value!r} is an OPSD recipe; it does not apply to method "
+                f"{info.data.get('method')!r}"
+            )
+        return value
+
+    @field_validator("loss")
+    @classmethod
+    def _vocab_clip_needs_a_divergence(cls, value: LossConfig, info: ValidationInfo) -> LossConfig:
+        if value.vocab_clip is not None and info.data.get("divergence") == "sampled_token":
+            raise ValueError(
+                "vocab_clip clips the terms of a full-vocabulary divergence; it does not apply "
+                "to divergence: sampled_token (use loss.clip)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _method_defaults(self) -> JobSpec:
@@ -503,6 +674,17 @@ def parse_spec(data: Any, *, source: str | None = None) -> JobSpec:
 
 def load_spec(path: str | Path) -> JobSpec:
     """Load a spec from a YAML (.yaml/.yml) or JSON (.json) file."""
+    return load_spec_with_sources(path)[0]
+
+
+def spec_sources(raw: dict[str, Any], spec: JobSpec) -> dict[str, tuple[Any, str]]:
+    """Each value of ``spec`` (dotted path -> (value, source)) and who set it, given the
+    document ``raw`` it was parsed from: ``user``, ``recipe <name>`` or ``default``."""
+    return value_sources(raw, spec_to_dict(spec))
+
+
+def load_spec_with_sources(path: str | Path) -> tuple[JobSpec, dict[str, tuple[Any, str]]]:
+    """:func:`load_spec` plus :func:`spec_sources` of the file's document."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -514,8 +696,8 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError(
             [("(file)", f"not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}")], str(path)
         ) from None
-    spec = parse_spec(data, source=str(path))
-    return _resolve_relative_paths(spec, path.parent)
+    spec = _resolve_relative_paths(parse_spec(data, source=str(path)), path.parent)
+    return spec, spec_sources(data, spec)
 
 
 def _resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:

@@ -5,6 +5,9 @@ functions on ``[..., T, V]`` logits:
 
 * :func:`token_divergence`: per-position ``D(p_T || p_S)`` for the generalized Jensen-Shannon
   divergence ``JSD_beta`` (Eq. 7), forward KL ``KL(p_T || p_S)`` and reverse KL ``KL(p_S || p_T)``;
+* :func:`token_divergence_terms`: the per-vocabulary-entry terms whose sum over the vocabulary is
+  that divergence (what the OPSD authors' ``jsd_token_clip`` clamps, see
+  :func:`rollout_loss_from_logits`);
 * :func:`token_entropy`: per-position entropy;
 * :func:`sampled_token_advantage_loss`: the sampled-token policy-gradient objective (Eq. 9);
 * :func:`rollout_loss_from_logits`: the masked, step-normalized rollout loss plus its statistics,
@@ -23,7 +26,7 @@ ever building a ``[T, V]`` tensor, and is tested against this module.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
@@ -46,6 +49,7 @@ __all__ = [
     "rollout_loss_from_logits",
     "sampled_token_advantage_loss",
     "token_divergence",
+    "token_divergence_terms",
     "token_entropy",
     "validate_loss_args",
 ]
@@ -72,6 +76,11 @@ class RolloutLoss:
     """Detached count of valid positions where the clip was active."""
     valid_tokens: Tensor
     """Detached count of valid positions."""
+    vocab_clipped_entries: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    """Detached count of (valid position, vocabulary entry) pairs where ``vocab_clip`` was active
+    (0 when it is off)."""
+    vocab_clipped_tokens: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    """Detached count of valid positions with at least one vocabulary entry clipped."""
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -83,7 +92,12 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def validate_loss_args(
-    loss: str, beta: float, temperature: float, clip: float | None, normalizer: float | Tensor
+    loss: str,
+    beta: float,
+    temperature: float,
+    clip: float | None,
+    normalizer: float | Tensor,
+    vocab_clip: float | None = None,
 ) -> None:
     """Raise ``ValueError`` for arguments outside their domain (shared with the chunked path)."""
     if loss not in LOSS_KINDS:
@@ -91,6 +105,13 @@ def validate_loss_args(
     _validate_beta_temperature(beta, temperature)
     if clip is not None and not (clip > 0 and math.isfinite(clip)):
         raise ValueError(f"clip must be a positive finite number or None, got {clip}")
+    if vocab_clip is not None:
+        if not (vocab_clip > 0 and math.isfinite(vocab_clip)):
+            raise ValueError(
+                f"vocab_clip must be a positive finite number or None, got {vocab_clip}"
+            )
+        if loss == "sampled_token":
+            raise ValueError("vocab_clip applies to the divergences, not to sampled_token")
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
@@ -175,6 +196,45 @@ def token_divergence(
     return beta * kl_teacher + (1.0 - beta) * kl_student
 
 
+def token_divergence_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    divergence: Divergence = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-vocabulary-entry terms ``[..., T, V]`` whose sum over ``V`` is :func:`token_divergence`.
+
+    With ``p_T``, ``p_S`` the softmaxes and ``m = beta p_T + (1 - beta) p_S``, entry ``v`` is
+    ``p_T,v (log p_T,v - log p_S,v)`` for forward KL (``jsd`` with ``beta == 0``),
+    ``p_S,v (log p_S,v - log p_T,v)`` for reverse KL (``jsd`` with ``beta == 1``), and
+    ``beta p_T,v (log p_T,v - log m_v) + (1 - beta) p_S,v (log p_S,v - log m_v)`` otherwise: the
+    elementwise ``F.kl_div(..., reduction="none", log_target=True)`` tensors of the OPSD authors'
+    ``generalized_jsd_loss``. Single terms can be negative (only their sum is a divergence).
+    Arguments, dtype and gradient flow as in :func:`token_divergence`.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    _validate_beta_temperature(beta, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student/teacher logits shapes differ: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_p_s = _log_probs(student_logits, temperature, dtype)
+    log_p_t = _log_probs(teacher_logits.detach(), temperature, dtype)
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return log_p_t.exp() * (log_p_t - log_p_s)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return log_p_s.exp() * (log_p_s - log_p_t)
+    log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log1p(-beta))
+    return beta * log_p_t.exp() * (log_p_t - log_m) + (1.0 - beta) * log_p_s.exp() * (
+        log_p_s - log_m
+    )
+
+
 def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Per-position entropy ``-sum_v p_v log p_v`` of ``softmax(logits / temperature)``.
 
@@ -256,6 +316,7 @@ def rollout_loss_from_logits(
     beta: float = 0.5,
     temperature: float = 1.0,
     clip: float | None = None,
+    vocab_clip: float | None = None,
     normalizer: float | Tensor,
 ) -> RolloutLoss:
     """Masked OPSD loss of one micro-batch from full logits (the reference path).
@@ -275,7 +336,16 @@ def rollout_loss_from_logits(
         temperature: loss temperature (> 0), applied to both logits.
         clip: optional per-token cap. For divergences the per-token loss is
             ``min(div, clip)``, so a clipped token contributes no gradient; for
-            ``sampled_token`` the advantage is clamped to ``[-clip, clip]``.
+            ``sampled_token`` the advantage is clamped to ``[-clip, clip]``. Applied after
+            ``vocab_clip`` when both are set.
+        vocab_clip: optional per-vocabulary-entry cap, as the OPSD authors' code defines its
+            ``jsd_token_clip`` (default 0.05 in their current recipe): every term of
+            :func:`token_divergence_terms` is clamped from above before the sum over the
+            vocabulary, ``terms.clamp(max=vocab_clip).sum(-1)``; a clamped entry passes no
+            gradient. Divergences only (``ValueError`` for ``sampled_token``). Because single
+            terms can be negative and only the positive ones are capped, the clipped per-token
+            loss, and so the step's loss, **can be negative** (the authors' issue #2); the
+            reported ``divergence_sum`` stays the unclipped divergence.
         normalizer: number of valid tokens in the whole optimizer step, i.e. summed over every
             gradient-accumulation micro-batch and every data-parallel rank. The masked sum of
             per-token losses is divided by it and nothing else, so the accumulated gradient of a
@@ -286,7 +356,7 @@ def rollout_loss_from_logits(
     Returns:
         A :class:`RolloutLoss`; only ``loss`` carries a gradient (to ``student_logits``).
     """
-    validate_loss_args(loss, beta, temperature, clip, normalizer)
+    validate_loss_args(loss, beta, temperature, clip, normalizer, vocab_clip)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student/teacher logits shapes differ: {tuple(student_logits.shape)} vs "
@@ -309,16 +379,24 @@ def rollout_loss_from_logits(
         advantage = raw_advantage if clip is None else raw_advantage.clamp(-clip, clip)
         per_token = -advantage * log_p_s
         clipped = raw_advantage.abs() > clip if clip is not None else None
+    elif vocab_clip is not None:
+        terms = token_divergence_terms(
+            student_logits, teacher_logits, divergence=loss, beta=beta, temperature=temperature
+        )
+        divergence = terms.sum(dim=-1)
+        entry_clipped = terms.detach() > vocab_clip
+        per_token = terms.clamp(max=vocab_clip).sum(dim=-1)
     else:
         divergence = token_divergence(
             student_logits, teacher_logits, divergence=loss, beta=beta, temperature=temperature
         )
         per_token = divergence
+    if loss != "sampled_token":
         clipped = None
         if clip is not None:
-            clipped = divergence.detach() > clip
-            # min(div, clip) with no gradient through clipped tokens.
-            per_token = torch.where(clipped, torch.full_like(divergence, clip), divergence)
+            clipped = per_token.detach() > clip
+            # min(loss, clip) with no gradient through clipped tokens.
+            per_token = torch.where(clipped, torch.full_like(per_token, clip), per_token)
 
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     if isinstance(normalizer, Tensor):
@@ -331,7 +409,7 @@ def rollout_loss_from_logits(
         clipped_tokens = (
             (clipped & mask).sum() if clipped is not None else mask.new_zeros((), dtype=torch.long)
         )
-        return RolloutLoss(
+        result = RolloutLoss(
             loss=step_loss,
             divergence_sum=torch.where(mask, divergence.detach(), zero).sum(),
             student_entropy_sum=torch.where(mask, student_entropy, zero).sum(),
@@ -339,3 +417,8 @@ def rollout_loss_from_logits(
             clipped_tokens=clipped_tokens,
             valid_tokens=mask.sum(),
         )
+        if loss != "sampled_token" and vocab_clip is not None:
+            entry_clipped &= mask.unsqueeze(-1)
+            result.vocab_clipped_entries = entry_clipped.sum()
+            result.vocab_clipped_tokens = entry_clipped.any(dim=-1).sum()
+        return result

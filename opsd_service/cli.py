@@ -155,9 +155,23 @@ def api(
 
 def worker(
     loglevel: str = typer.Option("INFO", "--loglevel", help="Celery log level."),
+    gpus: int | None = typer.Option(
+        None,
+        "--gpus",
+        min=1,
+        max=64,
+        help="Devices of this worker (OPSD_WORKER_GPUS): it consumes the queue of every "
+        "configured resource class up to N and runs a job of several as a process group (on a "
+        "CPU worker, N gloo processes).",
+    ),
 ) -> None:
     """Run a training worker: one job at a time on this machine's accelerator."""
+    import os
+
     from worker.main import run_worker
+
+    if gpus is not None:  # every part of the worker reads its settings from the environment
+        os.environ["OPSD_WORKER_GPUS"] = str(gpus)
 
     run_worker(loglevel=loglevel)
 

@@ -124,6 +124,38 @@ class ServiceSettings(BaseSettings):
     store_outage_wait_seconds: float = Field(
         600.0, gt=0, description="How long a worker waits for the store to come back."
     )
+    # -- scale-out: resource classes, multi-process jobs, fair dispatch (issue 14)
+    resource_classes: str = Field(
+        "1",
+        pattern=r"^\s*[1-9][0-9]{0,1}(\s*,\s*[1-9][0-9]{0,1})*\s*$",
+        description="Comma-separated GPU counts the deployment's workers offer (`1,2,8`); a job "
+        "asking for another `resources.gpus` is refused (422). Queue of class N: `<queue>.gpuN`.",
+    )
+    worker_gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Devices of this worker (`opsd worker --gpus N`); it consumes every resource "
+        "class up to N. On a CPU worker each is one gloo process.",
+    )
+    tenant_max_running_jobs: int = Field(
+        0, ge=0, description="Jobs of one tenant running at once across workers; 0: no cap."
+    )
+    collective_timeout_s: float = Field(
+        600.0, gt=0, description="How long a rank of a multi-process job waits on a collective."
+    )
+    launch_stop_grace_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="After the stop file, how long a multi-process job may take to stop with a "
+        "checkpoint before its process group is terminated.",
+    )
+    launch_ports: str = Field(
+        "",
+        pattern=r"^(|[0-9]{1,5}-[0-9]{1,5})$",
+        description="`LOW-HIGH` rendezvous ports of multi-process jobs; empty: torchrun "
+        "--standalone picks a free one.",
+    )
 
     @model_validator(mode="after")
     def _check_policies(self) -> ServiceSettings:
@@ -138,6 +170,14 @@ class ServiceSettings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         return self
+
+    def gpu_classes(self) -> list[int]:
+        """The resource classes (GPU counts) of `resource_classes`, sorted, without repeats."""
+        return sorted({int(part) for part in self.resource_classes.split(",")})
+
+    def served_gpu_classes(self) -> list[int]:
+        """The classes this worker consumes: every configured class up to `worker_gpus`."""
+        return [n for n in self.gpu_classes() if n <= self.worker_gpus]
 
     def access_policy(self) -> Any:
         """The parsed `opsd_engine.access.AccessPolicy` of these settings."""

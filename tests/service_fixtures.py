@@ -128,3 +128,13 @@ def redis_test_url(db: int) -> str:
 def sqlite_url(path: str | os.PathLike[str]) -> str:
     """``sqlite:///<absolute path>`` for a database file (not created here; see ``upgrade``)."""
     return f"sqlite:///{Path(path).resolve()}"
+
+
+def launch_ports() -> str:
+    """The rendezvous ports (``LOW-HIGH``, ``OPSD_LAUNCH_PORTS``) of the multi-process jobs the
+    tests start: 16400-16499 (``OPSD_TEST_LAUNCH_PORTS`` to move it), split between xdist
+    workers so two workers never race for one port."""
+    low, high = (int(p) for p in os.environ.get("OPSD_TEST_LAUNCH_PORTS", "16400-16499").split("-"))
+    share = (high - low + 1) // XDIST_WORKERS_MAX
+    first = low + share * xdist_worker_index()
+    return f"{first}-{first + share - 1}"

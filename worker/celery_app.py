@@ -17,7 +17,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from opsd_service.settings import ServiceSettings, filesystem_broker_root, get_settings
 from opsd_service.settings import is_filesystem_broker as _is_fs_broker
 from worker import tasks as _tasks  # registers opsd.run_job
-from worker.queue import make_celery
+from worker.queue import make_celery, worker_queues
 
 log = logging.getLogger("opsd.worker")
 
@@ -46,9 +46,9 @@ def create_worker_app(settings: ServiceSettings) -> Celery:
         reaper.start()
         reapers.append(reaper)
         log.info(
-            "worker %s ready on queue %r (reaper every %ss)",
+            "worker %s ready on queues %s (reaper every %ss)",
             _tasks.process_worker_id(),
-            settings.queue,
+            ",".join(worker_queues(settings)),
             settings.reaper_interval_seconds,
         )
 

@@ -1,4 +1,8 @@
-"""Starting a worker process: one job at a time (`solo` pool, concurrency 1, one GPU per worker).
+"""Starting a worker process: one job at a time (`solo` pool, concurrency 1).
+
+A worker has `OPSD_WORKER_GPUS` devices (`opsd worker --gpus N`) and consumes the queue of every
+configured resource class up to N; a job of several GPUs runs as a child process group
+(`worker.launcher`) while this process keeps its lease.
 
 `run_worker()` is what `opsd worker` calls; the settings come from the environment, like
 `celery -A worker.celery_app worker`, which this is equivalent to with the flags below.
@@ -10,6 +14,7 @@ import os
 import socket
 
 from opsd_service.settings import ServiceSettings, get_settings
+from worker.queue import worker_queues
 
 
 def worker_argv(settings: ServiceSettings, *, loglevel: str = "INFO") -> list[str]:
@@ -18,7 +23,7 @@ def worker_argv(settings: ServiceSettings, *, loglevel: str = "INFO") -> list[st
         "worker",
         "--pool=solo",
         "--concurrency=1",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(worker_queues(settings))}",
         f"--hostname=opsd-{os.getpid()}@{socket.gethostname()}",
         f"--loglevel={loglevel}",
         "--without-gossip",

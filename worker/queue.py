@@ -5,6 +5,14 @@ id, the worker claims the row with a lease before doing anything, and a duplicat
 job that is no longer `queued` is acknowledged and skipped. Safe-delivery settings: late acks,
 prefetch 1, reject (requeue) when the worker process dies, JSON only, no result backend.
 
+Queues per resource class: a job asking for N GPUs (`resources.gpus`) is sent to
+`<queue>.gpuN` (`opsd.gpu1`, `opsd.gpu8`, ...) with `gpus=N` in the message; an eval goes to the
+class of the job it evaluates. A worker consumes every configured class it can serve
+(:func:`worker_queues`). A message of a class is a turn to run *some* queued job of that class:
+the worker claims the next one in tenant round-robin order (`Store.claim_next_job`), so one
+tenant's many messages do not starve another tenant's single job. The plain `<queue>` is still
+consumed (messages sent before classes existed name their job and run exactly it).
+
 Two brokers are supported: Redis (compose/scale-out) and kombu's `filesystem://PATH` transport
 for the embedded shape, whose messages are files under `PATH/data` that survive restarts. That
 transport has no broadcast queues worth keeping, so remote control and events are off for it.
@@ -59,6 +67,8 @@ def make_celery(settings: ServiceSettings) -> Celery:
             RUN_PREFLIGHT_TASK: {"queue": settings.queue},
         },
         "broker_connection_retry_on_startup": True,
+        # the queue of every resource class (what `opsd_queue_depth` reports besides the above)
+        "opsd_class_queues": [class_queue(settings.queue, n) for n in settings.gpu_classes()],
         "worker_send_task_events": False,
         "task_send_sent_event": False,
         "enable_utc": True,
@@ -75,12 +85,37 @@ def make_celery(settings: ServiceSettings) -> Celery:
     return app
 
 
-def enqueue_job(celery: Celery, job_id: str) -> str:
-    """Send `opsd.run_job(job_id)` (the id only); returns the message id."""
+def class_queue(base: str, gpus: int) -> str:
+    """The queue of the resource class `gpus` (`opsd.gpu8` for base `opsd`)."""
+    return f"{base}.gpu{int(gpus)}"
+
+
+def job_gpus(spec: Any) -> int:
+    """``resources.gpus`` of a stored job spec (a dict; 1 for specs from before resources)."""
+    resources = spec.get("resources") if isinstance(spec, dict) else None
+    gpus = resources.get("gpus") if isinstance(resources, dict) else None
+    return gpus if isinstance(gpus, int) and gpus >= 1 else 1
+
+
+def worker_queues(settings: ServiceSettings) -> list[str]:
+    """The queues a worker of `settings.worker_gpus` devices consumes: its classes, largest first
+    (the jobs only it can run), then the plain queue of older messages."""
+    classes = sorted(settings.served_gpu_classes(), reverse=True)
+    return [class_queue(settings.queue, n) for n in classes] + [settings.queue]
+
+
+def enqueue_job(
+    celery: Celery, job_id: str, *, gpus: int = 1, countdown: float | None = None
+) -> str:
+    """Send `opsd.run_job(job_id, gpus=N)` to the queue of class `gpus`; returns the message id.
+
+    `countdown` delays the delivery (seconds): a turn that found every queued job of its class
+    held back by the per-tenant cap comes back later."""
     result = celery.send_task(
         RUN_JOB_TASK,
         args=[str(job_id)],
-        queue=celery.conf.task_default_queue,
+        kwargs={"gpus": int(gpus)},
+        queue=class_queue(celery.conf.task_default_queue, gpus),
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         ignore_result=True,
@@ -88,12 +123,13 @@ def enqueue_job(celery: Celery, job_id: str) -> str:
     return str(result.id)
 
 
-def enqueue_eval(celery: Celery, eval_id: str) -> str:
-    """Send `opsd.run_eval(eval_id)` (the id only); returns the message id."""
+def enqueue_eval(celery: Celery, eval_id: str, *, gpus: int = 1) -> str:
+    """Send `opsd.run_eval(eval_id)` (the id only) to the queue of class `gpus` (that of the job
+    whose adapter it evaluates); returns the message id."""
     result = celery.send_task(
         RUN_EVAL_TASK,
         args=[str(eval_id)],
-        queue=celery.conf.task_default_queue,
+        queue=class_queue(celery.conf.task_default_queue, gpus),
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         ignore_result=True,

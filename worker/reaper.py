@@ -30,7 +30,13 @@ from typing import Any
 
 from celery import Celery
 
-from worker.queue import broker_identity, enqueue_eval, enqueue_job, enqueue_preflight
+from worker.queue import (
+    broker_identity,
+    enqueue_eval,
+    enqueue_job,
+    enqueue_preflight,
+    job_gpus,
+)
 
 log = logging.getLogger("opsd.reaper")
 
@@ -54,25 +60,48 @@ def reap_once(
     lost = "its worker was lost; requeued"
     sent: list[str] = []
     if requeue_expired:
-        sent += _send(celery, enqueue_job, store.requeue_expired(), lost)
-        sent += _send(celery, enqueue_eval, store.requeue_lost_evals(), lost)
-        sent += _send(celery, enqueue_preflight, store.requeue_lost_preflights(), lost)
+        sent += _send(celery, store, enqueue_job, store.requeue_expired(), lost)
+        sent += _send(celery, store, enqueue_eval, store.requeue_lost_evals(), lost)
+        sent += _send(celery, store, enqueue_preflight, store.requeue_lost_preflights(), lost)
     if stale_queued_after is not None:
         stale = f"queued for over {stale_queued_after}; sent again"
         jobs = store.requeue_stale_queued(older_than=stale_queued_after)
-        sent += _send(celery, enqueue_job, jobs, stale)
+        sent += _send(celery, store, enqueue_job, jobs, stale)
         evals = store.resend_stale_queued_evals(older_than=stale_queued_after)
-        sent += _send(celery, enqueue_eval, evals, stale)
+        sent += _send(celery, store, enqueue_eval, evals, stale)
         preflights = store.resend_stale_queued_preflights(older_than=stale_queued_after)
-        sent += _send(celery, enqueue_preflight, preflights, stale)
+        sent += _send(celery, store, enqueue_preflight, preflights, stale)
     return sent
 
 
+def record_gpus(store: Any, record_id: str) -> int | None:
+    """The resource class of a job (`job_…`) or of the job an eval (`eval_…`) evaluates; None
+    for a pre-flight (`pf_…`, sent to the plain queue)."""
+    job_id = record_id
+    if record_id.startswith("pf_"):
+        return None
+    if record_id.startswith("eval_"):
+        record = store.get_eval(record_id)
+        if record is None:
+            return 1
+        job_id = record.job_id
+    job = store.get_job(job_id)
+    return job_gpus(job.spec) if job is not None else 1
+
+
 def _send(
-    celery: Celery, enqueue: Callable[[Celery, str], str], record_ids: list[str], why: str
+    celery: Celery,
+    store: Any,
+    enqueue: Callable[..., str],
+    record_ids: list[str],
+    why: str,
 ) -> list[str]:
     for record_id in record_ids:
-        enqueue(celery, record_id)
+        gpus = record_gpus(store, record_id)
+        if gpus is None:  # a pre-flight: the plain queue, which every worker consumes
+            enqueue(celery, record_id)
+        else:
+            enqueue(celery, record_id, gpus=gpus)
         log.warning("%s: %s", record_id, why)  # ids name their kind: job_… / eval_… / pf_…
     return list(record_ids)
 

@@ -9,6 +9,12 @@ continues from its last checkpoint) and writes every report into the store throu
 `JobError` -- unless the lease was lost, in which case another worker owns the job now and this
 one writes nothing. No exception escapes from a claimed job.
 
+Jobs of several GPUs (`resources.gpus` > 1) run as a child process group (`worker.launcher`)
+that this thread watches while the heartbeat keeps the lease: the same callbacks receive rank 0's
+reports; a rank's user error fails the job, a lost rank requeues it as one unit (`requeued`,
+attempt + 1, resumed from its last checkpoint). `run_next_job` claims the next job of a resource
+class in tenant round-robin order (what a message of a class's queue is a turn for).
+
 Untrusted tenants: the engine runs under the tenant's dataset guard (`worker.access`), so every
 dataset it opens is checked against the deployment's policy at open time, and the base model is
 checked before it is loaded. A job stops at its wall-time limit (`OPSD_MAX_JOB_SECONDS`) and
@@ -57,6 +63,7 @@ SKIPPED = "skipped"  # the job was not claimable (duplicate delivery, cancelled,
 LEASE_LOST = "lease_lost"  # another worker owns the job now; nothing terminal was written
 INTERRUPTED = "interrupted"  # shutting down and the release failed; the lease expiry requeues it
 RELEASED = "released"  # shutting down, or the store was away: back in the queue, same attempt
+REQUEUED = "requeued"  # a rank of its process group died: back in the queue, attempt + 1
 TIME_LIMIT = "time_limit_exceeded"
 
 EVAL_ACTIVITY_EVENTS = ("eval_started", "eval_progress", "eval_finished")
@@ -620,6 +627,48 @@ def run_job(
             "job %s not claimable (%s); skipping", job_id, current.status if current else "unknown"
         )
         return SKIPPED
+    return _run_with_lease(
+        job, store=store, settings=settings, worker_id=worker_id, artifacts=artifacts
+    )
+
+
+def run_next_job(
+    gpus: int,
+    *,
+    store: Any,
+    settings: ServiceSettings,
+    worker_id: str,
+    artifacts: ArtifactStore | None = None,
+) -> tuple[str | None, str]:
+    """Claim the next queued job of resource class ``gpus`` in fair order (tenant round-robin,
+    ``tenant_max_running_jobs``) and run it like :func:`run_job`.
+
+    Returns ``(job id, outcome)``; ``(None, "skipped")`` when no job of the class is claimable.
+    """
+    job = store.claim_next_job(
+        worker_id,
+        gpus=gpus,
+        lease_seconds=settings.lease_seconds,
+        max_running_per_tenant=settings.tenant_max_running_jobs,
+    )
+    if job is None:
+        return None, SKIPPED
+    outcome = _run_with_lease(
+        job, store=store, settings=settings, worker_id=worker_id, artifacts=artifacts
+    )
+    return job.id, outcome
+
+
+def _run_with_lease(
+    job: Any,
+    *,
+    store: Any,
+    settings: ServiceSettings,
+    worker_id: str,
+    artifacts: ArtifactStore | None,
+) -> str:
+    """Run a job this worker has just claimed: lease heartbeat and outbox around the run."""
+    job_id = job.id
     log.info("job %s claimed by %s (attempt %s)", job_id, worker_id, job.attempt)
     artifacts = artifacts or ArtifactStore(settings.artifacts_uri, scratch_dir=runs_dir(settings))
     lease = LeaseKeeper(
@@ -688,21 +737,41 @@ def _run_claimed(
         _prepare_run_dir(store, artifacts, job_id, run_dir, known)
         from opsd_engine.trainers import run_training
 
-        rollouts = served_rollouts(spec, settings, job_id)
-        if rollouts is not None:
-            callbacks.on_event("rollouts", "rollouts sampled by the inference server")
-        try:
-            with enforcing(guard):
-                result = run_training(
-                    spec, run_dir, callbacks=callbacks, resume=True, rollout_backend=rollouts
-                )
-        finally:
+        if spec.resources.gpus > 1:  # a process group; this thread watches it
+            from worker.launcher import run_group
+
+            result = run_group(
+                spec,
+                run_dir,
+                callbacks=callbacks,
+                settings=settings,
+                tenant=guard.tenant,
+                files=_uploaded_files(spec, guard),
+                lease=lease,
+            )
+        else:
+            rollouts = served_rollouts(spec, settings, job_id)
             if rollouts is not None:
-                rollouts.close()
+                callbacks.on_event("rollouts", "rollouts sampled by the inference server")
+            try:
+                with enforcing(guard):
+                    result = run_training(
+                        spec, run_dir, callbacks=callbacks, resume=True, rollout_backend=rollouts
+                    )
+            finally:
+                if rollouts is not None:
+                    rollouts.close()
     except Exception as exc:
+        from worker.launcher import GroupFailed, RankLost
+
         if lease.lost.is_set():
             log.warning("job %s: lease lost, then %s: %s", job_id, type(exc).__name__, exc)
             return LEASE_LOST
+        if isinstance(exc, GroupFailed):
+            log.info("job %s failed in its process group: %s", job_id, exc.error.message)
+            return fail(exc.error)
+        if isinstance(exc, RankLost) and not lease.store_lost.is_set():
+            return _requeue_lost_group(store, job_id, worker_id, lease, outbox, wait, exc)
         if is_store_outage(exc) or lease.store_lost.is_set():
             log.warning("job %s: the store is unavailable (%s)", job_id, exc)
             return _release_after_outage(store, job_id, worker_id, lease, outbox, wait)
@@ -752,6 +821,47 @@ def _run_claimed(
     outbox.drain(wait)
     cancel = lambda: store.mark_cancelled(job_id, worker_id)  # noqa: E731
     return _terminal(store, job_id, "cancelled", cancel, wait)
+
+
+def _uploaded_files(spec: Any, guard: Any) -> dict[str, str]:
+    """Where the job's uploaded files (``file-...`` ids it names) are, for its ranks' guard."""
+    from opsd_engine.access import FILE_ID
+
+    found = {}
+    for uri in (spec.dataset_uri, spec.eval.dataset_uri):
+        if uri and FILE_ID.fullmatch(uri) and (location := guard.files(uri)) is not None:
+            found[uri] = location
+    return found
+
+
+def _requeue_lost_group(
+    store: Any,
+    job_id: str,
+    worker_id: str,
+    lease: LeaseKeeper,
+    outbox: Outbox,
+    wait: float,
+    exc: BaseException,
+) -> str:
+    """A rank of the job's group died (killed, lost its device, a collective timed out): the
+    group is gone as a whole; the job goes back to the queue with attempt + 1 (it resumes from
+    its last checkpoint) or fails on its last attempt."""
+    log.warning("job %s: %s", job_id, exc)
+    error = JobError("rank_lost", f"a process of the job's group was lost ({exc})", "system")
+    outbox.drain(wait)
+    lease.stop()  # no heartbeat may renew the lease after the requeue
+    try:
+        status = wait_for_store(
+            lambda: store.requeue_job(job_id, worker_id, error=error),
+            what=f"requeueing {job_id}",
+            seconds=wait,
+        )
+    except Exception:
+        log.exception("job %s: could not requeue it; its lease will expire", job_id)
+        return INTERRUPTED
+    if status is None:
+        return LEASE_LOST
+    return REQUEUED if status == "queued" else status
 
 
 def _release_after_outage(

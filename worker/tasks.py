@@ -21,6 +21,7 @@ from opsd_service.settings import get_settings
 from worker.queue import RUN_EVAL_TASK, RUN_JOB_TASK, RUN_PREFLIGHT_TASK
 
 RELEASED = "released"  # worker.runner.RELEASED (not imported here: the runner loads the engine)
+REQUEUED = "requeued"  # worker.runner.REQUEUED
 
 log = logging.getLogger("opsd.worker")
 
@@ -68,15 +69,39 @@ def _run(task: Any, kind: str, record_id: str, runner: Callable[..., str]) -> st
 
 
 @shared_task(name=RUN_JOB_TASK, bind=True, max_retries=MAX_TASK_RETRIES, ignore_result=True)
-def run_job_task(self: Any, job_id: str) -> str:
-    """Run one job by id (see `worker.runner.run_job`)."""
-    from worker.runner import run_job
+def run_job_task(self: Any, job_id: str, gpus: int | None = None) -> str:
+    """A turn to run a job of resource class ``gpus``: the next queued job of that class in
+    tenant round-robin order (`worker.runner.run_next_job`); ``job_id`` names the job whose
+    submission sent the message. A message without a class (sent before classes existed) runs
+    exactly ``job_id`` (`worker.runner.run_job`)."""
+    from worker.queue import enqueue_job
 
-    outcome = _run(self, "job", job_id, run_job)
-    if outcome == RELEASED:  # this worker is leaving; another one picks the job up
-        from worker.queue import enqueue_job
+    if gpus is None:
+        from worker.runner import run_job
 
-        enqueue_job(self.app, str(job_id))
+        outcome = _run(self, "job", job_id, run_job)
+        if outcome in (RELEASED, REQUEUED):  # another turn for the job, on any worker
+            enqueue_job(self.app, str(job_id))
+        return outcome
+
+    from worker.runner import run_next_job
+
+    def next_job(_: str, **kwargs: Any) -> str:
+        ran, outcome = run_next_job(int(gpus), **kwargs)
+        claimed.append(ran)
+        return outcome
+
+    claimed: list[str | None] = []
+    outcome = _run(self, "job", job_id, next_job)  # the message's job, or a fairer one
+    ran = claimed[-1] if claimed else None
+    if outcome in (RELEASED, REQUEUED):  # the job is queued again: it needs another turn
+        enqueue_job(self.app, str(ran or job_id), gpus=int(gpus))
+    elif ran is not None and get_settings().tenant_max_running_jobs > 0:
+        # With a per-tenant cap, a turn that found every queued job's tenant at its cap was
+        # dropped; a job that ends frees a place, so the class gets a turn back while jobs wait.
+        settings = get_settings()
+        if process_store(settings.database_url).count_queued_in_class(gpus=int(gpus)) > 0:
+            enqueue_job(self.app, str(ran), gpus=int(gpus))
     return outcome
 
 

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from api.datasets import check_dataset, eval_dataset
 from api.deps import Settings, Store, Tenant, in_store, tenant_job
 from api.errors import APIError
+from api.resources import job_gpus
 from api.routes.jobs import IDEMPOTENCY_KEY_PATTERN, check_queue_quota, find_unstorable_text
 from api.schemas import ErrorResponse, EvalProgressOut, JobErrorOut
 
@@ -156,16 +157,21 @@ def _with_job_defaults(body: EvalRequest, spec: dict[str, Any]) -> EvalRequest:
     return body.model_copy(update=inherited) if inherited else body
 
 
-def _enqueue_eval(request: Request, eval_id: str) -> None:
-    """Send `opsd.run_eval`; the app may carry its own sender (`app.state.enqueue_eval`)."""
+def _enqueue_eval(request: Request, eval_id: str, gpus: int = 1) -> None:
+    """Send `opsd.run_eval` to the queue of the evaluated job's resource class; the app may
+    carry its own sender (`app.state.enqueue_eval`, taking the eval id)."""
     state = request.app.state
     send = getattr(state, "enqueue_eval", None)
     if send is None:
         from worker.queue import enqueue_eval, make_celery
 
         celery = make_celery(state.settings)
-        state.enqueue_eval = send = lambda eval_id: enqueue_eval(celery, eval_id)
-    send(eval_id)
+        send = lambda eval_id, gpus=1: enqueue_eval(celery, eval_id, gpus=gpus)  # noqa: E731
+        state.enqueue_eval, state.enqueue_eval_routes = send, True
+    if getattr(state, "enqueue_eval_routes", False):
+        send(eval_id, gpus)
+    else:
+        send(eval_id)
 
 
 def build_router() -> APIRouter:
@@ -279,7 +285,7 @@ def build_router() -> APIRouter:
             response.headers["Idempotent-Replayed"] = "true"
             return eval_out(record)
         try:
-            await run_in_threadpool(_enqueue_eval, request, record.id)
+            await run_in_threadpool(_enqueue_eval, request, record.id, job_gpus(job.spec))
         except Exception as exc:  # broker down: take the eval back, answer 503
             log.warning("eval %s: could not enqueue: %s", record.id, exc)
             if await in_store(request, lambda: store.discard_unqueued_eval(record.id)):

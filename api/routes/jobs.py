@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from api.datasets import check_base_model, check_dataset, job_datasets
 from api.deps import JOB_ID, Settings, Store, Tenant, in_store, tenant_job
 from api.errors import APIError
+from api.resources import check_resources, enqueue_routed
 from api.schemas import (
     CheckpointList,
     CheckpointOut,
@@ -126,6 +127,7 @@ def build_router(job_spec_model: type) -> APIRouter:
                 f"lora.r: {spec.lora.r} is above the serving limit {settings.max_lora_rank}",
                 "lora.r",
             )
+        check_resources(spec, settings)
         body = spec_to_dict(spec)
         if (where := find_unstorable_text(body)) is not None:
             raise APIError(
@@ -164,7 +166,9 @@ def build_router(job_spec_model: type) -> APIRouter:
             raise APIError(409, "idempotency_conflict", str(exc), "Idempotency-Key") from None
         if created:
             try:
-                await run_in_threadpool(request.app.state.enqueue, job.id)
+                await run_in_threadpool(
+                    enqueue_routed, request.app.state, job.id, spec.resources.gpus
+                )
             except Exception as exc:  # broker down: take the job back, answer 503
                 log.warning("job %s: could not enqueue: %s", job.id, exc)
                 if await in_store(request, lambda: store.discard_unqueued_job(job.id)):

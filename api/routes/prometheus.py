@@ -173,6 +173,7 @@ def celery_queue_depths(celery: Any) -> dict[str, int]:
     if isinstance(routes, dict):
         names |= {r["queue"] for r in routes.values() if isinstance(r, dict) and r.get("queue")}
     names |= {queue.name for queue in (conf.task_queues or [])}
+    names |= set(conf.get("opsd_class_queues") or [])
     depths: dict[str, int] = {}
     with celery.connection_for_read() as connection:
         connection.ensure_connection(max_retries=1, timeout=2)

@@ -29,12 +29,16 @@
   const CHARTED = new Set(CHARTS.flatMap((c) => c.series || []));
   const COLORS = ['#3b5bdb', '#e8590c', '#2b8a3e', '#ae3ec9', '#1098ad', '#f08c00', '#c92a2a'];
 
+  // Job events drawn on every chart at their step (see appendEvents).
+  const MARKER_COLORS = { alarm: '#c92a2a', best_checkpoint: '#2b8a3e', early_stopped: '#868e96' };
+
   const state = {
     key: null,
     selected: null,
     job: null,
     metrics: {},
     lastEventId: 0,
+    markers: [],
     runFirstPreflight: null,
     checkpointsSeen: -1,
     statusFilter: '',
@@ -219,14 +223,36 @@
     if (!state.key) return;
     try {
       if (!document.hidden) {
-        const page = await api('/jobs', { limit: 50, status: state.statusFilter });
+        const [page, usage] = await Promise.all([
+          api('/jobs', { limit: 50, status: state.statusFilter }),
+          api('/usage'),
+        ]);
         renderJobs(page.data, page.next_cursor);
+        renderUsage(usage);
         banner('');
       }
     } catch (error) {
       if (handleError(error)) return;
     }
     schedule('list', refreshList, LIST_POLL_MS);
+  }
+
+  // The tenant's usage over the last 30 days (GET /usage), under the jobs list.
+  function renderUsage(usage) {
+    const t = usage.totals;
+    const n = (v) => Number(v).toLocaleString();
+    const rows = [
+      ['device time', fmtDuration(t.device_seconds)],
+      ['steps', n(t.steps)],
+      ['generated tokens', n(t.generated_tokens)],
+      ['scored (teacher)', n(t.teacher_scored_tokens)],
+      ['scored (student)', n(t.student_scored_tokens)],
+      ['eval tokens', n(t.eval_tokens)],
+    ];
+    $('#usage-totals').replaceChildren(
+      ...rows.flatMap(([name, value]) => [el('dt', { text: name }), el('dd', { text: value })]),
+    );
+    $('#usage').hidden = false;
   }
 
   async function loadMore() {
@@ -419,6 +445,7 @@
     state.job = null;
     state.metrics = {};
     state.lastEventId = 0;
+    state.markers = [];
     state.runFirstPreflight = null;
     state.checkpointsSeen = -1;
     const params = hashParams();
@@ -467,8 +494,8 @@
         updateJobItem(job);
         state.metrics = metrics.metrics;
         renderJob(job);
-        renderCharts(job);
         appendEvents(events.data);
+        renderCharts(job);
         renderEvals(evals.data);
         // the latest pre-flight asked for (POST) wins over the one run before training
         const preflight = preflights.data[preflights.data.length - 1] || null;
@@ -542,6 +569,7 @@
     link.setAttribute('href', apiUrl(jobPath(job.id, '/adapter')).pathname);
 
     const rows = [
+      ['recipe', spec.recipe || 'none (defaults)'],
       ['base model', spec.base_model],
       ['dataset', spec.dataset_uri],
       ['created', fmtTime(job.created_at)],
@@ -620,6 +648,15 @@
     if (chart && chart.unit && traces.every(inUnit)) layout.yaxis.range = [-0.03, 1.03];
     layout.showlegend = traces.length > 1;
     if (layout.showlegend) layout.margin.t = 52;
+    // collapse-guard markers: alarms (red), the best evaluation (green), an early stop (grey)
+    layout.shapes = state.markers.map((m) => ({
+      type: 'line', xref: 'x', yref: 'paper', x0: m.step, x1: m.step, y0: 0, y1: 1,
+      line: { color: MARKER_COLORS[m.kind], width: 1, dash: m.kind === 'alarm' ? 'dot' : 'dash' },
+    }));
+    layout.annotations = state.markers.map((m) => ({
+      xref: 'x', yref: 'paper', x: m.step, y: 1, yanchor: 'bottom', showarrow: false,
+      text: m.label, font: { size: 9, color: MARKER_COLORS[m.kind] },
+    }));
     Plotly.react(node, traces, layout, {
       displaylogo: false,
       responsive: true,
@@ -705,6 +742,12 @@
     const atBottom = wrap.scrollTop + wrap.clientHeight >= wrap.scrollHeight - 4;
     for (const event of events) {
       state.lastEventId = Math.max(state.lastEventId, event.id);
+      const data = event.data || {};
+      if (MARKER_COLORS[event.kind] && Number.isFinite(data.step)) {
+        const label = event.kind === 'alarm' ? data.alarm
+          : event.kind === 'best_checkpoint' ? 'best' : 'early stop';
+        state.markers.push({ kind: event.kind, step: data.step, label });
+      }
       if (event.kind === 'preflight_finished' && event.data && event.data.report) {
         // the spec's preflight.run_first: its report travels in this event
         state.runFirstPreflight = {

@@ -63,6 +63,7 @@ _GROUPS = (
     "runtime",
     "grpo",
     "eval",
+    "resources",
     "preflight",
 )
 
@@ -167,6 +168,7 @@ class Jobs:
         dataset_uri: str | None = None,
         spec: Mapping[str, Any] | None = None,
         method: str | None = None,
+        recipe: str | None = None,
         divergence: str | None = None,
         beta: float | None = None,
         max_new_tokens: int | None = None,
@@ -181,19 +183,23 @@ class Jobs:
         loss: Mapping[str, Any] | None = None,
         prompts: Mapping[str, Any] | None = None,
         runtime: Mapping[str, Any] | None = None,
+        resources: Mapping[str, Any] | None = None,
         preflight: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Submit a job (`POST /jobs`). Only `base_model` and `dataset_uri` are required (here or
-        in `spec`); the rest defaults to the paper. An `Idempotency-Key` is generated when none is
-        given, so the automatic retries of this call can never create a second job."""
+        in `spec`); the rest defaults to the paper, or to `recipe` (`paper-v1`,
+        `official-2026-04`) where one is named: fields given explicitly override the recipe.
+        An `Idempotency-Key` is generated when none is given, so the automatic retries of this
+        call can never create a second job."""
         body = build_spec(
             spec,
             {
                 "base_model": base_model,
                 "dataset_uri": dataset_uri,
                 "method": method,
+                "recipe": recipe,
                 "divergence": divergence,
                 "beta": beta,
                 "max_new_tokens": max_new_tokens,
@@ -208,6 +214,7 @@ class Jobs:
                 "loss": loss,
                 "prompts": prompts,
                 "runtime": runtime,
+                "resources": resources,
                 "preflight": preflight,
                 **dict(extra_body or {}),
             },
@@ -475,6 +482,7 @@ class AsyncJobs:
         dataset_uri: str | None = None,
         spec: Mapping[str, Any] | None = None,
         method: str | None = None,
+        recipe: str | None = None,
         divergence: str | None = None,
         beta: float | None = None,
         max_new_tokens: int | None = None,
@@ -489,6 +497,7 @@ class AsyncJobs:
         loss: Mapping[str, Any] | None = None,
         prompts: Mapping[str, Any] | None = None,
         runtime: Mapping[str, Any] | None = None,
+        resources: Mapping[str, Any] | None = None,
         preflight: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -500,6 +509,7 @@ class AsyncJobs:
                 "base_model": base_model,
                 "dataset_uri": dataset_uri,
                 "method": method,
+                "recipe": recipe,
                 "divergence": divergence,
                 "beta": beta,
                 "max_new_tokens": max_new_tokens,
@@ -514,6 +524,7 @@ class AsyncJobs:
                 "loss": loss,
                 "prompts": prompts,
                 "runtime": runtime,
+                "resources": resources,
                 "preflight": preflight,
                 **dict(extra_body or {}),
             },

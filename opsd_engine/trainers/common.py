@@ -35,6 +35,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from opsd_engine import checkpoint as ckpt
 from opsd_engine.config import JobSpec, spec_to_dict
 from opsd_engine.events import StepCancelled, TrainerCallbacks
+from opsd_engine.guard import CollapseGuard
 from opsd_engine.modeling import PolicyModel
 from opsd_engine.rollout import (
     PolicyView,
@@ -62,13 +66,17 @@ from opsd_engine.rollout import (
 # Fields that do not change what training computes; a resume may differ in them. (Evaluations
 # run on a saved and restored RNG state, so adding or changing `eval` leaves training as it is;
 # `report_to` and `checkpoint` only say where metrics and checkpoints go; `preflight` runs before
-# the first step only, on seeded sampling, and leaves the RNG state as it found it.)
+# the first step only, on seeded sampling, and leaves the RNG state as it found it; `resources`
+# only how many processes compute the same result: sampling is seeded per example, not rank.)
 RESUME_NEUTRAL_FIELDS = (
     "metadata",
     "checkpoint_every",
     "eval",
     "report_to",
     "checkpoint",
+    "resources",
+    "recipe",  # a label: the values it resolved to are compared field by field
+    "guard",
     "preflight",
 )
 # Fields a resume may change although they change what is computed from now on: the steps done
@@ -200,6 +208,16 @@ def check_resumable(
             )
         return []
     changes = spec_changes(saved.spec, spec_to_dict(spec))
+    # A field added by a later version is absent from an older checkpoint's spec: at its
+    # default value it changes nothing that checkpoint computed.
+    saved_fields = _flatten(saved.spec)
+    minimal = {"base_model": spec.base_model, "dataset_uri": spec.dataset_uri}
+    defaults = _flatten(spec_to_dict(JobSpec.model_validate({**minimal, "method": spec.method})))
+    changes = [
+        (name, old, new)
+        for name, old, new in changes
+        if name in saved_fields or name not in defaults or defaults[name] != new
+    ]
 
     def allowed(name: str) -> bool:
         head = name.split(".", 1)[0]
@@ -445,24 +463,34 @@ class SpecEvaluator:
             callbacks,
         )
         self._examples: list[Any] | None = None
+        self.last_evaluated: int | None = None  # step of the adapter's latest evaluation
 
     def at_start(self, step: int) -> None:
         if self.spec.eval.include_base and step == 0:
             self.evaluate(step, adapter=False)  # the base model: the start of the eval curve
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, total_steps: int) -> dict[str, float] | None:
+        """The adapter's scores when this step is evaluated (main process), else None."""
         every, at_end = self.spec.eval.every_steps, self.spec.eval.at_end
         if every and step % every == 0 and not (at_end and step == total_steps):
-            self.evaluate(step)  # the final step's eval comes from `at_end` when it is set
+            return self.evaluate(step)  # the final step's eval comes from `at_end` when set
+        return None
 
-    def at_end(self, step: int) -> None:
-        if self.spec.eval.at_end:
-            self.evaluate(step)
+    def at_end(self, step: int) -> dict[str, float] | None:
+        """The final evaluation (`at_end`), unless this step was just evaluated."""
+        if self.spec.eval.at_end and self.last_evaluated != step:
+            return self.evaluate(step)
+        return None
 
-    def evaluate(self, step: int, *, adapter: bool = True) -> None:
+    def evaluate(self, step: int, *, adapter: bool = True) -> dict[str, float] | None:
+        """Evaluate and report; returns the scores on the main process (None elsewhere or when
+        the spec has no eval dataset)."""
         cfg = self.spec.eval
         if not cfg.dataset_uri:
-            return
+            return None
+        if adapter:
+            self.last_evaluated = step
+        scores = None
         if self.accelerator.is_main_process:
             from opsd_engine.data import load_examples
             from opsd_engine.evaluation import EvalSettings, evaluate_model, summary_metrics
@@ -485,6 +513,7 @@ class SpecEvaluator:
             )
             model = self.policy.peft_model
             report = self._progress_reporter(step, adapter)
+            began = time.perf_counter()
             rng = ckpt.capture_rng_state()
             try:
                 torch.manual_seed(self.spec.seed)
@@ -501,9 +530,15 @@ class SpecEvaluator:
             finally:
                 ckpt.restore_rng_state(rng)
             scores = summary_metrics(result.summary)
-            self.callbacks.on_metrics(step, scores)
+            # usage of the evaluation: tokens of its samples, device time (this process)
+            usage = {
+                "eval_tokens": float(sum(sample.num_tokens for sample in result.samples)),
+                "time_eval_device_s": time.perf_counter() - began,
+            }
+            self.callbacks.on_metrics(step, {**scores, **usage})
             self._report_finished(step, adapter, scores)
         self.accelerator.wait_for_everyone()
+        return scores
 
     def _progress_reporter(self, step: int, adapter: bool) -> Any:
         """`eval_started`, then throttled `eval_progress` events (problems done/total, samples
@@ -664,8 +699,11 @@ def run_steps(trainer: SteppedTrainer, started: str) -> TrainResult:
         run_before_training(spec, trainer.policy, trainer.examples, callbacks)
         ckpt.restore_rng_state(rng)
     last_checkpoint = ckpt.latest_checkpoint(trainer.checkpoint_dir)
+    guard = CollapseGuard(spec, callbacks, trainer.state.extra.setdefault("guard", {}))
     trainer.evaluator.at_start(trainer.state.step)
     while trainer.state.step < trainer.total_steps:
+        if any_rank(trainer.accelerator, guard.stop_reason is not None):
+            break  # early stop (patience or an alarm), also when resumed after deciding it
         cancelled = any_rank(trainer.accelerator, callbacks.should_stop())
         if not cancelled:
             rng = ckpt.capture_rng_state()
@@ -681,24 +719,87 @@ def run_steps(trainer: SteppedTrainer, started: str) -> TrainResult:
             callbacks.on_event("cancelled", f"stopped after step {step}", {"step": step})
             return TrainResult("cancelled", step, trainer.total_steps, None, last_checkpoint)
         step = trainer.state.step
+        if "time_device_s" not in metrics and "time_step_s" in metrics:
+            # usage: device time of the step over all processes
+            metrics["time_device_s"] = metrics["time_step_s"] * trainer.accelerator.num_processes
         callbacks.on_metrics(step, metrics)
-        trainer.evaluator.after_step(step, trainer.total_steps)
+        guard.observe_step(step, metrics)
+        _observe_eval(trainer, guard, step, trainer.evaluator.after_step(step, trainer.total_steps))
         every = spec.checkpoint_every
         if every and step % every == 0 and step < trainer.total_steps:
             last_checkpoint = save_run_checkpoint(trainer) or last_checkpoint
-    trainer.evaluator.at_end(trainer.state.step)
+    step = trainer.state.step
+    if any_rank(trainer.accelerator, guard.stop_reason is not None) and step < trainer.total_steps:
+        callbacks.on_event(
+            "early_stopped",
+            f"stopped early after step {step} of {trainer.total_steps}: {guard.stop_reason}",
+            {"step": step, "reason": guard.stop_reason, "best_step": guard.best_step},
+        )
+    _observe_eval(trainer, guard, step, trainer.evaluator.at_end(step))
     last_checkpoint = save_run_checkpoint(trainer) or last_checkpoint
-    adapter_dir = None
+    adapter_dir, adapter_step = None, step
     if trainer.accelerator.is_main_process:
-        adapter_dir = ckpt.save_adapter(trainer.policy.peft_model, trainer.output_dir / "adapter")
+        adapter_dir, adapter_step = _final_adapter(trainer, guard)
     callbacks.on_event(
         "finished",
-        f"finished {trainer.state.step} steps",
-        {"adapter_dir": str(adapter_dir) if adapter_dir else None},
+        f"finished {step} steps"
+        + (f"; the adapter is step {adapter_step}'s (best eval)" if adapter_step != step else ""),
+        {
+            "adapter_dir": str(adapter_dir) if adapter_dir else None,
+            "adapter_step": adapter_step,
+            "select": spec.eval.select,
+        },
     )
-    return TrainResult(
-        "succeeded", trainer.state.step, trainer.total_steps, adapter_dir, last_checkpoint
-    )
+    return TrainResult("succeeded", step, trainer.total_steps, adapter_dir, last_checkpoint)
+
+
+BEST_ADAPTER_DIR = "best_adapter"
+
+
+def _observe_eval(
+    trainer: SteppedTrainer, guard: CollapseGuard, step: int, scores: dict[str, float] | None
+) -> None:
+    """Rank an evaluation of the adapter; with `eval.select: best` keep a new best's adapter."""
+    if scores is None or not guard.observe_eval(step, scores):
+        return
+    spec = trainer.spec
+    if spec.eval.select == "best" and trainer.accelerator.is_main_process:
+        ckpt.save_adapter(trainer.policy.peft_model, trainer.output_dir / BEST_ADAPTER_DIR)
+        trainer.callbacks.on_event(
+            "best_checkpoint",
+            f"new best {spec.eval.select_metric} {guard.best_score:.4g} at step {step}",
+            {"step": step, "metric": spec.eval.select_metric, "value": guard.best_score},
+        )
+
+
+def _final_adapter(trainer: SteppedTrainer, guard: CollapseGuard) -> tuple[Path, int]:
+    """Write the job's adapter to `output_dir/adapter` and say which step it is from: the last
+    step's, or with `eval.select: best` the best evaluation's (the last one is then kept in
+    `output_dir/adapter_last`). The best adapter saved at its evaluation is used, else the one
+    in that step's checkpoint (a run resumed elsewhere); failing both, the last, with a warning."""
+    step, out = trainer.state.step, trainer.output_dir
+    best = guard.best_step
+    if trainer.spec.eval.select != "best" or best is None or best == step:
+        return ckpt.save_adapter(trainer.policy.peft_model, out / "adapter"), step
+    source = out / BEST_ADAPTER_DIR
+    if not source.is_dir():
+        source = trainer.checkpoint_dir / ckpt.step_dir_name(best) / ckpt.ADAPTER_DIR
+    if not source.is_dir():
+        trainer.callbacks.on_event(
+            "warning",
+            f"the best evaluation's adapter (step {best}) is no longer available; the job's "
+            f"adapter is the last step's ({step})",
+            {"best_step": best},
+        )
+        return ckpt.save_adapter(trainer.policy.peft_model, out / "adapter"), step
+    ckpt.save_adapter(trainer.policy.peft_model, out / "adapter_last")
+    staging = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(source, staging)
+    target = out / "adapter"
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(staging, target)
+    return target, best
 
 
 def build_rollouts(

@@ -385,6 +385,7 @@ class GRPOTrainer:
             float(len(rewards)),
             float(sum(lengths)),
             float(sum(finished)),
+            float(sum(len(g.prompt_ids) + len(g.rollouts[k].token_ids) for g, k in rows)),
         ]
         reduced = acc.reduce(
             torch.tensor(local_sums, dtype=torch.float64, device=acc.device), reduction="sum"
@@ -392,6 +393,7 @@ class GRPOTrainer:
         loss_sum, clipped, kl_sum, ratio_sum, entropy_sum = reduced[:5]
         reward_sum, std_sum, zero_sum, n_groups, n_completions = reduced[5:10]
         generated, finished_sum = int(reduced[10]), reduced[11]
+        sequence_tokens = reduced[12]  # prompt + completion, over every completion of the step
         max_len = acc.reduce(
             torch.tensor(max(lengths, default=0), device=acc.device), reduction="max"
         ).item()
@@ -419,6 +421,10 @@ class GRPOTrainer:
             "generated_tokens": float(generated),
             "generated_tokens_total": float(self.state.generated_tokens_total),
             "loss_tokens": float(generated),
+            # usage: the policy scores every sequence twice (old log-probs, then with grad); the
+            # reference (adapter off, the "teacher" role) once when kl_beta > 0
+            "student_scored_tokens": 2.0 * sequence_tokens,
+            "teacher_scored_tokens": sequence_tokens if spec.grpo.kl_beta > 0 else 0.0,
             "epoch": self.state.examples_consumed / len(self.examples),
             "time_generation_s": time_generation,
             "time_reward_s": time_reward,

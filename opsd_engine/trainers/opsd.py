@@ -192,7 +192,15 @@ class OPSDTrainer:
         normalizer = max(step_tokens, 1) / acc.num_processes
 
         # 4. Teacher scoring, student forward/backward per micro-batch of similar lengths.
-        totals = {"loss": 0.0, "div": 0.0, "h_s": 0.0, "h_t": 0.0, "clipped": 0.0}
+        totals = {
+            "loss": 0.0,
+            "div": 0.0,
+            "h_s": 0.0,
+            "h_t": 0.0,
+            "clipped": 0.0,
+            "vocab_entries": 0.0,
+            "vocab_tokens": 0.0,
+        }
         time_student = 0.0
         lr = float(self.scheduler.get_last_lr()[0])
         micro_batches = length_sorted_micro_batches(
@@ -221,6 +229,8 @@ class OPSDTrainer:
             totals["h_s"] += float(result.student_entropy_sum)
             totals["h_t"] += float(result.teacher_entropy_sum)
             totals["clipped"] += float(result.clipped_tokens)
+            totals["vocab_entries"] += float(result.vocab_clipped_entries)
+            totals["vocab_tokens"] += float(result.vocab_clipped_tokens)
 
         # 5. Optimizer step.
         t0 = time.perf_counter()
@@ -248,6 +258,10 @@ class OPSDTrainer:
                     float(sum(lengths)),
                     float(len(lengths)),
                     float(sum(r.finished for r in rollouts)),
+                    totals["vocab_entries"],
+                    totals["vocab_tokens"],
+                    float(sum(len(p.teacher_ids) + len(r.token_ids) for p, r in rows)),
+                    float(sum(len(p.student_ids) + len(r.token_ids) for p, r in rows)),
                 ],
                 dtype=torch.float64,
                 device=acc.device,
@@ -286,9 +300,20 @@ class OPSDTrainer:
             "time_optimizer_s": time_optimizer,
             "time_step_s": step_time,
             "tokens_per_s": generated / step_time if step_time > 0 else 0.0,
+            # usage: tokens through the teacher's and the student's scoring forward passes
+            # (prompt + rollout, no padding), and device time (all processes)
+            "teacher_scored_tokens": reduced[10],
+            "student_scored_tokens": reduced[11],
+            "time_device_s": step_time * acc.num_processes,
         }
         if spec.loss.clip is not None:
             metrics["clip_frac"] = reduced[3] / denominator
+        if spec.loss.vocab_clip is not None:
+            # Share of the (loss token, vocabulary entry) terms the per-vocabulary clip capped,
+            # and share of loss tokens with at least one capped term.
+            vocab = int(self.policy.output_embeddings.weight.shape[0])
+            metrics["vocab_clip_frac"] = reduced[8] / (denominator * vocab)
+            metrics["vocab_clip_token_frac"] = reduced[9] / denominator
         return metrics
 
     def _teacher_hidden(self, pairs: list[PromptPair], rollouts: list[Rollout]) -> torch.Tensor:
@@ -363,6 +388,7 @@ class OPSDTrainer:
             "beta": spec.beta,
             "temperature": spec.loss.temperature,
             "clip": spec.loss.clip,
+            "vocab_clip": spec.loss.vocab_clip,
             "normalizer": normalizer,
         }
         if spec.loss.implementation == "chunked":

@@ -261,6 +261,9 @@ class SFTTrainer:
             "seq_len_max": float(longest),
             "train_tokens": float(step_tokens),
             "train_tokens_total": float(self.state.loss_tokens_total),
+            # usage: every prompt + reference sequence goes through the policy once
+            "student_scored_tokens": reduced[3],
+            "teacher_scored_tokens": 0.0,
             "loss_tokens": float(step_tokens),
             "generated_tokens": 0.0,
             "generated_tokens_total": float(self.state.generated_tokens_total),

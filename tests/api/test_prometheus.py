@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.conftest import auth
+from worker.queue import class_queue
 
 BODY = {"base_model": "Qwen/Qwen3-4B", "dataset_uri": "/data/train.jsonl"}
 # nothing listens on these loopback ports (this test module's own range): connections are refused
@@ -44,7 +45,7 @@ def test_scrape_counts_jobs_by_status_and_tenant_class_and_queue_depth(settings:
         store = app.state.store
         keys = {"big": store.create_api_key(big), "small": store.create_api_key(f"s-{big}")}
         before = scrape(client)
-        queued = value(before, "opsd_queue_depth", queue=settings.queue)
+        queued = value(before, "opsd_queue_depth", queue=class_queue(settings.queue, 1))
         for key, count in (("big", 2), ("small", 1)):
             for _ in range(count):
                 response = client.post("/jobs", json=BODY, headers=auth(keys[key]))
@@ -57,7 +58,7 @@ def test_scrape_counts_jobs_by_status_and_tenant_class_and_queue_depth(settings:
     assert value(after, "opsd_jobs", status="cancelled", tenant_class="default") == (
         value(before, "opsd_jobs", status="cancelled", tenant_class="default") + 1
     )
-    assert value(after, "opsd_queue_depth", queue=settings.queue) == queued + 3
+    assert value(after, "opsd_queue_depth", queue=class_queue(settings.queue, 1)) == queued + 3
     assert value(after, "opsd_store_up") == 1 and value(after, "opsd_broker_up") == 1
     # latency by route template: the ids never become labels
     posts = value(

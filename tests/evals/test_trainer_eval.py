@@ -58,15 +58,18 @@ def test_eval_group_reports_eval_metrics_without_changing_training(
         for step, values in with_eval.metrics.items()
     }
     assert {step for step, found in evals.items() if found} == {0, 2, 3}
+    assert {s for s, m in with_eval.metrics.items() if m.get("eval_tokens", 0) > 0} == {0, 2, 3}
     for step in (0, 2, 3):
         assert set(evals[step]) == names
         assert all(0.0 <= v <= 1.0 for v in evals[step].values())
         assert evals[step]["eval/pass@1"] == evals[step]["eval/avg@2"]
-    assert set(with_eval.metrics[0]) == names  # step 0: the base model only, no training yet
+    # step 0: the base model only, no training yet
+    assert set(with_eval.metrics[0]) == names | {"eval_tokens", "time_eval_device_s"}
 
     for step in (1, 2, 3):
         trained = {k: v for k, v in with_eval.metrics[step].items() if not k.startswith(TIMING)}
-        trained = {k: v for k, v in trained.items() if not k.startswith("eval/")}
+        trained = {k: v for k, v in trained.items() if not k.startswith(("eval/", "eval_"))}
+        trained.pop("time_eval_device_s", None)
         expected = {k: v for k, v in plain.metrics[step].items() if not k.startswith(TIMING)}
         assert trained == expected, step
     weights = load_file(str(result.adapter_dir / "adapter_model.safetensors"))

@@ -33,8 +33,10 @@ TABLES = {
     "checkpoints",
     "evals",
     "files",
+    "dispatch_turns",  # 0008: each tenant's turn per resource class
     "preflights",
 }
+TABLES |= {"job_usage"}  # revision 0007_usage
 
 
 @pytest.fixture(scope="module")

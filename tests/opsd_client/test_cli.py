@@ -66,6 +66,8 @@ def test_submit_a_spec_file_and_wait_for_it(
         "2",
         "--set",
         "loss.temperature=1.0",
+        "--recipe",
+        "paper-v1",
         "-m",
         "team=cli",
         "--wait",
@@ -80,6 +82,7 @@ def test_submit_a_spec_file_and_wait_for_it(
     assert job["spec"]["base_model"] == str(tiny_model_dir.resolve())
     assert job["spec"]["dataset_uri"] == str(tiny_dataset.resolve())
     assert job["metadata"] == {"team": "cli"}
+    assert job["spec"]["recipe"] == "paper-v1"  # a label here: the file sets every field
 
     plain = run(
         service,
@@ -119,6 +122,7 @@ def test_read_commands_in_tables_and_json(
     assert ok_json(run(service, "jobs", "show", job_id, "--json")) == done_job
     sheet = run(service, "jobs", "show", job_id).stdout
     assert "succeeded" in sheet and "4/4 steps" in sheet and f"opsd jobs download {job_id}" in sheet
+    assert "recipe" in sheet  # none for this job
 
     assert ok_json(run(service, "jobs", "metrics", job_id, "--json")) == raw_metrics
     metrics = run(service, "jobs", "metrics", job_id)

@@ -230,6 +230,11 @@ def test_error_statuses_map_to_exception_classes(
     with pytest.raises(UnprocessableEntityError) as unknown:
         client.jobs.create(spec={"dataset_uri": "/x.jsonl"})
     assert unknown.value.param == "base_model"
+    with pytest.raises(UnprocessableEntityError) as no_class:  # no worker class of 16 GPUs
+        client.jobs.create(
+            base_model=str(tiny_model_dir), dataset_uri="/data/train.jsonl", resources={"gpus": 16}
+        )
+    assert no_class.value.param == "resources.gpus"
 
 
 def test_an_idempotency_key_replays_and_a_reused_key_with_another_body_conflicts(

@@ -137,7 +137,7 @@ def test_report_prints_a_table_and_plots(tmp_path, tiny_model_dir, tiny_dataset)
 def test_spec_show_fills_defaults(tmp_path) -> None:
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"base_model": "m", "dataset_uri": "d.jsonl"}))
-    result = runner.invoke(app, ["spec", "show", str(path)])
+    result = runner.invoke(app, ["spec", "show", str(path), "--json"])
     assert result.exit_code == 0
     assert json.loads(result.stdout)["lora"]["r"] == 64
 
@@ -171,3 +171,15 @@ def test_preflight_prints_a_report_and_exits_1_on_a_failed_check(
 
     result = runner.invoke(app, ["preflight", str(good), "--sample-size", "0"])
     assert result.exit_code == 2 and "sample_size" in result.output
+
+
+def test_spec_show_prints_each_value_with_its_source(tmp_path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("base_model: m\ndataset_uri: d.jsonl\nrecipe: official-2026-04\nbeta: 0.5\n")
+    result = runner.invoke(app, ["spec", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert lines["#"][:2] == ["recipe", "official-2026-04:"]
+    assert lines["beta"] == ["0.5", "user"]
+    assert lines["loss.vocab_clip"] == ["0.05", "recipe", "official-2026-04"]
+    assert lines["optim.weight_decay"] == ["0.0", "default"]

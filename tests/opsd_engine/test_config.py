@@ -110,3 +110,83 @@ def test_file_errors_name_the_file(tmp_path) -> None:
     listing.write_text("- a\n- b\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec(listing)
+
+
+def test_vocab_clip_is_refused_with_the_sampled_token_loss() -> None:
+    with pytest.raises(SpecError, match="vocab_clip") as info:
+        parse_spec({**MINIMAL, "divergence": "sampled_token", "loss": {"vocab_clip": 0.05}})
+    assert info.value.first_field == "loss"
+    spec = parse_spec({**MINIMAL, "divergence": "forward_kl", "loss": {"vocab_clip": 0.05}})
+    assert spec.loss.vocab_clip == 0.05 and spec.loss.clip is None
+
+
+def test_official_recipe_sets_its_defaults_and_explicit_fields_win() -> None:
+    spec = parse_spec({**MINIMAL, "recipe": "official-2026-04"})
+    assert spec.recipe == "official-2026-04"
+    assert spec.divergence == "jsd" and spec.beta == 0.0  # forward KL, as their --beta 0
+    assert spec.loss.vocab_clip == 0.05 and spec.loss.clip is None
+    assert spec.optim.learning_rate == 5e-6 and spec.optim.max_grad_norm == 0.1
+    assert spec.max_new_tokens == 1024 and spec.teacher == "initial"
+    assert (spec.generation.temperature, spec.generation.top_p, spec.generation.top_k) == (
+        1.1,
+        0.95,
+        20,
+    )
+    assert spec.prompts.student_thinking is False and spec.prompts.teacher_thinking is False
+    assert (spec.lora.r, spec.lora.alpha) == (64, 128)
+    # untouched groups keep the built-in defaults
+    assert spec.optim.warmup_ratio == 0.1 and spec.optim.grad_accum == 4
+
+    mine = parse_spec(
+        {
+            **MINIMAL,
+            "recipe": "official-2026-04",
+            "beta": 0.5,
+            "optim": {"learning_rate": 1e-5},
+            "loss": {"temperature": 2.0},
+        }
+    )
+    assert mine.beta == 0.5 and mine.optim.learning_rate == 1e-5
+    assert mine.optim.max_grad_norm == 0.1  # the rest of the group still from the recipe
+    assert mine.loss.temperature == 2.0 and mine.loss.vocab_clip == 0.05
+    # the resolved dump re-parses to the same spec (what the service stores and resumes from)
+    assert parse_spec(spec_to_dict(mine)) == mine
+
+
+def test_paper_recipe_is_the_built_in_defaults() -> None:
+    paper = parse_spec({**MINIMAL, "recipe": "paper-v1"})
+    plain = parse_spec(MINIMAL)
+    assert spec_to_dict(paper) == {**spec_to_dict(plain), "recipe": "paper-v1"}
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"recipe": "official"}, "recipe"),
+        ({"recipe": "paper-v1", "method": "sft"}, "recipe"),
+        ({"recipe": "official-2026-04", "optim": 3}, "optim"),
+    ],
+)
+def test_bad_recipes_name_the_field(patch: dict, field: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({**MINIMAL, **patch})
+    assert info.value.first_field == field
+
+
+def test_spec_sources_say_who_set_each_value(tmp_path) -> None:
+    from opsd_engine.config import load_spec_with_sources
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "base_model: m\ndataset_uri: s3://b/d.jsonl\nrecipe: official-2026-04\n"
+        "optim:\n  learning_rate: 1.0e-5\n"
+    )
+    spec, sources = load_spec_with_sources(path)
+    assert sources["optim.learning_rate"] == (1e-5, "user")
+    assert sources["optim.max_grad_norm"] == (0.1, "recipe official-2026-04")
+    assert sources["loss.vocab_clip"] == (0.05, "recipe official-2026-04")
+    assert sources["optim.warmup_ratio"] == (0.1, "default")
+    assert sources["recipe"] == ("official-2026-04", "user")
+    assert sources["metadata"] == ({}, "default")
+    assert set(sources) >= {"lora.target_modules", "prompts.teacher_thinking"}
+    assert spec.optim.learning_rate == 1e-5

@@ -291,6 +291,7 @@ def test_chunked_and_naive_losses_give_the_same_update(tiny_spec, tmp_path, dive
         {"teacher": "current"},
         {"generation": {"num_generations": 2}},
         {"loss": {"num_loss_tokens_to_skip": 2, "clip": 0.05}},
+        {"divergence": "forward_kl", "loss": {"vocab_clip": 0.001, "implementation": "naive"}},
         {"runtime": {"gradient_checkpointing": True}},
         {"prompts": {"student_thinking": False, "teacher_thinking": False}},
     ],
@@ -301,8 +302,15 @@ def test_options_run_end_to_end(tiny_spec, tmp_path, overrides) -> None:
     assert result.status == "succeeded"
     for _, metrics in recorder.metrics:
         assert all(v == v for v in metrics.values() if isinstance(v, float)), metrics  # no NaN
-    if "loss" in overrides:
+    loss = overrides.get("loss", {})
+    assert isinstance(loss, dict)
+    if "clip" in loss:
         assert "clip_frac" in recorder.metrics[0][1]
+    if "vocab_clip" in loss:
+        for _, metrics in recorder.metrics:
+            # the tiny model's divergences are large enough for a 0.001 cap to bite somewhere
+            assert 0.0 < metrics["vocab_clip_frac"] < 1.0
+            assert metrics["vocab_clip_frac"] <= metrics["vocab_clip_token_frac"] <= 1.0
 
 
 class StopOnceDropoutDrew(NullCallbacks):

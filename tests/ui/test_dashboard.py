@@ -72,6 +72,8 @@ def test_dashboard_follows_a_job_live_to_its_finished_curves(
         checkpoint_every=5,
         optim={"max_steps": LIVE_JOB_STEPS},
         metadata={"purpose": "dashboard"},
+        # a floor above any divergence: one `alarm` event at step 1, drawn on every chart
+        guard={"window": 1, "divergence_floor": 1e6},
         eval={
             "dataset_uri": str(tiny_dataset),
             "every_steps": 5,
@@ -113,6 +115,12 @@ def test_dashboard_follows_a_job_live_to_its_finished_curves(
             )
             assert chart == api_loss["metrics"]["loss"]
 
+            markers = page.evaluate(
+                "() => document.getElementById('chart-loss').layout.shapes.map(s => s.x0)"
+            )
+            assert markers == [1]  # the collapse guard's alarm, at its step
+            assert "generated tokens" in page.inner_text("#usage")
+            assert "recipe" in page.inner_text("#job-meta")
             for name in ("divergence", "entropy", "lr", "grad_norm", "generated_tokens"):
                 assert page.is_visible(f"#chart-{name}"), name
             assert page.is_visible("#chart-tokens_per_s")

@@ -235,17 +235,17 @@ def test_jobs_queued_before_a_broker_restart_are_sent_again_at_once(
     job_id = create_job(store, {"base_model": "m", "dataset_uri": "d"})
     enqueue_job(celery, job_id)
     reaper = Reaper(store, celery, interval=10, stale_queued_after=timedelta(minutes=15))
-    assert reaper.round() == [] and _queued_ids(own_redis.url, "q8") == [job_id]
+    assert reaper.round() == [] and _queued_ids(own_redis.url, "q8.gpu1") == [job_id]
 
     own_redis.stop()  # a non-persistent Redis restarts: the message is gone
     own_redis.start()
-    assert _queued_ids(own_redis.url, "q8") == []
+    assert _queued_ids(own_redis.url, "q8.gpu1") == []
     assert reaper.round() == [job_id]  # one reaper interval later, not 15 minutes
-    assert _queued_ids(own_redis.url, "q8") == [job_id]
+    assert _queued_ids(own_redis.url, "q8.gpu1") == [job_id]
 
     own_redis.stop()  # down for a round, then back (and empty again)
     assert reaper.round() == []
     own_redis.start()
     assert reaper.round() == [job_id]
-    assert _queued_ids(own_redis.url, "q8") == [job_id]
+    assert _queued_ids(own_redis.url, "q8.gpu1") == [job_id]
     store.close()

@@ -14,7 +14,16 @@ import pytest
 
 from opsd_service.settings import ServiceSettings
 from tests.worker.helpers import REDIS_TEST_URL, create_job, flush_redis, wait_for
-from worker.queue import RUN_EVAL_TASK, RUN_JOB_TASK, enqueue_job, make_celery
+from worker.main import worker_argv
+from worker.queue import (
+    RUN_EVAL_TASK,
+    RUN_JOB_TASK,
+    class_queue,
+    enqueue_eval,
+    enqueue_job,
+    make_celery,
+    worker_queues,
+)
 from worker.reaper import Reaper, prune_processed, reap_once
 
 
@@ -47,10 +56,40 @@ def test_enqueue_on_redis_sends_only_the_job_id(tmp_path: Path) -> None:
     enqueue_job(celery, "job_abc")
 
     client = redis.Redis.from_url(REDIS_TEST_URL)
-    raw = client.lrange(queue, 0, -1)
+    raw = client.lrange(class_queue(queue, 1), 0, -1)
     client.close()
     assert len(raw) == 1
-    assert _task_of(json.loads(raw[0])) == (RUN_JOB_TASK, ["job_abc"], {})
+    assert _task_of(json.loads(raw[0])) == (RUN_JOB_TASK, ["job_abc"], {"gpus": 1})
+
+
+def test_messages_go_to_the_queue_of_their_resource_class(tmp_path: Path) -> None:
+    """A job of N GPUs (and an eval of it) goes to `<queue>.gpuN`; a worker of N devices
+    consumes every configured class up to N (largest first) and the plain queue."""
+    import redis
+
+    flush_redis()
+    queue = f"opsd-route-{os.getpid()}"
+    settings = ServiceSettings(
+        home=tmp_path, broker_url=REDIS_TEST_URL, queue=queue, resource_classes="1,2,8"
+    )
+    celery = make_celery(settings)
+    enqueue_job(celery, "job_two", gpus=2)
+    enqueue_eval(celery, "eval_two", gpus=2)
+    enqueue_job(celery, "job_one")
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        two = [_task_of(json.loads(m)) for m in client.lrange(f"{queue}.gpu2", 0, -1)]
+        assert sorted(two) == [
+            (RUN_EVAL_TASK, ["eval_two"], {}),
+            (RUN_JOB_TASK, ["job_two"], {"gpus": 2}),
+        ]
+        assert client.llen(f"{queue}.gpu1") == 1 and client.llen(f"{queue}.gpu8") == 0
+    finally:
+        client.close()
+    worker = settings.model_copy(update={"worker_gpus": 2})
+    assert worker_queues(worker) == [f"{queue}.gpu2", f"{queue}.gpu1", queue]
+    assert worker_queues(settings) == [f"{queue}.gpu1", queue]
+    assert f"--queues={queue}.gpu2,{queue}.gpu1,{queue}" in worker_argv(worker)
 
 
 def test_enqueue_on_the_file_broker_writes_a_durable_message(tmp_path: Path) -> None:
@@ -59,10 +98,10 @@ def test_enqueue_on_the_file_broker_writes_a_durable_message(tmp_path: Path) -> 
     enqueue_job(make_celery(settings), "job_abc")
 
     messages = _fs_messages(settings)
-    assert len(messages) == 1 and _task_of(messages[0]) == (RUN_JOB_TASK, ["job_abc"], {})
+    assert len(messages) == 1 and _task_of(messages[0]) == (RUN_JOB_TASK, ["job_abc"], {"gpus": 1})
     # A new process (here: a new app) still sees it.
     with make_celery(settings).connection_for_read() as connection:
-        queue = connection.SimpleQueue(settings.queue)
+        queue = connection.SimpleQueue(class_queue(settings.queue, 1))
         message = queue.get(timeout=2)
         assert message.headers["task"] == RUN_JOB_TASK
         message.ack()
