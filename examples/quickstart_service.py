@@ -38,6 +38,8 @@ OUT = REPO / "runs" / "quickstart"
 
 
 def _free_port() -> int:
+    if os.environ.get("OPSD_QUICKSTART_PORT"):  # a fixed port (e.g. on a shared machine)
+        return int(os.environ["OPSD_QUICKSTART_PORT"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
