@@ -436,7 +436,10 @@ class PreflightSpec(_Group):
         None,
         ge=-1.0,
         le=1.0,
-        description="Smallest privileged gap that passes; None: 0.23 (from the toy benchmark's capacity runs).",
+        description=(
+            "Smallest privileged gap that passes; None: 0.23 (from the toy benchmark's "
+            "capacity runs)."
+        ),
     )
 
 
