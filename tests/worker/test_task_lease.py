@@ -1,0 +1,86 @@
+"""`worker.task_lease.TaskLease` on a real store (SQLite and Postgres): it keeps an eval's and a
+pre-flight's lease alive past its first expiry, notices a lease that is not held any more, and
+rides out a store it cannot reach."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobstore import JobError, Store
+from tests.service_fixtures import sqlite_url
+from worker.task_lease import TaskLease
+
+LEASE = 0.9  # seconds: a renewal every 0.3 s
+
+
+def _wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("kind", ["eval", "preflight"])
+def test_the_lease_is_renewed_then_lost_when_the_task_is_not_held(store: Any, kind: str) -> None:
+    tenant = store.get_or_create_tenant("acme")
+    job, _ = store.create_job(tenant.id, spec={"base_model": "tiny"})
+    if kind == "eval":
+        task = store.create_eval(tenant.id, job.id, config={})
+        claim, renew, get, fail = (
+            store.claim_eval,
+            store.renew_eval_lease,
+            store.get_eval,
+            store.fail_eval,
+        )
+    else:
+        task = store.create_preflight(tenant.id, job.id, config={})
+        claim, renew, get, fail = (
+            store.claim_preflight,
+            store.renew_preflight_lease,
+            store.get_preflight,
+            store.fail_preflight,
+        )
+    claimed = claim(task.id, "w1", lease_seconds=LEASE)
+    first_expiry = claimed.lease_expires_at if kind == "eval" else None
+    outcomes: list[str] = []
+    lease = TaskLease(
+        kind,
+        task.id,
+        partial(renew, task.id, "w1", lease_seconds=LEASE),
+        LEASE,
+        on_renewal=outcomes.append,
+    )
+    with lease:
+        _wait_for(lambda: outcomes.count("ok") >= 3)  # 0.9 s and more: past the first expiry
+        assert not lease.lost.is_set()
+        assert get(task.id).status == "running"
+        if first_expiry is not None:
+            assert get(task.id).lease_expires_at > first_expiry
+        # another worker could not take it over: the lease is live
+        assert claim(task.id, "w2", lease_seconds=LEASE) is None
+        fail(task.id, error=JobError("cancelled", "gone", "user"))  # not held any more
+        _wait_for(lease.lost.is_set)
+    assert outcomes[-1] == "lost" and set(outcomes) == {"ok", "lost"}
+
+
+def test_a_store_it_cannot_reach_is_retried_not_taken_for_a_lost_lease(tmp_path: Path) -> None:
+    away = Store(sqlite_url(tmp_path / "no-such-dir" / "opsd.db"))  # every statement fails
+    outcomes: list[str] = []
+    try:
+        lease = TaskLease(
+            "eval",
+            "eval_x",
+            partial(away.renew_eval_lease, "eval_x", "w1", lease_seconds=LEASE),
+            LEASE,
+            on_renewal=outcomes.append,
+        )
+        with lease:
+            _wait_for(lambda: len(outcomes) >= 2)
+        assert set(outcomes) == {"error"} and not lease.lost.is_set()
+    finally:
+        away.close()
