@@ -12,7 +12,8 @@ whose message was lost is sent again (:meth:`EvalQueries.resend_stale_queued_eva
 
 The table is defined on :data:`jobstore.tables.metadata` (the migrations create it: revisions
 ``0002_evals``, ``0003_eval_attempts``, ``0005_eval_progress``). Rows are deleted with their
-job (``ON DELETE CASCADE``).
+job (``ON DELETE CASCADE``). The columns and the lease queries it shares with the pre-flights
+are :mod:`jobstore.leased_tasks`'s; this module adds the results and the Idempotency-Key.
 """
 
 from __future__ import annotations
@@ -27,56 +28,31 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from jobstore.ids import new_id
-from jobstore.leased_tasks import LeasedTasks, utc_now
+from jobstore.leased_tasks import TASK_STATUSES, LeasedTasks, task_table, utc_now
 from jobstore.records import (
     FAILED,
     QUEUED,
-    RUNNING,
     SUCCEEDED,
     IdempotencyConflict,
     JobError,
     JobNotFound,
+    stored_error,
 )
-from jobstore.tables import JSONDoc, UTCDateTime, metadata
+from jobstore.tables import JSONDoc
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session
 
-EVAL_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+EVAL_STATUSES: tuple[str, ...] = TASK_STATUSES
 EVAL_TERMINAL_STATUSES: frozenset[str] = frozenset({SUCCEEDED, FAILED})
 EVAL_MAX_ATTEMPTS = 3
 
-_eval_status_list = ", ".join(f"'{s}'" for s in EVAL_STATUSES)
-
-evals = sa.Table(
+evals = task_table(
     "evals",
-    metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("tenant_id", sa.String(40), sa.ForeignKey("tenants.id"), nullable=False),
-    sa.Column(
-        "job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
-    ),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("config", JSONDoc, nullable=False),
     sa.Column("results", JSONDoc, nullable=True),
-    sa.Column("error_code", sa.String(64), nullable=True),
-    sa.Column("error_message", sa.Text(), nullable=True),
-    sa.Column("error_category", sa.String(16), nullable=True),
-    sa.Column("lease_owner", sa.String(200), nullable=True),
-    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
-    sa.Column("created_at", UTCDateTime(), nullable=False),
-    sa.Column("started_at", UTCDateTime(), nullable=True),
-    sa.Column("finished_at", UTCDateTime(), nullable=True),
-    sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1")),
-    sa.Column("resent_at", UTCDateTime(), nullable=True),
     sa.Column("idempotency_key", sa.String(255), nullable=True),
     sa.Column("request_hash", sa.String(128), nullable=True),
-    # the running eval's progress {"role", "done", "total", "samples", "seconds",
-    # "samples_per_s"}, kept once it finished (revision 0005_eval_progress)
-    sa.Column("progress", JSONDoc, nullable=True),
-    sa.CheckConstraint(f"status IN ({_eval_status_list})", name="status"),
-    sa.Index(None, "job_id", "created_at"),
     sa.Index(None, "tenant_id", "created_at"),
     sa.Index(None, "tenant_id", "idempotency_key", unique=True),
 )
@@ -110,13 +86,6 @@ class EvalRecord:
 
 def _eval_record(row: Row[Any]) -> EvalRecord:
     m = row._mapping
-    error = None
-    if m["error_code"] is not None:
-        error = JobError(
-            code=m["error_code"],
-            message=m["error_message"] or "",
-            category=m["error_category"] or "system",
-        )
     return EvalRecord(
         id=m["id"],
         tenant_id=m["tenant_id"],
@@ -124,7 +93,7 @@ def _eval_record(row: Row[Any]) -> EvalRecord:
         status=m["status"],
         config=dict(m["config"] or {}),
         results=dict(m["results"]) if m["results"] is not None else None,
-        error=error,
+        error=stored_error(m),
         lease_owner=m["lease_owner"],
         lease_expires_at=m["lease_expires_at"],
         created_at=m["created_at"],

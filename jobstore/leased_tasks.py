@@ -28,11 +28,47 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from jobstore.records import FAILED, QUEUED, RUNNING, SUCCEEDED, JobError
-from jobstore.tables import UTCDateTime
+from jobstore.tables import JSONDoc, UTCDateTime, metadata
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Row
     from sqlalchemy.orm import Session
+
+
+TASK_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+
+
+def task_table(name: str, *extra: sa.SchemaItem) -> sa.Table:
+    """The sub-task table ``name`` on :data:`jobstore.tables.metadata`: the columns, the status
+    check and the ``(job_id, created_at)`` index every sub-task has, then ``extra`` (its
+    outcome's column, other columns and indexes). Rows belong to a tenant and are deleted with
+    their job (``ON DELETE CASCADE``); ``progress`` is the running task's progress document."""
+    statuses = ", ".join(f"'{s}'" for s in TASK_STATUSES)
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.String(40), primary_key=True),
+        sa.Column("tenant_id", sa.String(40), sa.ForeignKey("tenants.id"), nullable=False),
+        sa.Column(
+            "job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+        ),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("config", JSONDoc, nullable=False),
+        sa.Column("progress", JSONDoc, nullable=True),
+        sa.Column("error_code", sa.String(64), nullable=True),
+        sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("error_category", sa.String(16), nullable=True),
+        sa.Column("lease_owner", sa.String(200), nullable=True),
+        sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+        sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1")),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("started_at", UTCDateTime(), nullable=True),
+        sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("resent_at", UTCDateTime(), nullable=True),
+        sa.CheckConstraint(f"status IN ({statuses})", name="status"),
+        sa.Index(None, "job_id", "created_at"),
+        *extra,
+    )
 
 
 def utc_now() -> datetime:
@@ -95,13 +131,9 @@ class LeasedTasks:
     def finish(self, session: Session, task_id: str, worker_id: str | None, **outcome: Any) -> bool:
         """running -> succeeded with the ``outcome`` columns (lease owner only if
         ``worker_id``); False if it was not running (or not held by ``worker_id``)."""
-        c = self.table.c
-        where = [c.id == task_id, c.status == RUNNING]
-        if worker_id is not None:
-            where.append(c.lease_owner == worker_id)
         return self.update(
             session,
-            where,
+            self._of(task_id, self.table.c.status == RUNNING, worker_id),
             status=SUCCEEDED,
             **outcome,
             finished_at=utc_now(),
@@ -110,13 +142,9 @@ class LeasedTasks:
 
     def fail(self, session: Session, task_id: str, error: JobError, worker_id: str | None) -> bool:
         """queued|running -> failed with ``error`` (lease owner only if ``worker_id``)."""
-        c = self.table.c
-        where = [c.id == task_id, c.status.in_((QUEUED, RUNNING))]
-        if worker_id is not None:
-            where.append(c.lease_owner == worker_id)
         return self.update(
             session,
-            where,
+            self._of(task_id, self.table.c.status.in_((QUEUED, RUNNING)), worker_id),
             status=FAILED,
             error_code=error.code,
             error_message=error.message,
@@ -185,6 +213,16 @@ class LeasedTasks:
             .returning(c.id)
         ).all()
         return sorted(row.id for row in rows)
+
+    def _of(
+        self, task_id: str, in_status: sa.ColumnElement[bool], worker_id: str | None
+    ) -> list[sa.ColumnElement[bool]]:
+        """``task_id`` in a status (``in_status``), held by ``worker_id`` unless it is None."""
+        c = self.table.c
+        where = [c.id == task_id, in_status]
+        if worker_id is not None:
+            where.append(c.lease_owner == worker_id)
+        return where
 
     def update(self, session: Session, where: list[sa.ColumnElement[bool]], **values: Any) -> bool:
         """UPDATE the rows matching ``where`` with ``values``; True if one matched."""

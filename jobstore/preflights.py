@@ -11,7 +11,8 @@ running pre-flight under a lease; a redelivered message may take over one whose 
 (:meth:`PreflightQueries.requeue_lost_preflights`; ``failed`` with ``worker_lost`` after
 ``max_attempts``) and sends a queued one whose message may be lost again
 (:meth:`PreflightQueries.resend_stale_queued_preflights`). Rows are deleted with their job
-(``ON DELETE CASCADE``). The table is created by the migration ``0006_preflight``.
+(``ON DELETE CASCADE``). The table is created by the migration ``0006_preflight``; its
+columns and lease queries are those of every sub-task (:mod:`jobstore.leased_tasks`).
 """
 
 from __future__ import annotations
@@ -26,44 +27,23 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from jobstore.ids import new_id
-from jobstore.leased_tasks import LeasedTasks, utc_now
-from jobstore.records import FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobNotFound
-from jobstore.tables import JSONDoc, UTCDateTime, metadata
+from jobstore.leased_tasks import TASK_STATUSES, LeasedTasks, task_table, utc_now
+from jobstore.records import (
+    QUEUED,
+    JobError,
+    JobNotFound,
+    stored_error,
+)
+from jobstore.tables import JSONDoc
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session
 
-PREFLIGHT_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+PREFLIGHT_STATUSES: tuple[str, ...] = TASK_STATUSES
 PREFLIGHT_MAX_ATTEMPTS = 3
 
-_status_list = ", ".join(f"'{s}'" for s in PREFLIGHT_STATUSES)
-
-preflights = sa.Table(
-    "preflights",
-    metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("tenant_id", sa.String(40), sa.ForeignKey("tenants.id"), nullable=False),
-    sa.Column(
-        "job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
-    ),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("config", JSONDoc, nullable=False),
-    sa.Column("report", JSONDoc, nullable=True),
-    sa.Column("progress", JSONDoc, nullable=True),
-    sa.Column("error_code", sa.String(64), nullable=True),
-    sa.Column("error_message", sa.Text(), nullable=True),
-    sa.Column("error_category", sa.String(16), nullable=True),
-    sa.Column("lease_owner", sa.String(200), nullable=True),
-    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
-    sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1")),
-    sa.Column("created_at", UTCDateTime(), nullable=False),
-    sa.Column("started_at", UTCDateTime(), nullable=True),
-    sa.Column("finished_at", UTCDateTime(), nullable=True),
-    sa.Column("resent_at", UTCDateTime(), nullable=True),
-    sa.CheckConstraint(f"status IN ({_status_list})", name="status"),
-    sa.Index(None, "job_id", "created_at"),
-)
+preflights = task_table("preflights", sa.Column("report", JSONDoc, nullable=True))
 
 
 @dataclass(frozen=True)
@@ -84,13 +64,6 @@ class PreflightRecord:
 
 def _record(row: Row[Any]) -> PreflightRecord:
     m = row._mapping
-    error = None
-    if m["error_code"] is not None:
-        error = JobError(
-            code=m["error_code"],
-            message=m["error_message"] or "",
-            category=m["error_category"] or "system",
-        )
     return PreflightRecord(
         id=m["id"],
         tenant_id=m["tenant_id"],
@@ -99,7 +72,7 @@ def _record(row: Row[Any]) -> PreflightRecord:
         config=dict(m["config"] or {}),
         report=dict(m["report"]) if m["report"] is not None else None,
         progress=dict(m["progress"]) if m["progress"] is not None else None,
-        error=error,
+        error=stored_error(m),
         attempt=m["attempt"],
         created_at=m["created_at"],
         started_at=m["started_at"],
