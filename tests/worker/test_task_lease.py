@@ -29,22 +29,11 @@ def _wait_for(condition: Any, timeout: float = 5.0) -> None:
 def test_the_lease_is_renewed_then_lost_when_the_task_is_not_held(store: Any, kind: str) -> None:
     tenant = store.get_or_create_tenant("acme")
     job, _ = store.create_job(tenant.id, spec={"base_model": "tiny"})
-    if kind == "eval":
-        task = store.create_eval(tenant.id, job.id, config={})
-        claim, renew, get, fail = (
-            store.claim_eval,
-            store.renew_eval_lease,
-            store.get_eval,
-            store.fail_eval,
-        )
-    else:
-        task = store.create_preflight(tenant.id, job.id, config={})
-        claim, renew, get, fail = (
-            store.claim_preflight,
-            store.renew_preflight_lease,
-            store.get_preflight,
-            store.fail_preflight,
-        )
+    create, claim, renew, get, fail = (
+        getattr(store, name.format(kind))
+        for name in ("create_{}", "claim_{}", "renew_{}_lease", "get_{}", "fail_{}")
+    )
+    task = create(tenant.id, job.id, config={})
     claimed = claim(task.id, "w1", lease_seconds=LEASE)
     first_expiry = claimed.lease_expires_at if kind == "eval" else None
     outcomes: list[str] = []
