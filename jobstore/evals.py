@@ -181,19 +181,16 @@ class EvalQueries:
 
     def get_eval(self, eval_id: str, tenant_id: str | None = None) -> EvalRecord | None:
         """The eval, or ``None`` if it does not exist (or belongs to another tenant)."""
-        query = sa.select(evals).where(evals.c.id == eval_id)
-        if tenant_id is not None:
-            query = query.where(evals.c.tenant_id == tenant_id)
+        query = _TASKS.select(evals.c.id == eval_id, tenant_id=tenant_id)
         with self._read() as session:
             row = session.execute(query).first()
         return None if row is None else _eval_record(row)
 
     def list_evals(self, job_id: str, *, tenant_id: str | None = None) -> list[EvalRecord]:
         """The job's evals, oldest first."""
-        query = sa.select(evals).where(evals.c.job_id == job_id)
-        if tenant_id is not None:
-            query = query.where(evals.c.tenant_id == tenant_id)
-        query = query.order_by(evals.c.created_at, evals.c.id)
+        query = _TASKS.select(evals.c.job_id == job_id, tenant_id=tenant_id).order_by(
+            evals.c.created_at, evals.c.id
+        )
         with self._read() as session:
             return [_eval_record(row) for row in session.execute(query)]
 

@@ -83,6 +83,15 @@ class LeasedTasks:
     table: sa.Table
     noun: str
 
+    def select(
+        self, *where: sa.ColumnElement[bool], tenant_id: str | None = None
+    ) -> sa.Select[Any]:
+        """SELECT the rows matching ``where``, only the tenant's if ``tenant_id`` is given."""
+        query = sa.select(self.table).where(*where)
+        if tenant_id is not None:
+            query = query.where(self.table.c.tenant_id == tenant_id)
+        return query
+
     def claim(
         self,
         session: Session,

@@ -117,9 +117,7 @@ class PreflightQueries:
         self, preflight_id: str, *, tenant_id: str | None = None
     ) -> PreflightRecord | None:
         """The pre-flight, or ``None`` (also when it belongs to another tenant)."""
-        query = sa.select(preflights).where(preflights.c.id == preflight_id)
-        if tenant_id is not None:
-            query = query.where(preflights.c.tenant_id == tenant_id)
+        query = _TASKS.select(preflights.c.id == preflight_id, tenant_id=tenant_id)
         with self._read() as connection:
             row = connection.execute(query).first()
         return None if row is None else _record(row)
@@ -128,9 +126,7 @@ class PreflightQueries:
         self, job_id: str, *, tenant_id: str | None = None, limit: int = 100
     ) -> list[PreflightRecord]:
         """The job's most recent ``limit`` pre-flights, oldest first."""
-        query = sa.select(preflights).where(preflights.c.job_id == job_id)
-        if tenant_id is not None:
-            query = query.where(preflights.c.tenant_id == tenant_id)
+        query = _TASKS.select(preflights.c.job_id == job_id, tenant_id=tenant_id)
         query = query.order_by(preflights.c.created_at.desc(), preflights.c.id.desc()).limit(limit)
         with self._read() as connection:
             rows = connection.execute(query).all()
@@ -140,13 +136,8 @@ class PreflightQueries:
         self, job_id: str, *, tenant_id: str | None = None
     ) -> PreflightRecord | None:
         """The job's most recent pre-flight, or ``None``."""
-        query = sa.select(preflights).where(preflights.c.job_id == job_id)
-        if tenant_id is not None:
-            query = query.where(preflights.c.tenant_id == tenant_id)
-        query = query.order_by(preflights.c.created_at.desc(), preflights.c.id.desc()).limit(1)
-        with self._read() as connection:
-            row = connection.execute(query).first()
-        return None if row is None else _record(row)
+        latest = self.list_preflights(job_id, tenant_id=tenant_id, limit=1)
+        return latest[0] if latest else None
 
     def claim_preflight(
         self,
