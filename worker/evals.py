@@ -43,7 +43,7 @@ from typing import Any
 from jobstore.records import SUCCEEDED, JobError
 from opsd_service.settings import ServiceSettings
 from worker import prometheus as worker_metrics
-from worker.task_lease import TaskLease
+from worker.subtasks import TaskLease, log_failure
 
 log = logging.getLogger("opsd.worker")
 
@@ -106,13 +106,7 @@ def run_eval(
             if lease.lost.is_set():
                 return LEASE_LOST
             error = classify_eval_error(exc)
-            log.log(
-                logging.ERROR if error.category == "system" else logging.INFO,
-                "eval %s failed: %s",
-                eval_id,
-                error.message,
-                exc_info=error.category == "system",
-            )
+            log_failure("eval", eval_id, error)
             store.fail_eval(eval_id, error=error, worker_id=worker_id)
             progress.event("eval_failed", f"eval {eval_id} failed: {error.code}", {})
             return "failed"

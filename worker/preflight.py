@@ -25,7 +25,7 @@ from typing import Any
 
 from jobstore.records import JobError
 from opsd_service.settings import ServiceSettings
-from worker.task_lease import TaskLease
+from worker.subtasks import TaskLease, log_failure
 
 log = logging.getLogger("opsd.worker")
 
@@ -93,13 +93,7 @@ def run_preflight(
             if lease.lost.is_set():
                 return LEASE_LOST
             error = classify_preflight_error(exc)
-            log.log(
-                logging.ERROR if error.category == "system" else logging.INFO,
-                "preflight %s failed: %s",
-                preflight_id,
-                error.message,
-                exc_info=error.category == "system",
-            )
+            log_failure("preflight", preflight_id, error)
             store.fail_preflight(preflight_id, error=error, worker_id=worker_id)
             events.event(
                 "preflight_failed",

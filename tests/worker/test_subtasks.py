@@ -1,9 +1,10 @@
-"""`worker.task_lease.TaskLease` on a real store (SQLite and Postgres): it keeps an eval's and a
+"""`worker.subtasks.TaskLease` on a real store (SQLite and Postgres): it keeps an eval's and a
 pre-flight's lease alive past its first expiry, notices a lease that is not held any more, and
-rides out a store it cannot reach."""
+rides out a store it cannot reach; and how a failed task is logged."""
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from jobstore import JobError, Store
 from tests.service_fixtures import sqlite_url
-from worker.task_lease import TaskLease
+from worker.subtasks import TaskLease, log_failure
 
 LEASE = 0.9  # seconds: a renewal every 0.3 s
 
@@ -73,3 +74,22 @@ def test_a_store_it_cannot_reach_is_retried_not_taken_for_a_lost_lease(tmp_path:
         assert set(outcomes) == {"error"} and not lease.lost.is_set()
     finally:
         away.close()
+
+
+def test_a_system_failure_is_logged_with_its_traceback_a_user_one_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="opsd.worker")
+    try:
+        raise MemoryError("boom")
+    except MemoryError:
+        log_failure("eval", "eval_1", JobError("out_of_memory", "ran out", "system"))
+        log_failure("preflight", "pf_1", JobError("dataset_error", "no such file", "user"))
+    system, user = caplog.records
+    assert (system.levelno, system.getMessage()) == (logging.ERROR, "eval eval_1 failed: ran out")
+    assert system.exc_info is not None and system.exc_info[0] is MemoryError
+    assert (user.levelno, user.getMessage()) == (
+        logging.INFO,
+        "preflight pf_1 failed: no such file",
+    )
+    assert not user.exc_info

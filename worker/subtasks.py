@@ -1,10 +1,14 @@
-"""The lease keeper of a job's sub-task (an eval, a pre-flight) while this worker runs it.
+"""What running a job's sub-task (an eval, a pre-flight) on this worker shares: the lease
+keeper and how a failure is logged.
 
 The store's claim gives the worker a lease of ``lease_seconds`` on the task's row;
 :class:`TaskLease` renews it from a daemon thread every third of that, and sets ``lost`` once
 the store answers that another worker holds it now (the runner then stops writing). A renewal
 that fails (the store is away for a moment) is logged and tried again at the next tick. Jobs
 have their own heartbeat (:mod:`worker.runner`), which also carries their status.
+
+:func:`log_failure` logs a failed task: a system error at ERROR with its traceback, a user's
+(bad data, a missing file) at INFO.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+
+from jobstore.records import JobError
 
 log = logging.getLogger("opsd.worker")
 
@@ -65,3 +71,17 @@ class TaskLease:
     def _count(self, result: str) -> None:
         if self.on_renewal is not None:
             self.on_renewal(result)
+
+
+def log_failure(kind: str, task_id: str, error: JobError) -> None:
+    """Log that the ``kind`` task ``task_id`` failed with ``error`` (a system error at ERROR with
+    the traceback being handled, a user error at INFO)."""
+    system = error.category == "system"
+    log.log(
+        logging.ERROR if system else logging.INFO,
+        "%s %s failed: %s",
+        kind,
+        task_id,
+        error.message,
+        exc_info=system,
+    )
