@@ -6,8 +6,10 @@
    context than without it; writes the task's training and held-out problems;
 2. starts the embedded service (`opsd up`: SQLite state, file-backed broker, local artifacts,
    API + worker processes) in a temporary home;
-3. submits one OPSD job with `POST /jobs` (the toy replication's spec, with an `eval` group that
-   evaluates the base and then the student on the held-out problems every 10 steps), follows
+3. submits one OPSD job with `POST /jobs` (the toy replication's spec, with a `preflight` group
+   that measures the privileged gap and checks that student and teacher are aligned before the
+   first step, and an `eval` group that evaluates the base and then the student on the held-out
+   problems every 10 steps), follows
    `GET /jobs/{id}` with a progress bar, reads `GET /jobs/{id}/metrics`, `/events`,
    `/checkpoints`, downloads `/adapter` and loads it with peft; prints held-out accuracy before
    and after and writes the curves to `runs/quickstart/metrics.png`;
@@ -38,6 +40,8 @@ OUT = REPO / "runs" / "quickstart"
 
 
 def _free_port() -> int:
+    if os.environ.get("OPSD_QUICKSTART_PORT"):  # a fixed port (e.g. on a shared machine)
+        return int(os.environ["OPSD_QUICKSTART_PORT"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -90,6 +94,7 @@ def _activity(evaluating: dict | None) -> str:
 
 
 EVAL_EVERY = 10
+PREFLIGHT, PREFLIGHT_QUICK = 64, 8  # problems the pre-flight samples
 
 
 def _toy_task(quick: bool = False) -> tuple[Path, Path, dict]:
@@ -129,7 +134,30 @@ def _toy_task(quick: bool = False) -> tuple[Path, Path, dict]:
         "every_steps": 2 if quick else EVAL_EVERY,
         "include_base": True,
     }
+    # the pre-flight before the first step: student without vs teacher with the reference on
+    # the head of the first epoch, and the alignment checks (`opsd_engine.preflight`)
+    body["preflight"] = {"run_first": True, "sample_size": PREFLIGHT_QUICK if quick else PREFLIGHT}
     return base_dir, heldout_path, body
+
+
+def _preflight_line(rows: list[dict]) -> str:
+    """The pre-flight's numbers as the job recorded them (`preflight/*` metrics at step 0)."""
+    found = next((r for r in rows if r["step"] == 0 and "preflight/status" in r), None)
+    if found is None:
+        raise SystemExit("the job recorded no pre-flight")
+    status = ("pass", "warn", "fail")[int(found["preflight/status"])]
+    checks = {
+        name.removeprefix("preflight/check/"): ("pass", "warn", "fail")[int(value)]
+        for name, value in found.items()
+        if name.startswith("preflight/check/")
+    }
+    student, teacher = found["preflight/student_accuracy"], found["preflight/teacher_accuracy"]
+    return (
+        f"pre-flight: student without the reference {100 * student:.1f}%, "
+        f"teacher with it {100 * teacher:.1f}% "
+        f"(privileged gap {100 * found['preflight/gap']:+.1f} points); {status} "
+        f"({', '.join(f'{name} {verdict}' for name, verdict in checks.items())})"
+    )
 
 
 def main() -> None:
@@ -180,6 +208,8 @@ def main() -> None:
                 job = http.get(f"/jobs/{job['id']}").json()
                 # while the spec's eval group runs, the bar says what is evaluated and how far
                 doing = _activity(job["progress"].get("eval"))
+                if not doing and job["status"] == "running" and job["progress"]["step"] == 0:
+                    doing = "pre-flight / first step"
                 if doing != shown:
                     bar.set_postfix_str(doing, refresh=False)
                     bar.refresh()
@@ -193,6 +223,7 @@ def main() -> None:
 
         metrics = Metrics.model_validate(http.get(f"/jobs/{job['id']}/metrics").json())
         rows = [{"step": step, **values} for step, values in metrics.rows()]
+        print(_preflight_line(rows), flush=True)
         print(format_table(summarize([r for r in rows if "loss" in r])))
         kinds = [e["kind"] for e in http.get(f"/jobs/{job['id']}/events").json()["data"]]
         checkpoints = [c["step"] for c in http.get(f"/jobs/{job['id']}/checkpoints").json()["data"]]

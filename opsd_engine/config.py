@@ -433,7 +433,10 @@ class PreflightSpec(_Group):
         None, ge=1, le=MAX_NEW_TOKENS, description="Rollout length; None: max_new_tokens."
     )
     min_gap: float | None = Field(
-        None, ge=-1.0, le=1.0, description="Smallest privileged gap that passes; None: 0.10."
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Smallest privileged gap that passes; None: 0.23 (from the toy benchmark's capacity runs).",
     )
 
 

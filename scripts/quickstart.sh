@@ -8,4 +8,8 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${OPSD_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# One torch thread in the service's worker too: a float32 reduction's rounding depends on how many
+# threads split it, so this keeps the printed accuracies the same on any machine (and the toy is
+# too small to gain from more threads).
+export OMP_NUM_THREADS=1
 python examples/quickstart_service.py "$@"

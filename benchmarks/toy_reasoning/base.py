@@ -19,7 +19,17 @@ strong with it. `direct_fraction` and `steps` are the calibration knobs.
 Prompts are built by the engine's own code (`opsd_engine.prompts`) with the toy's prompt config,
 so the pretraining sequences are token-for-token what the trainers and the evaluation use. The
 tokenizer is the offline tiny Qwen3 tokenizer (`opsd_engine.tiny`; one token per digit).
-Deterministic for a seed and a thread count; the model is cached by a hash of its configuration.
+Deterministic for a seed whatever the caller's thread count and the machine's load: pretraining
+always runs on one torch thread (a float32 reduction's order, and so its rounding, depends on how
+many threads split it), and the model is cached by a hash of its configuration.
+
+``family`` picks the task family (``task.FAMILIES``). For ``carries`` the student-format
+sequences are all worked (``direct_fraction`` 0: the base always works the steps, and gets some
+wrong), and a ``foreign_reference_share`` of the teacher-format sequences show the reference in
+the foreign style (``Problem.foreign_solution``) and still continue in the base's own style, so
+the base can read another model's traces but never writes them. ``cosine=False`` keeps the
+learning rate constant after warmup, so a run of ``steps`` steps is the first ``steps`` steps of
+any longer run (what the calibration of ``steps`` relies on).
 """
 
 from __future__ import annotations
@@ -32,19 +42,28 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-from benchmarks.toy_reasoning.task import Problem, drill_row, pretraining_problems
+from benchmarks.toy_reasoning.task import FAMILIES, Problem, drill_row, pretraining_problems
 from opsd_engine.config import PromptConfig
 from opsd_engine.prompts import build_prompt_pair
 from opsd_engine.tiny import ENDOFTEXT, IM_END, build_tiny_tokenizer
 
-__all__ = ["TOY_PROMPTS", "BaseConfig", "build_base", "cache_key"]
+__all__ = [
+    "CAPACITY_BASE",
+    "FAMILY_BASES",
+    "TOY_PROMPTS",
+    "BaseConfig",
+    "build_base",
+    "cache_key",
+    "pretrain",
+    "save_base",
+]
 
 #: The prompt config of every toy run: the paper's templates, no chat template (a base model).
 TOY_PROMPTS = PromptConfig(chat_template="off")
@@ -65,10 +84,25 @@ class BaseConfig:
     teacher_share: float = 0.6  # the rest of the batches are student-format
     direct_fraction: float = 0.6  # of student-format sequences: bare answer, no work
     n_problems: int = 20_000  # pretraining problems (a pool disjoint from every task split)
+    family: str = "chains"
+    foreign_reference_share: float = 0.0  # of teacher-format sequences: reference in foreign style
+    cosine: bool = True  # False: constant learning rate after warmup
+    init_from: BaseConfig | None = None  # continue pretraining this (cached) base instead
+
+
+#: Fields added after the first family's base was cached: left out of the key at these values,
+#: so that base keeps its key.
+_KEY_DEFAULTS = {
+    "family": "chains",
+    "foreign_reference_share": 0.0,
+    "cosine": True,
+    "init_from": None,
+}
 
 
 def cache_key(config: BaseConfig) -> str:
-    payload = json.dumps({"task": TASK_VERSION, **asdict(config)}, sort_keys=True)
+    fields = {k: v for k, v in asdict(config).items() if _KEY_DEFAULTS.get(k, object()) != v}
+    payload = json.dumps({"task": TASK_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -106,6 +140,7 @@ class _Batches:
 
     def __init__(self, config: BaseConfig, problems: list[Problem], tokenizer: Any) -> None:
         self.config, self.problems, self.tokenizer = config, problems, tokenizer
+        self.family = FAMILIES[config.family]
         self.rng = random.Random(config.seed)
         self.eos = tokenizer.convert_tokens_to_ids(IM_END)
         self.pad = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
@@ -116,19 +151,24 @@ class _Batches:
 
     def _sequence(self, kind: str) -> list[int]:
         if kind == "drill":
-            return [*self._encode(drill_row(self.rng)), self.eos]
+            return [*self._encode(drill_row(self.rng, family=self.family)), self.eos]
         problem = self.problems[self.position % len(self.problems)]
         self.position += 1
+        foreign = (
+            kind == "teacher"
+            and self.config.foreign_reference_share > 0
+            and self.rng.random() < self.config.foreign_reference_share
+        )
         pair = build_prompt_pair(
             self.tokenizer,
             problem=problem.problem,
-            solution=problem.solution,
+            solution=problem.foreign_solution if foreign else problem.solution,
             answer=problem.answer,
             prompts=TOY_PROMPTS,
         )
         if kind == "teacher":
             return [*pair.teacher_ids, *self._encode(problem.solution), self.eos]
-        direct = self.rng.random() < self.config.direct_fraction
+        direct = self.config.direct_fraction > 0 and self.rng.random() < self.config.direct_fraction
         answer = problem.direct_solution if direct else problem.solution
         return [*pair.student_ids, *self._encode(answer), self.eos]
 
@@ -152,12 +192,48 @@ class _Batches:
 
 
 def pretrain(
-    config: BaseConfig, *, progress: Callable[[str], None] = print
+    config: BaseConfig,
+    *,
+    progress: Callable[[str], None] = print,
+    on_step: Callable[[int, Qwen3ForCausalLM], None] | None = None,
+    init: Path | None = None,
 ) -> tuple[Qwen3ForCausalLM, Any]:
-    """Pretrain the base from scratch; returns (model, tokenizer)."""
+    """Pretrain the base from scratch on one torch thread; returns (model, tokenizer).
+
+    The weights are bit-identical for a ``config`` whatever ``torch.get_num_threads()`` the
+    caller set (it is restored afterwards) and however loaded the machine is. ``init``: the
+    directory of the base ``config.init_from`` describes (see `build_base`), whose weights the
+    pretraining starts from.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(config, progress, on_step, init)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(
+    config: BaseConfig,
+    progress: Callable[[str], None],
+    on_step: Callable[[int, Qwen3ForCausalLM], None] | None = None,
+    init: Path | None = None,
+) -> tuple[Qwen3ForCausalLM, Any]:
     tokenizer = build_tiny_tokenizer()
     model = _model(config, tokenizer)
-    problems = pretraining_problems(config.n_problems, seed=config.seed)
+    if config.init_from is not None:
+        if init is None:
+            raise ValueError("config.init_from needs the directory of that base (init)")
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(
+            load_file(str(init / "model.safetensors")), strict=False
+        )
+        if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embeddings
+            raise ValueError(f"{init} does not match the config: {missing} {unexpected}")
+        model.tie_weights()
+    family = FAMILIES[config.family]
+    problems = pretraining_problems(config.n_problems, seed=config.seed, family=family)
     batches = _Batches(config, problems, tokenizer)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98), weight_decay=0.01
@@ -165,6 +241,8 @@ def pretrain(
 
     def schedule(step: int) -> float:
         warm = min(1.0, (step + 1) / config.warmup_steps)
+        if not config.cosine:
+            return warm
         return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -188,6 +266,9 @@ def pretrain(
                     f"{sum(window) / len(window):.3f}  {time.perf_counter() - start:.0f}s"
                 )
                 window = []
+            if on_step is not None:  # e.g. calibration: evaluate at some steps (model.eval()!)
+                on_step(step, model)
+                model.train()
     model.eval()
     return model, tokenizer
 
@@ -204,9 +285,21 @@ def build_base(
     if (final / "pretrain.json").is_file():
         return final, True
     cache_dir.mkdir(parents=True, exist_ok=True)
+    init = None
+    if config.init_from is not None:
+        init, _ = build_base(cache_dir, config.init_from, progress=progress)
     started = time.perf_counter()
-    model, tokenizer = pretrain(config, progress=progress)
-    seconds = time.perf_counter() - started
+    model, tokenizer = pretrain(config, progress=progress, init=init)
+    return save_base(cache_dir, config, model, tokenizer, time.perf_counter() - started), False
+
+
+def save_base(
+    cache_dir: Path, config: BaseConfig, model: Qwen3ForCausalLM, tokenizer: Any, seconds: float
+) -> Path:
+    """Write ``model`` as the cached base of ``config`` (what `build_base` loads); returns its
+    directory. `calibrate.py` uses it for the model at step ``s`` of a constant-rate run, which
+    is bit for bit the model ``replace(config, steps=s)`` pretrains (tested)."""
+    final = cache_dir / f"base-{cache_key(config)}"
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex[:6]}"
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -218,4 +311,26 @@ def build_base(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    return final, False
+    return final
+
+
+#: The base of each task family (the ``carries`` pretraining length calibrated with
+#: ``calibrate.py`` so the base is in the issue's accuracy band; see results.md), and the
+#: capacity-study base: the same mix, from scratch, in a one-layer model (a single layer cannot
+#: form the two-layer circuits that copy from context, so its privileged gap is small).
+FAMILY_BASES: dict[str, BaseConfig] = {
+    "chains": BaseConfig(),
+    "carries": BaseConfig(
+        init_from=BaseConfig(),  # the chains base: it already reads a reference in context
+        steps=900,  # calibrate.py: student 37%, teacher 81% (foreign refs) on validation
+        drill_share=0.1,
+        teacher_share=0.7,
+        direct_fraction=0.0,
+        family="carries",
+        foreign_reference_share=0.6,
+        cosine=False,
+    ),
+}
+CAPACITY_BASE = replace(
+    FAMILY_BASES["carries"], init_from=None, num_layers=1, hidden_size=64, head_dim=32, steps=1000
+)

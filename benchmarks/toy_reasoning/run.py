@@ -1,35 +1,49 @@
-"""Toy replication of the paper's comparison: OPSD vs SFT vs GRPO from one small base, on the CPU.
+"""Toy replication of the paper's comparison: OPSD vs SFT vs GRPO from small bases, on the CPU.
 
-    python -m benchmarks.toy_reasoning.run            # full: 3 seeds + ablations (~12 min)
-    python -m benchmarks.toy_reasoning.run --quick    # OPSD only, 1 seed (~35 s once cached)
+    python -m benchmarks.toy_reasoning.run            # both task families, 3 seeds (~20 min)
+    python -m benchmarks.toy_reasoning.run --quick    # OPSD only, 1 seed, first family
+    python -m benchmarks.toy_reasoning.run --tune --family carries   # learning-rate grid
 
-1. Pretrain (or load from the cache) the toy base model (``base.py``) and measure it on the
-   held-out problems with and without the reference solution in its context.
-2. From that base, train every method with the engine's own trainers (same job spec apart from
-   `method` and the learning rate, matched problems per step and optimizer steps): OPSD (1 rollout
-   per problem), SFT (the reference solutions) and GRPO (8 rollouts per problem), each for every
-   seed; then the cheap OPSD ablations of the paper (divergence, rollout length, teacher).
-3. Evaluate on held-out problems through `opsd_engine.evaluation` (avg@n and pass@k, the
-   evaluation's sampling settings) during and after training, and write ``results.md`` (tables
-   and the paper's claims checked), ``results.json`` (everything measured) and ``results.png``
-   (held-out accuracy against optimizer steps and against generated tokens, paper Figure 3).
+Two task families (``task.py``), each from its own base (``base.py``):
 
-Nothing here is tuned per seed or picked after the fact: every number in the outputs is what the
-runs measured. Learning rates were chosen per method once (`--tune`), on validation problems
-disjoint from the held-out ones and on seed 100, which is not one of the reported seeds.
+* ``chains``: the base's weakness is behavioural (it often answers without working); every method
+  fixes it within a few steps and ends near 100%. Kept as the first family (and the quick
+  start's task); the methods only.
+* ``carries``: the base always works the steps and gets steps wrong; references are in a foreign
+  style (another model's traces) with an own-style control; OPSD ablations (objective, rollout
+  length, teacher) and a capacity run (OPSD from a smaller base with a small privileged gap).
+  The benchmark checks and prints the issue's requirements on this family (``requirements``)
+  and gives each of the paper's claims a verdict from paired per-seed differences (``claims``).
+
+Every run is a normal job spec trained by the engine's own trainers (same spec apart from
+`method`, the learning rate and the ablated field; matched problems per step and optimizer
+steps), evaluated on held-out problems through `opsd_engine.evaluation` during training from a
+private RNG stream. Runs go to ``--jobs`` worker processes of one torch thread each (default 2),
+so each run's numbers do not depend on which worker ran it or on the machine's load. Outputs:
+``results.md``, ``results.json`` and one plot per family, ``results-<family>.png`` (held-out
+accuracy against optimizer steps, generated tokens and training wall time).
+
+Nothing here is tuned per seed or picked after the fact: learning rates were chosen per method
+once (`--tune`) on validation problems disjoint from the held-out ones and on seed 100, which is
+not one of the reported seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
+import multiprocessing
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,8 +55,10 @@ DEFAULT_CACHE = HERE / ".cache"
 # ------------------------------------------------------------------------------------- plan
 @dataclass(frozen=True)
 class Plan:
-    """Everything a comparison run depends on (recorded whole in results.json)."""
+    """Everything one family's comparison depends on (recorded whole in results.json). The
+    defaults are the ``chains`` family's (also the quick start's job spec)."""
 
+    family: str = "chains"
     seeds: tuple[int, ...] = (0, 1, 2)
     n_train: int = 512
     n_validation: int = 128  # learning-rate tuning only
@@ -65,14 +81,12 @@ class Plan:
     eval_points: tuple[int, ...] = (5, 10, 20, 30)  # optimizer steps (0 = the base)
     ablation_eval_points: tuple[int, ...] = (30,)  # ablations: final accuracy only
     methods: tuple[str, ...] = ("opsd", "sft", "grpo")
-    ablations: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = (
-        ("opsd sampled_token", (("divergence", "sampled_token"),)),
-        ("opsd max_new_tokens 16", (("max_new_tokens", 16),)),
-        ("opsd teacher current", (("teacher", "current"),)),
-        ("opsd lr 0.001", (("optim.learning_rate", 1e-3),)),  # GRPO's tuned rate
-    )
-    curve_ablations: tuple[str, ...] = ("opsd lr 0.001",)  # evaluated at every eval point
+    ablations: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    curve_ablations: tuple[str, ...] = ()  # ablations evaluated at every eval point
     token_threshold: float = 0.95  # "tokens to reach" this held-out accuracy (below the ceiling)
+    reference_style: str = "worked"  # the training set's reference solutions (task.Problem.row)
+    control_methods: tuple[str, ...] = ()  # rerun with references in the base's own style
+    capacity: bool = False  # OPSD from base.CAPACITY_BASE too (the capacity finding)
 
     tune_seed: int = 100  # learning rates are chosen on this seed, never on a reported one
     tune_grid: tuple[tuple[str, tuple[float, ...]], ...] = (
@@ -85,7 +99,34 @@ class Plan:
         return dict(self.learning_rates)[method]
 
 
-QUICK = Plan(seeds=(0,), methods=("opsd",), ablations=(), eval_points=(10, 30))
+CONTROL = "own-style references"  # suffix of the control runs' names
+CAPACITY = "opsd capacity base"
+
+PLANS: dict[str, Plan] = {
+    "chains": Plan(eval_points=(10, 20, 30)),
+    "carries": Plan(
+        family="carries",
+        max_new_tokens=64,  # a worked solution is 21-49 tokens with its EOS
+        # Chosen with --tune --family carries (tuning-carries.md), seed 100.
+        learning_rates=(("opsd", 2e-3), ("sft", 5e-4), ("grpo", 1e-3)),
+        eval_points=(10, 20, 30),
+        ablations=(
+            ("opsd sampled_token", (("divergence", "sampled_token"),)),
+            ("opsd max_new_tokens 24", (("max_new_tokens", 24),)),
+            ("opsd teacher current", (("teacher", "current"),)),
+        ),
+        token_threshold=0.6,
+        reference_style="foreign",
+        control_methods=("opsd", "sft"),
+        capacity=True,
+        tune_grid=(
+            ("opsd", (5e-4, 1e-3, 2e-3, 4e-3)),
+            ("sft", (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)),
+            ("grpo", (5e-4, 1e-3, 2e-3)),
+        ),
+    ),
+}
+QUICK = Plan(seeds=(0,), methods=("opsd",), eval_points=(10, 30))
 
 
 @dataclass
@@ -96,6 +137,8 @@ class EvalPoint:
     pass_at_k: dict[int, float]
     majority: float | None
     seconds: float
+    train_seconds: float = 0.0  # training wall time up to this step (evaluations excluded)
+    kinds: dict[str, int] | None = None  # task.classify counts (+ "foreign_style") of samples
 
 
 @dataclass
@@ -109,6 +152,7 @@ class RunRecord:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     wall_seconds: float = 0.0
+    family: str = "chains"
 
     @property
     def final(self) -> EvalPoint:
@@ -138,11 +182,14 @@ def evaluate(
     step: int,
     generated_tokens: float,
     prompts: Any = None,
+    classify_problems: bool = True,
 ) -> EvalPoint:
-    """avg@n / pass@k on ``examples``, sampling from a private RNG stream (training unaffected)."""
+    """avg@n / pass@k on ``examples``, sampling from a private RNG stream (training unaffected);
+    with ``classify_problems`` each sample's kind (`task.classify`) is counted too."""
     import torch
 
     from benchmarks.toy_reasoning.base import TOY_PROMPTS
+    from benchmarks.toy_reasoning.task import classify, uses_foreign_style
     from opsd_engine.evaluation import evaluate_model
 
     started = time.perf_counter()
@@ -151,6 +198,13 @@ def evaluate(
         result = evaluate_model(
             model, tokenizer, examples, _eval_settings(plan), prompts=prompts or TOY_PROMPTS
         )
+    kinds = None
+    if classify_problems:
+        counter = collections.Counter(
+            classify(examples[s.problem_index].problem, s.text) for s in result.samples
+        )
+        counter["foreign_style"] = sum(uses_foreign_style(s.text) for s in result.samples)
+        kinds = dict(counter)
     summary = result.summary
     return EvalPoint(
         step=step,
@@ -159,11 +213,12 @@ def evaluate(
         pass_at_k=dict(summary.pass_at_k),
         majority=summary.majority_vote,
         seconds=time.perf_counter() - started,
+        kinds=kinds,
     )
 
 
 def teacher_view_examples(examples: Sequence[Any]) -> tuple[list[Any], Any]:
-    """The held-out problems as the teacher sees them (reference in context), for calibration."""
+    """The problems as the teacher sees them (reference in context), for calibration."""
     from benchmarks.toy_reasoning.base import TOY_PROMPTS
     from opsd_engine.data import Example
     from opsd_engine.prompts import render_teacher_text
@@ -271,6 +326,7 @@ class _Recorder:
         self.record.train_seconds += metrics.get("time_step_s", 0.0)
         if step in self.eval_steps:
             point = self.on_eval(step, metrics["generated_tokens_total"])
+            point.train_seconds = self.record.train_seconds
             self.record.points.append(point)
             self.record.eval_seconds += point.seconds
 
@@ -287,15 +343,19 @@ def run_method(
     spec: Any,
     train_examples: Sequence[Any],
     heldout: Sequence[Any],
-    base_point: EvalPoint,
+    base_point: EvalPoint | None,
     log: Callable[[str], None],
     eval_points: Sequence[int] | None = None,
 ) -> RunRecord:
+    """Train one run and evaluate it at ``eval_points``; ``base_point`` (if given) is its step 0."""
     from opsd_engine.config import spec_to_dict
 
     started = time.perf_counter()
-    record = RunRecord(name=name, method=spec.method, seed=spec.seed, spec=spec_to_dict(spec))
-    record.points.append(replace(base_point, seconds=0.0))
+    record = RunRecord(
+        name=name, method=spec.method, seed=spec.seed, spec=spec_to_dict(spec), family=plan.family
+    )
+    if base_point is not None:
+        record.points.append(replace(base_point, seconds=0.0))
     with tempfile.TemporaryDirectory(prefix="toy-run-") as out:
         trainer_box: list[Any] = []
 
@@ -311,7 +371,7 @@ def run_method(
                 generated_tokens=tokens,
             )
             log(
-                f"    {name} seed {spec.seed} step {step:>3}: avg@{plan.eval_n} "
+                f"    {plan.family}: {name} seed {spec.seed} step {step:>3}: avg@{plan.eval_n} "
                 f"{point.avg:.3f}  pass@{plan.eval_n} {point.pass_at_k[plan.eval_n]:.3f}  "
                 f"generated {int(tokens):,} tokens"
             )
@@ -330,6 +390,166 @@ def run_method(
     return record
 
 
+# ------------------------------------------------------------------------ worker processes
+@dataclass(frozen=True)
+class RunTask:
+    """One training run, as a worker process gets it (paths, not loaded objects)."""
+
+    plan: Plan
+    name: str
+    method: str
+    seed: int
+    base_dir: str
+    train_path: str
+    eval_path: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    eval_points: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BaseEvalTask:
+    """One evaluation of a base: ``view`` student (problem only) or teacher (reference in
+    context, the reference style of ``eval_path``'s solutions)."""
+
+    plan: Plan
+    base_dir: str
+    eval_path: str
+    seed: int
+    view: str  # "student" | "teacher"
+
+
+def _init_worker(threads: int) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import torch
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _print(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def do_pretrain(cache: str, config: Any) -> tuple[str, bool, float]:
+    """Build (or load) one base; returns (path, cached, pretraining seconds)."""
+    from benchmarks.toy_reasoning.base import build_base
+
+    path, cached = build_base(Path(cache), config, progress=_print)
+    seconds = json.loads((path / "pretrain.json").read_text())["pretrain_seconds"]
+    return str(path), cached, seconds
+
+
+def do_run(task: RunTask) -> RunRecord:
+    from opsd_engine.data import load_examples
+
+    spec = make_spec(
+        task.plan,
+        task.method,
+        task.seed,
+        Path(task.base_dir),
+        Path(task.train_path),
+        task.overrides,
+    )
+    _print(f"{task.plan.family}: {task.name} seed {task.seed}: training")
+    record = run_method(
+        task.plan,
+        task.name,
+        spec,
+        load_examples(task.train_path),
+        load_examples(task.eval_path),
+        None,
+        _print,
+        task.eval_points,
+    )
+    _print(f"{task.plan.family}: {task.name} seed {task.seed}: done in {record.wall_seconds:.0f}s")
+    return record
+
+
+def do_base_eval(task: BaseEvalTask) -> EvalPoint:
+    from transformers import AutoModelForCausalLM
+
+    from opsd_engine.data import load_examples
+    from opsd_engine.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(task.base_dir)
+    model = AutoModelForCausalLM.from_pretrained(task.base_dir).eval()
+    examples = load_examples(task.eval_path)
+    prompts = None
+    if task.view == "teacher":
+        examples, prompts = teacher_view_examples(examples)
+    point = evaluate(
+        model,
+        tokenizer,
+        examples,
+        task.plan,
+        seed=task.seed,
+        step=0,
+        generated_tokens=0,
+        prompts=prompts,
+        classify_problems=task.view == "student",
+    )
+    _print(
+        f"{task.plan.family}: base {Path(task.base_dir).name} {task.view} "
+        f"({Path(task.eval_path).stem}) seed {task.seed}: avg@{task.plan.eval_n} {point.avg:.3f}"
+    )
+    return point
+
+
+class _Inline:
+    """The executor interface, run in this process (``--jobs 1``)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self) -> None:
+        return None
+
+
+def _executor(jobs: int, threads: int) -> Any:
+    if jobs <= 1:
+        return _Inline()
+    return ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(threads,),
+    )
+
+
+# ------------------------------------------------------------------------------ statistics
+# Two-sided 95% Student-t quantiles t_{0.975, df} (df 1..10; beyond: the normal's 1.96 is
+# within 5%); scipy is not a dependency. Source: any t table (NIST/SEMATECH e-Handbook 1.3.6.7.2).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+_T975 |= {9: 2.262, 10: 2.228}
+
+
+def paired_interval(differences: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-seed paired differences and its 95% t-interval,
+    ``mean ± t_{0.975, n-1} · sd / sqrt(n)``. Needs at least 2 differences."""
+    n = len(differences)
+    if n < 2:
+        raise ValueError("a paired interval needs at least 2 seeds")
+    mean = statistics.fmean(differences)
+    half = _T975.get(n - 1, 1.96) * statistics.stdev(differences) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, expected_sign: int) -> str:
+    """'supported' / 'contradicted' when the interval excludes 0 (on the paper's side or not),
+    else 'not resolved at this scale'."""
+    if low <= 0 <= high:
+        return "not resolved at this scale"
+    return "supported" if (low > 0) == (expected_sign > 0) else "contradicted"
+
+
 # ---------------------------------------------------------------------------------- summary
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
@@ -345,255 +565,353 @@ def _group(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
     groups: dict[str, list[RunRecord]] = {}
     for record in records:
         groups.setdefault(record.name, []).append(record)
+    for runs in groups.values():
+        runs.sort(key=lambda r: r.seed)
     return groups
 
 
-def _curve(runs: Sequence[RunRecord]) -> list[tuple[int, float, float, float]]:
-    """(step, mean generated tokens, mean avg@n, std avg@n) per eval point, over seeds."""
+def _curve(runs: Sequence[RunRecord]) -> list[tuple[int, float, float, float, float]]:
+    """(step, mean generated tokens, mean avg@n, std avg@n, mean training seconds) per eval
+    point, over seeds."""
     out = []
     for i, point in enumerate(runs[0].points):
         accs = [r.points[i].avg for r in runs]
         tokens = statistics.fmean(r.points[i].generated_tokens for r in runs)
+        seconds = statistics.fmean(r.points[i].train_seconds for r in runs)
         mean, std = _mean_std(accs)
-        out.append((point.step, tokens, mean, std))
+        out.append((point.step, tokens, mean, std, seconds))
     return out
 
 
-# What the paper found for each ablation, to set beside the toy's numbers.
-PAPER_ABLATIONS = {
-    "sampled_token": "paper Table 3: full-vocabulary JSD beats the sampled-token objective",
-    "max_new_tokens": "paper Figure 4: longer student rollouts give better pass@k",
-    "teacher current": "paper Section 4.1: the fixed initial teacher stabilises training",
-}
+def _tokens_to_reach(run: RunRecord, target: float) -> float | None:
+    """Generated tokens at the first evaluation (after step 0) at or above ``target``."""
+    return next((p.generated_tokens for p in run.points[1:] if p.avg >= target), None)
 
 
-def claims(plan: Plan, base: Sequence[EvalPoint], groups: dict[str, list[RunRecord]]) -> list[str]:
-    """The paper's claims, checked against the measurements (plain sentences, no verdict spin)."""
-    lines: list[str] = []
-    base_std = _mean_std([p.avg for p in base])[1]
-    n = plan.eval_n
-    if "opsd" in groups:
-        std = _mean_std([r.final.avg for r in groups["opsd"]])[1]
-        gains = [r.final.avg - b.avg for r, b in zip(groups["opsd"], base, strict=True)]
-        gain_mean = statistics.fmean(gains)
-        spread = max(std, base_std)
-        if len(gains) < 2:
-            verdict = "cannot be judged with one seed (no spread measured)"
-        else:
-            verdict = "holds" if gain_mean > spread else "does NOT hold"
-        lines.append(
-            f"- OPSD improves held-out avg@{n} over the base by {100 * gain_mean:+.1f} points "
-            f"(per-seed gains {', '.join(f'{100 * g:+.1f}' for g in gains)}); the spread across "
-            f"seeds is {100 * spread:.1f} points (std of OPSD's final accuracy "
-            f"{100 * std:.1f}, of the base's {100 * base_std:.1f}): the requirement "
-            f"'improvement larger than the seed spread' {verdict}."
-        )
-    if "opsd" in groups and "sft" in groups:
-        o = _mean_std([r.final.avg for r in groups["opsd"]])
-        s = _mean_std([r.final.avg for r in groups["sft"]])
-        relation = ">=" if o[0] >= s[0] else "<"
-        lines.append(
-            f"- OPSD vs SFT (paper: OPSD >= SFT): {100 * o[0]:.1f} ± {100 * o[1]:.1f} vs "
-            f"{100 * s[0]:.1f} ± {100 * s[1]:.1f} avg@{n}: OPSD {relation} SFT here"
-            + (" (within one seed std)." if abs(o[0] - s[0]) <= max(o[1], s[1]) else ".")
-        )
-    if "opsd" in groups and "grpo" in groups:
-        o = _mean_std([r.final.avg for r in groups["opsd"]])
-        g = _mean_std([r.final.avg for r in groups["grpo"]])
-        o_tokens = statistics.fmean(r.final.generated_tokens for r in groups["opsd"])
-        g_tokens = statistics.fmean(r.final.generated_tokens for r in groups["grpo"])
-        lines.append(
-            f"- OPSD vs GRPO at equal optimizer steps ({plan.steps}) and problems per step "
-            f"({plan.problems_per_step}): {100 * o[0]:.1f} ± {100 * o[1]:.1f} vs "
-            f"{100 * g[0]:.1f} ± {100 * g[1]:.1f} avg@{n}, with {o_tokens:,.0f} vs "
-            f"{g_tokens:,.0f} generated tokens ({g_tokens / max(o_tokens, 1):.1f}x fewer for "
-            "OPSD; paper: comparable accuracy with 4-8x fewer tokens)."
-        )
-        curves = {
-            name: _curve(groups[name])
-            for name in ("opsd", "grpo", *plan.curve_ablations)
-            if name in groups
-        }
-        steps = [step for step, *_ in curves["opsd"]]
-        per_step = "; ".join(
-            f"{name} " + "/".join(f"{100 * c[2]:.1f}" for c in curve)
-            for name, curve in curves.items()
-        )
-        lines.append(
-            f"- The same at every evaluation (steps {'/'.join(str(s) for s in steps)}, avg@{n}): "
-            f"{per_step}. GRPO runs at its own tuned learning rate "
-            f"({plan.learning_rate('grpo'):g}, OPSD {plan.learning_rate('opsd'):g})"
-            + (
-                "; the OPSD run at GRPO's rate separates the effect of the rate from the method."
-                if any(name in groups for name in plan.curve_ablations)
-                else "."
-            )
-        )
-        threshold = plan.token_threshold
-        reach = []
-        for name, curve in curves.items():
-            hit = next(((st, t) for st, t, mean, _ in curve if mean >= threshold), None)
-            reach.append(f"{name} {hit[1]:,.0f} (step {hit[0]})" if hit else f"{name} not reached")
-        lines.append(
-            f"- Generated tokens to first reach {100 * threshold:.0f}% held-out avg@{n} (first "
-            f"evaluation at or above it, so coarse): {'; '.join(reach)}."
-        )
-        target = g[0]
-        reached = next(
-            (
-                (step, tokens)
-                for step, tokens, mean, _ in _curve(groups["opsd"])
-                if step > 0 and mean >= target
-            ),
-            None,
-        )
-        if reached is None:
-            lines.append(
-                f"- Tokens for OPSD to reach GRPO's final accuracy ({100 * target:.1f}): not "
-                f"reached within {plan.steps} steps."
-            )
-        else:
-            step, tokens = reached
-            lines.append(
-                f"- Tokens for OPSD to reach GRPO's final accuracy ({100 * target:.1f}): "
-                f"{tokens:,.0f} generated tokens (step {step}, first eval point at or above "
-                f"it) vs {g_tokens:,.0f} for GRPO: {g_tokens / max(tokens, 1):.1f}x fewer."
-            )
-    if "opsd" in groups:
-        default = _mean_std([r.final.avg for r in groups["opsd"]])
-        for name, runs in groups.items():
-            if name in plan.methods or runs[0].method != "opsd":
-                continue
-            variant = _mean_std([r.final.avg for r in runs])
-            gap = variant[0] - default[0]
-            size = "larger than" if abs(gap) > max(variant[1], default[1]) else "within"
-            paper = next((text for key, text in PAPER_ABLATIONS.items() if key in name), "")
-            lines.append(
-                f"- Ablation '{name}' vs default OPSD: {100 * variant[0]:.1f} ± "
-                f"{100 * variant[1]:.1f} vs {100 * default[0]:.1f} ± {100 * default[1]:.1f} "
-                f"avg@{n} ({100 * gap:+.1f} points, {size} the seed spread)"
-                + (f"; {paper}." if paper else ".")
-            )
-    return lines
+@dataclass
+class FamilyResult:
+    """One family's measurements (what results.json stores per family)."""
+
+    plan: Plan
+    calibration: dict[str, Any]
+    base: list[EvalPoint]  # student view, per seed
+    records: list[RunRecord]
+    capacity_base: list[EvalPoint] = field(default_factory=list)
 
 
-def _rounded(value: Any) -> Any:
-    """Floats to 6 significant digits, recursively (keeps results.json small and diffable)."""
-    if isinstance(value, float):
-        return float(f"{value:.6g}")
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_rounded(v) for v in value]
-    return value
-
-
-def write_results(
-    out_dir: Path,
-    plan: Plan,
-    *,
-    command: str,
-    calibration: dict[str, Any],
-    base: Sequence[EvalPoint],
-    records: Sequence[RunRecord],
-    total_seconds: float,
-    quick: bool,
-) -> Path:
-    import torch
-
-    groups = _group(records)
-    n = plan.eval_n
-    stem = "results-quick" if quick else "results"
-    data = {
-        "command": command,
-        "plan": asdict(plan),
-        "calibration": calibration,
-        "base": [asdict(p) for p in base],
-        "runs": [asdict(r) for r in records],
-        "total_seconds": total_seconds,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+def _claim(
+    name: str,
+    paper: str,
+    a: Sequence[float],
+    b: Sequence[float],
+    expected_sign: int,
+    unit: str = "points",
+    scale: float = 100.0,
+) -> dict[str, Any]:
+    differences = [scale * (x - y) for x, y in zip(a, b, strict=True)]
+    mean, low, high = paired_interval(differences)
+    return {
+        "claim": name,
+        "paper": paper,
+        "differences": differences,
+        "mean": mean,
+        "ci95": [low, high],
+        "unit": unit,
+        "verdict": verdict(low, high, expected_sign),
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps(_rounded(data), default=str) + "\n")
-    _plot(out_dir / f"{stem}.png", plan, base, groups)
 
-    lines = [
-        f"# Toy replication: {' vs '.join(m.upper() for m in plan.methods)}"
-        + (" (quick mode)" if quick else ""),
-        "",
-        f"Command: `{command}`  ",
-        f"Total wall time: {total_seconds / 60:.1f} min on {os.cpu_count()} CPU cores "
-        f"({torch.get_num_threads()} torch threads), base "
-        + (
-            "loaded from the cache"
-            if calibration["cached"]
-            else f"pretrained in {calibration['pretrain_seconds'] / 60:.1f} min"
+
+def claims(result: FamilyResult) -> list[dict[str, Any]]:
+    """Each of the paper's claims this family's runs can test: per-seed paired differences (A - B
+    on the same seed), their mean and 95% t-interval, and a verdict."""
+    groups = _group(result.records)
+    base = [p.avg for p in result.base]
+    out: list[dict[str, Any]] = []
+    if len(result.plan.seeds) < 2:
+        return out
+
+    def final(name: str) -> list[float] | None:
+        return [r.final.avg for r in groups[name]] if name in groups else None
+
+    opsd = final("opsd")
+    if opsd is None:
+        return out
+    out.append(_claim("OPSD over the base (final - base)", "OPSD improves", opsd, base, 1))
+    for other, paper in (("sft", "OPSD >= SFT (Table 2)"), ("grpo", "OPSD ~ GRPO (Table 2)")):
+        if (values := final(other)) is not None:
+            out.append(_claim(f"OPSD - {other.upper()} (final)", paper, opsd, values, 1))
+    if (o := final(f"opsd {CONTROL}")) and (s := final(f"sft {CONTROL}")):
+        out.append(
+            _claim(
+                f"OPSD - SFT with {CONTROL} (control)",
+                "OPSD >= SFT",
+                o,
+                s,
+                1,
+            )
         )
-        + ".",
+    if "grpo" in groups:
+        ratios = []
+        for o_run, g_run in zip(groups["opsd"], groups["grpo"], strict=True):
+            tokens = _tokens_to_reach(o_run, g_run.final.avg)
+            ratios.append(None if tokens is None else g_run.final.generated_tokens / tokens)
+        entry: dict[str, Any] = {
+            "claim": "generated tokens: GRPO's total / OPSD's to reach GRPO's final accuracy",
+            "paper": "4-8x fewer tokens for OPSD (Figure 3)",
+            "ratios": ratios,
+            "unit": "x (log-scale interval)",
+        }
+        if any(r is None for r in ratios):
+            missed = sum(r is None for r in ratios)
+            entry["verdict"] = (
+                f"OPSD did not reach GRPO's final accuracy within the budget in {missed} of "
+                f"{len(ratios)} seeds: not resolved at this scale"
+                if missed < len(ratios)
+                else "contradicted: OPSD never reached GRPO's final accuracy within the budget"
+            )
+        else:
+            logs = [math.log(r) for r in ratios]
+            mean, low, high = paired_interval(logs)
+            entry |= {
+                "mean": math.exp(mean),
+                "ci95": [math.exp(low), math.exp(high)],
+                "verdict": (
+                    "not resolved at this scale"
+                    if low <= 0 <= high
+                    else ("OPSD needs fewer tokens" if low > 0 else "OPSD needs more tokens")
+                ),
+            }
+        out.append(entry)
+    ablation_claims = {
+        "sampled_token": ("full-vocabulary JSD - sampled-token objective", "JSD better (Table 3)"),
+        "max_new_tokens": ("full-length - shorter rollouts", "longer better (Figure 4)"),
+        "teacher current": ("fixed initial - current-policy teacher", "fixed better (Sec. 4.1)"),
+    }
+    for key, (name, paper) in ablation_claims.items():
+        variant = next((n for n in groups if n.startswith("opsd ") and key in n), None)
+        if variant is not None:
+            out.append(_claim(f"{name} ({variant})", paper, opsd, final(variant) or [], 1))
+    if CAPACITY in groups and result.capacity_base:
+        gains_main = [o - b for o, b in zip(opsd, base, strict=True)]
+        small = [
+            r.final.avg - p.avg for r, p in zip(groups[CAPACITY], result.capacity_base, strict=True)
+        ]
+        out.append(
+            _claim(
+                "capacity: OPSD gain on the main base - gain on the small-gap base",
+                "small privileged gap, small gain (Sec. 4.3.1)",
+                gains_main,
+                small,
+                1,
+            )
+        )
+    return out
+
+
+def requirements(result: FamilyResult, out_dir: Path) -> list[tuple[str, bool, str]]:
+    """The issue's requirements on the second family, each (requirement, met, measured)."""
+    plan, groups = result.plan, _group(result.records)
+    n = plan.eval_n
+    cal = result.calibration
+    checks: list[tuple[str, bool, str]] = []
+    kinds: collections.Counter[str] = collections.Counter()
+    for point in result.base:
+        kinds.update(point.kinds or {})
+    total = sum(v for k, v in kinds.items() if k != "foreign_style")
+    wrong = total - kinds["correct"]
+    worked = total - kinds["not_worked"]
+    in_steps = kinds["arithmetic_error"] + kinds["misapplied_step"] + kinds["copy_error"]
+    checks.append(
+        (
+            "base answers in the worked style on >= 90% of held-out samples, errors inside the "
+            "steps",
+            worked >= 0.9 * total and in_steps >= 0.9 * wrong,
+            f"{100 * worked / total:.1f}% worked; of the wrong answers "
+            f"{100 * in_steps / max(wrong, 1):.1f}% "
+            f"are worked with a step error (wrong intermediate result {kinds['arithmetic_error']}, "
+            f"misapplied/skipped step {kinds['misapplied_step']}, boxed answer not the last result "
+            f"{kinds['copy_error']}; not worked {kinds['not_worked']} of {total} samples)",
+        )
+    )
+    base_mean = statistics.fmean(p.avg for p in result.base)
+    checks.append(
+        (
+            "base accuracy between 20% and 50%",
+            0.2 <= base_mean <= 0.5,
+            f"avg@{n} {100 * base_mean:.1f}% (mean over seeds)",
+        )
+    )
+    checks.append(
+        (
+            "with the reference solution in context (teacher view) >= 85%",
+            cal["teacher_avg"] >= 0.85,
+            f"avg@{n} {100 * cal['teacher_avg']:.1f}% with the {plan.reference_style}-style "
+            f"reference ({100 * cal['teacher_avg_worked']:.1f}% with the base's own style)",
+        )
+    )
+    best = max(
+        ((p.avg, r.name, r.seed, p.step) for r in result.records for p in r.points[1:]),
+        default=(0.0, "-", 0, 0),
+    )
+    checks.append(
+        (
+            "no method reaches 90% within the budget",
+            best[0] < 0.9,
+            f"highest held-out avg@{n} of any run at any evaluation: {100 * best[0]:.1f}% "
+            f"({best[1]}, seed {best[2]}, step {best[3]})",
+        )
+    )
+    foreign_uses = kinds["foreign_style"]
+    control = [name for name in groups if name.endswith(CONTROL)]
+    checks.append(
+        (
+            "references in a style the base does not use, plus a control in the base's own style",
+            plan.reference_style == "foreign" and foreign_uses == 0 and bool(control),
+            f"references in the foreign style; base samples using it: {foreign_uses} of {total}; "
+            f"control runs: {', '.join(control) or 'none'}",
+        )
+    )
+    budgets = {
+        (
+            r.spec["optim"]["max_steps"],
+            r.spec["optim"]["batch_size"] * r.spec["optim"]["grad_accum"],
+        )
+        for r in result.records
+    }
+    checks.append(
+        (
+            "all methods at the same optimizer steps and problems per step",
+            len(budgets) == 1,
+            ", ".join(f"{s} steps x {b} problems" for s, b in sorted(budgets)),
+        )
+    )
+    plot = out_dir / f"results-{plan.family}.png"
+    curves_ok = plot.is_file() and all(
+        len(groups[m][0].points) >= 3 for m in plan.methods if m in groups
+    )
+    checks.append(
+        (
+            "each method's curve against generated tokens and against wall time",
+            curves_ok,
+            f"{plot.name}: accuracy vs optimizer steps, generated tokens and training wall time, "
+            f"{len(plan.eval_points) + 1} points per method",
+        )
+    )
+    tuning = out_dir / f"tuning-{plan.family}.md"
+    best_rates: dict[str, tuple[float, float]] = {}
+    if tuning.is_file():
+        for method, rate, acc in re.findall(
+            r"^\| (\w+) \| ([\d.e-]+) \| ([\d.]+) \|", tuning.read_text(), re.M
+        ):
+            if method not in best_rates or float(acc) > best_rates[method][1]:
+                best_rates[method] = (float(rate), float(acc))
+    tuned = all(
+        m in best_rates and math.isclose(best_rates[m][0], plan.learning_rate(m))
+        for m in plan.methods
+    )
+    checks.append(
+        (
+            "learning rates tuned per method on a validation split, tuning table committed",
+            tuned,
+            f"{tuning.name}: "
+            + (
+                ", ".join(f"{m} {best_rates[m][0]:g}" for m in plan.methods if m in best_rates)
+                or "missing"
+            )
+            + f"; used: {', '.join(f'{m} {plan.learning_rate(m):g}' for m in plan.methods)}",
+        )
+    )
+    return checks
+
+
+def _family_section(
+    result: FamilyResult,
+    out_dir: Path,
+    checks: list[tuple[str, bool, str]],
+    claim_rows: list[dict[str, Any]],
+) -> list[str]:
+    plan, cal = result.plan, result.calibration
+    groups = _group(result.records)
+    n = plan.eval_n
+    base = result.base
+    description = {
+        "chains": "chains of 2-4 additions/subtractions of a digit (results 0..29); the base's "
+        "weakness is behavioural: it often answers without working (`base.py`), and the "
+        "references are in its own style.",
+        "carries": "chains of 2-4 additions/subtractions of numbers 1..19 (results 0..99, "
+        "many steps carry or borrow); the base always works the steps and gets some wrong. The "
+        "training set's references are in a foreign style (results first, operands of additions "
+        "swapped, `;` separators: `65 = 18 + 47; 51 = 65 - 14; so \\boxed{51}`) the base never "
+        f"writes; `{CONTROL}` runs use the base's own style (`47+18=65. 65-14=51. \\boxed{{51}}`).",
+    }[plan.family]
+    lines = [
+        f"## Family `{plan.family}`",
         "",
-        "Task: multi-step addition/subtraction chains (2-4 steps, results 0..29) with worked "
-        f"reference solutions; {plan.n_train} training problems and {plan.n_heldout} held-out "
-        "ones, none of them seen in pretraining (learning rates were tuned on "
-        f"{plan.n_validation} separate validation problems, `tuning.md`). "
-        f"Held-out accuracy is avg@{n} (mean per-sample accuracy, {n} samples per problem at "
-        f"temperature {plan.eval_temperature}, top-p {plan.eval_top_p}) and pass@{n}, graded "
-        "by `opsd_engine.evaluation`. "
-        + (
-            f"Mean ± std over seeds {', '.join(str(s) for s in plan.seeds)}."
-            if len(plan.seeds) > 1
-            else f"One seed ({plan.seeds[0]})."
-        ),
+        f"Task: {description} {plan.n_train} training problems, {plan.n_heldout} held-out ones "
+        f"(every number below), {plan.n_validation} validation ones (learning rates only, "
+        f"`tuning-{plan.family}.md`), none seen in "
+        f"pretraining. Base pretrained in {cal['pretrain_seconds'] / 60:.1f} min "
+        f"({'loaded from the cache' if cal['cached'] else 'in this run'}).",
         "",
-        "## The base model",
+        "### The base model",
         "",
         f"| context | held-out avg@{n} | pass@{n} |",
         "|---|---|---|",
         f"| problem only (student) | {_fmt([p.avg for p in base])} | "
         f"{_fmt([p.pass_at_k[n] for p in base])} |",
-        f"| problem + reference solution (teacher) | {100 * calibration['teacher_avg']:.1f} | "
-        f"{100 * calibration['teacher_pass']:.1f} |",
-        "",
-        f"## Methods ({plan.steps} optimizer steps x {plan.problems_per_step} problems, "
-        f"LoRA r={plan.lora_r})",
-        "",
-        f"| method | lr | held-out avg@{n} | pass@{n} | Δ avg vs base | generated tokens | "
-        "wall time / run |",
-        "|---|---|---|---|---|---|---|",
-        f"| base | – | {_fmt([p.avg for p in base])} | {_fmt([p.pass_at_k[n] for p in base])} "
-        "| – | 0 | – |",
+        f"| problem + reference solution, {plan.reference_style} style (teacher) | "
+        f"{100 * cal['teacher_avg']:.1f} | {100 * cal['teacher_pass']:.1f} |",
     ]
-
-    def row(name: str, runs: Sequence[RunRecord]) -> str:
-        gains = [r.final.avg - b.avg for r, b in zip(runs, base, strict=True)]
-        tokens = statistics.fmean(r.final.generated_tokens for r in runs)
-        wall = statistics.fmean(r.wall_seconds for r in runs)
-        train = statistics.fmean(r.train_seconds for r in runs)
-        lr = runs[0].spec["optim"]["learning_rate"]
-        return (
-            f"| {name} | {lr:g} | {_fmt([r.final.avg for r in runs])} | "
-            f"{_fmt([r.final.pass_at_k[n] for r in runs])} | {_fmt(gains)} | {tokens:,.0f} | "
-            f"{wall:.0f} s ({train:.0f} s training) |"
+    if plan.reference_style != "worked":
+        lines.append(
+            f"| problem + reference solution, the base's own style (teacher) | "
+            f"{100 * cal['teacher_avg_worked']:.1f} | {100 * cal['teacher_pass_worked']:.1f} |"
         )
-
-    lines += [row(name, runs) for name, runs in groups.items() if name in plan.methods]
-    ablations = [name for name in groups if name not in plan.methods]
-    if ablations:
+    if result.capacity_base:
+        lines += [
+            f"| capacity base ({cal['capacity_config']}), problem only | "
+            f"{_fmt([p.avg for p in result.capacity_base])} | "
+            f"{_fmt([p.pass_at_k[n] for p in result.capacity_base])} |",
+            f"| capacity base, problem + {plan.reference_style}-style reference | "
+            f"{100 * cal['capacity_teacher_avg']:.1f} | {100 * cal['capacity_teacher_pass']:.1f} |",
+        ]
+    if checks:
+        lines += ["", "### Requirements (checked by the benchmark)", ""]
+        lines += [f"- **{'met' if ok else 'NOT met'}**: {req}. {what}." for req, ok, what in checks]
+    lines += [
+        "",
+        f"### Runs ({plan.steps} optimizer steps x {plan.problems_per_step} problems, LoRA "
+        f"r={plan.lora_r}, mean ± std over seeds {', '.join(map(str, plan.seeds))})",
+        "",
+        f"| run | lr | held-out avg@{n} | pass@{n} | Δ avg vs its base | generated tokens | "
+        "training time / run | wall time / run |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| base | – | {_fmt([p.avg for p in base])} | {_fmt([p.pass_at_k[n] for p in base])} "
+        "| – | 0 | – | – |",
+    ]
+    for name, runs in groups.items():
+        own_base = result.capacity_base if name == CAPACITY else base
+        gains = [r.final.avg - b.avg for r, b in zip(runs, own_base, strict=True)]
+        tokens = statistics.fmean(r.final.generated_tokens for r in runs)
+        lines.append(
+            f"| {name} | {runs[0].spec['optim']['learning_rate']:g} | "
+            f"{_fmt([r.final.avg for r in runs])} | {_fmt([r.final.pass_at_k[n] for r in runs])} "
+            f"| {_fmt(gains)} | {tokens:,.0f} | "
+            f"{statistics.fmean(r.train_seconds for r in runs):.0f} s | "
+            f"{statistics.fmean(r.wall_seconds for r in runs):.0f} s |"
+        )
+    curve_names = [m for m in (*plan.methods, *plan.curve_ablations) if m in groups]
+    if curve_names:
+        steps = [c[0] for c in _curve(groups[curve_names[0]])]
         lines += [
             "",
-            "## OPSD ablations (paper Sections 4.3.2-4.3.3, teacher choice of Section 4.1)",
-            "",
-            f"| variant | lr | held-out avg@{n} | pass@{n} | Δ avg vs base | generated tokens | "
-            "wall time / run |",
-            "|---|---|---|---|---|---|---|",
+            f"Held-out avg@{n} at steps {'/'.join(map(str, steps))}: "
+            + "; ".join(
+                f"{name} " + "/".join(f"{100 * c[2]:.1f}" for c in _curve(groups[name]))
+                for name in curve_names
+            )
+            + ".",
         ]
-        if "opsd" in groups:
-            default = f"opsd: jsd, {plan.max_new_tokens} tokens, initial teacher"
-            lines.append(row(default, groups["opsd"]))
-        lines += [row(name, groups[name]) for name in ablations]
     lines += ["", f"Per seed (final avg@{n}):", ""]
     for name, runs in groups.items():
         lines.append(
@@ -614,48 +932,52 @@ def write_results(
             f"GRPO's training signal: mean reward {_fmt(reward)}%, groups with all-equal rewards "
             f"(zero gradient) {_fmt(zero)}% of the groups sampled.",
         ]
-    lines += ["", "## The paper's claims at this scale", "", *claims(plan, base, groups), ""]
-    lines += (
-        []
-        if len(groups) < 2
-        else [
-            "How to read this: the base's weakness without the reference is mostly behavioural (it "
-            "often answers directly instead of working the steps, see `base.py`), and its worked "
-            "solutions are in the very style of the reference solutions. So SFT imitates "
-            "demonstrations that are already on the model's own distribution, unlike the paper's "
-            "SFT on traces written by other, stronger models. GRPO's zero-gradient weakness costs "
-            "only the fraction of all-equal groups reported above. The token comparison does not "
-            "depend on the task: OPSD samples one rollout per problem, GRPO eight.",
+    if claim_rows:
+        lines += [
             "",
+            "### The paper's claims: paired differences by seed",
+            "",
+            "Each row: per-seed differences A - B on the same seed (same data order, same "
+            "evaluation samples), their mean and 95% t-interval (`mean ± t(0.975, n-1) · sd / "
+            "√n`, n seeds); 'not resolved at this scale' where the interval includes 0.",
+            "",
+            "| claim (A - B) | paper | per-seed | mean | 95% interval | verdict |",
+            "|---|---|---|---|---|---|",
         ]
-    )
+        for c in claim_rows:
+            if "ratios" in c:
+                per_seed = ", ".join(
+                    "not reached" if r is None else f"{r:.1f}x" for r in c["ratios"]
+                )
+                mean = f"{c['mean']:.1f}x" if "mean" in c else "–"
+                ci = f"[{c['ci95'][0]:.1f}x, {c['ci95'][1]:.1f}x]" if "ci95" in c else "–"
+            else:
+                per_seed = ", ".join(f"{d:+.1f}" for d in c["differences"])
+                mean = f"{c['mean']:+.1f}"
+                ci = f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
+            lines.append(
+                f"| {c['claim']} | {c['paper']} | {per_seed} | {mean} | {ci} | {c['verdict']} |"
+            )
     lines += [
-        f"![held-out accuracy vs steps and generated tokens]({stem}.png)",
         "",
-        "The accuracy curves are evaluated at steps "
-        + ", ".join(str(s) for s in (0, *plan.eval_points))
-        + " (step 0 is the base); the generated-token axis counts sampled rollout tokens, "
-        "the same `generated_tokens_total` metric every trainer reports (SFT samples none).",
+        f"![held-out accuracy, family {plan.family}](results-{plan.family}.png)",
         "",
     ]
-    out = out_dir / f"{stem}.md"
-    out.write_text("\n".join(lines))
-    return out
+    return lines
 
 
-def _plot(
-    path: Path, plan: Plan, base: Sequence[EvalPoint], groups: dict[str, list[RunRecord]]
-) -> None:
-    """Held-out accuracy of the three methods vs optimizer steps and vs generated tokens (the two
-    panels of the paper's Figure 3), mean ± std over seeds."""
+def _plot(path: Path, result: FamilyResult) -> None:
+    """Held-out accuracy of the methods vs optimizer steps, generated tokens (the two panels of
+    the paper's Figure 3) and training wall time, mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base_mean = 100 * statistics.fmean(p.avg for p in base)
+    plan, groups = result.plan, _group(result.records)
+    base_mean = 100 * statistics.fmean(p.avg for p in result.base)
     colors = {"opsd": "tab:blue", "sft": "tab:green", "grpo": "tab:red"}
-    fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (by_step, by_tokens, by_time) = plt.subplots(1, 3, figsize=(16, 4.4))
     extra = ["tab:purple", "tab:orange", "tab:brown"]
     for i, name in enumerate([*plan.methods, *plan.curve_ablations]):
         if name not in groups:
@@ -665,283 +987,534 @@ def _plot(
         tokens = [c[1] for c in curve]
         mean = [100 * c[2] for c in curve]
         std = [100 * c[3] for c in curve]
+        seconds = [c[4] for c in curve]
         low = [m - s for m, s in zip(mean, std, strict=True)]
         high = [m + s for m, s in zip(mean, std, strict=True)]
         color = colors.get(name, extra[i % len(extra)])
         style = {"color": color, "lw": 2 if name in colors else 1.5}
         if name not in colors:
             style["ls"] = "--"
-        by_step.plot(steps, mean, marker="o", label=name, **style)
-        by_step.fill_between(steps, low, high, color=color, alpha=0.15)
+        for axis, xs in ((by_step, steps), (by_time, seconds)):
+            axis.plot(xs, mean, marker="o", label=name, **style)
+            axis.fill_between(xs, low, high, color=color, alpha=0.15)
         if name == "sft":
             by_tokens.axhline(mean[-1], label="sft, final (samples no tokens)", **style)
         else:
             by_tokens.plot(tokens, mean, marker="o", label=name, **style)
             by_tokens.fill_between(tokens, low, high, color=color, alpha=0.15)
-    for axis in (by_step, by_tokens):
+    for axis in (by_step, by_tokens, by_time):
         axis.axhline(base_mean, color="gray", ls=":", lw=1.2, label="base")
         axis.set_ylabel(f"held-out avg@{plan.eval_n} (%)")
         axis.grid(alpha=0.3)
-    by_step.legend(fontsize=8, loc="lower right")
-    by_tokens.legend(fontsize=8, loc="lower right")
+        axis.legend(fontsize=8, loc="best")
     by_step.set_xlabel("optimizer step")
     by_tokens.set_xlabel("generated tokens (cumulative, all rollouts; linear below 1,000)")
     by_tokens.set_xscale("symlog", linthresh=1000)
     by_tokens.set_xlim(left=0)
     most = max((r.final.generated_tokens for runs in groups.values() for r in runs), default=0)
     by_tokens.set_xticks([t for t in (0, 1e3, 1e4, 1e5, 1e6, 1e7) if t <= max(most, 1e3)])
+    by_time.set_xlabel("training wall time (s, one thread, evaluations excluded)")
     fig.suptitle(
-        f"Toy replication: held-out accuracy, mean ± std over {len(plan.seeds)} seed(s), "
+        f"Family {plan.family}: held-out accuracy, mean ± std over {len(plan.seeds)} seed(s), "
         f"{plan.problems_per_step} problems per step"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+def _rounded(value: Any) -> Any:
+    """Floats to 6 significant digits, recursively (keeps results.json small and diffable)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
 
 
-def load_results(path: Path) -> dict[str, Any]:
-    """What `write_results` needs, read back from a results JSON (to redraw without rerunning)."""
-    data = json.loads(path.read_text())
-
-    def point(raw: dict[str, Any]) -> EvalPoint:
-        raw = {**raw, "pass_at_k": {int(k): v for k, v in raw["pass_at_k"].items()}}
-        return EvalPoint(**raw)
-
-    records = []
-    for raw in data["runs"]:
-        record = RunRecord(**{**raw, "points": [point(p) for p in raw["points"]]})
-        records.append(record)
-    return {
-        "plan": Plan(**{k: _tuples(v) for k, v in data["plan"].items()}),
-        "command": data["command"],
-        "calibration": data["calibration"],
-        "base": [point(p) for p in data["base"]],
-        "records": records,
-        "total_seconds": data["total_seconds"],
-    }
-
-
-# ------------------------------------------------------------------------------------- tune
-def tune(
-    plan: Plan,
-    base_dir: Path,
-    train_path: Path,
-    train_examples: Sequence[Any],
-    validation: Sequence[Any],
-    base_point: EvalPoint,
-    out_dir: Path,
-    log: Callable[[str], None],
-) -> Path:
-    """Final validation accuracy for each method x learning rate of the grid, on the tune seed
-    (the validation problems are disjoint from the held-out ones every result is reported on)."""
-    plan = replace(plan, eval_points=(plan.steps,))
+def capacity_gaps(results: Sequence[FamilyResult]) -> list[dict[str, Any]]:
+    """Privileged gap (teacher view avg@n - student avg@n, base's own) and OPSD's gain of each
+    base with an OPSD run, for the pre-flight's warning threshold."""
     rows = []
-    for method, rates in plan.tune_grid:
-        if method not in plan.methods:
-            continue
-        for rate in rates:
-            lrs = tuple((m, rate if m == method else lr) for m, lr in plan.learning_rates)
-            trial = replace(plan, learning_rates=lrs)
-            spec = make_spec(trial, method, plan.tune_seed, base_dir, train_path)
-            record = run_method(
-                trial, f"{method} lr {rate:g}", spec, train_examples, validation, base_point, log
+    for result in results:
+        groups, cal = _group(result.records), result.calibration
+        pairs = [("main", result.base, "opsd", cal["teacher_avg"])]
+        if result.capacity_base:
+            pairs.append(("capacity", result.capacity_base, CAPACITY, cal["capacity_teacher_avg"]))
+        for which, base, run_name, teacher in pairs:
+            if run_name not in groups:
+                continue
+            student = statistics.fmean(p.avg for p in base)
+            gains = [r.final.avg - p.avg for r, p in zip(groups[run_name], base, strict=True)]
+            _, low, high = paired_interval(gains) if len(gains) > 1 else (0.0, 0.0, 0.0)
+            rows.append(
+                {
+                    "family": result.plan.family,
+                    "base": which,
+                    "student_avg": student,
+                    "teacher_avg": teacher,
+                    "privileged_gap": teacher - student,
+                    "opsd_gain_mean": statistics.fmean(gains),
+                    "opsd_gain_per_seed": gains,
+                    "opsd_gain_ci95": [low, high],
+                    "opsd_helped": low > 0,
+                }
             )
-            rows.append((method, rate, record.final.avg, record.final.pass_at_k[plan.eval_n]))
-    n = plan.eval_n
+    return rows
+
+
+def gap_threshold(rows: Sequence[dict[str, Any]]) -> tuple[float | None, str]:
+    """The pre-flight warning threshold these bases support: halfway between the largest
+    privileged gap where OPSD's gain was not shown (95% interval reaches 0) and the smallest gap
+    where it was, when every unhelped base has a smaller gap than every helped one."""
+    helped = [r["privileged_gap"] for r in rows if r["opsd_helped"]]
+    unhelped = [r["privileged_gap"] for r in rows if not r["opsd_helped"]]
+    if not helped or not unhelped:
+        return None, (
+            "every base's gain was "
+            + ("shown" if helped else "not shown")
+            + ": these runs do not bracket a threshold"
+        )
+    if max(unhelped) >= min(helped):
+        return None, "the gaps of helped and unhelped bases overlap: no single threshold fits"
+    threshold = (max(unhelped) + min(helped)) / 2
+    return threshold, (
+        f"OPSD's gain was not shown on a base with a gap of {100 * max(unhelped):.1f} points and "
+        f"was on every base with a gap of {100 * min(helped):.1f} points or more: these runs "
+        f"support warning below about {100 * threshold:.0f} points (halfway; only "
+        f"{len(rows)} bases, so the threshold is known to lie between "
+        f"{100 * max(unhelped):.0f} and {100 * min(helped):.0f})"
+    )
+
+
+def write_results(
+    out_dir: Path,
+    results: Sequence[FamilyResult],
+    *,
+    command: str,
+    total_seconds: float,
+    quick: bool,
+    jobs: int,
+) -> Path:
+    import torch
+
+    stem = "results-quick" if quick else "results"
+    sections: list[str] = []
+    families: dict[str, Any] = {}
+    for result in results:
+        plot = out_dir / (
+            f"{stem}-{result.plan.family}.png" if quick else f"results-{result.plan.family}.png"
+        )
+        _plot(plot, result)
+        checks = requirements(result, out_dir) if result.plan.family == "carries" else []
+        claim_rows = claims(result)
+        for req, ok, what in checks:
+            print(f"  requirement {'MET    ' if ok else 'NOT MET'} {req}: {what}", flush=True)
+        sections += _family_section(result, out_dir, checks, claim_rows)
+        families[result.plan.family] = {
+            "plan": asdict(result.plan),
+            "calibration": result.calibration,
+            "base": [asdict(p) for p in result.base],
+            "capacity_base": [asdict(p) for p in result.capacity_base],
+            "runs": [asdict(r) for r in result.records],
+            "requirements": [{"requirement": r, "met": ok, "measured": w} for r, ok, w in checks],
+            "claims": claim_rows,
+        }
+    gaps = capacity_gaps(results)
+    threshold, threshold_text = gap_threshold(gaps)
+    data = {
+        "command": command,
+        "families": families,
+        "capacity_privileged_gaps": gaps,
+        "privileged_gap_threshold": {"value": threshold, "how": threshold_text},
+        "total_seconds": total_seconds,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "jobs": jobs,
+            "torch_threads_per_job": 1,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(_rounded(data), default=str) + "\n")
     lines = [
-        f"# Learning-rate tuning (seed {plan.tune_seed}, validation problems)",
+        "# Toy replication: OPSD vs SFT vs GRPO" + (" (quick mode)" if quick else ""),
         "",
-        f"Command: `python -m benchmarks.toy_reasoning.run --tune`; {plan.steps} steps x "
-        f"{plan.problems_per_step} problems; accuracy on the {len(validation)} validation "
-        "problems (disjoint from training and from the held-out problems of results.md), seed "
-        f"{plan.tune_seed} (not a reported seed); base avg@{n} {100 * base_point.avg:.1f}.",
+        f"Command: `{command}`  ",
+        f"Total wall time: {total_seconds / 60:.1f} min on {os.cpu_count()} CPU cores ({jobs} "
+        "worker processes of one torch thread; base pretraining included when not cached).",
         "",
-        f"| method | lr | validation avg@{n} | pass@{n} |",
-        "|---|---|---|---|",
-        *(f"| {m} | {r:g} | {100 * a:.1f} | {100 * p:.1f} |" for m, r, a, p in rows),
+        "Held-out accuracy is avg@n (mean per-sample accuracy, n samples per problem at "
+        "temperature 0.6, top-p 0.95) and pass@n, graded by `opsd_engine.evaluation`. Every run "
+        "is a job spec (`make_spec`) trained by the engine's trainers: LoRA, AdamW, 10% warmup "
+        "and cosine decay, the same optimizer steps and problems per step for every method, "
+        "GRPO with 8 completions per problem.",
         "",
+        *sections,
     ]
-    path = out_dir / "tuning.md"
-    path.write_text("\n".join(lines))
-    return path
+    if gaps:
+        lines += [
+            "## Privileged gap and OPSD's gain (for the pre-flight's warning threshold)",
+            "",
+            "`capacity_privileged_gaps` in results.json: per base, the teacher view's avg@n (the "
+            "reference in context, as the trainer builds it) minus the student's, and OPSD's "
+            "mean gain over that base.",
+            "",
+            "| family | base | student | teacher | privileged gap | OPSD gain (mean, 95% "
+            "interval) |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {g['family']} | {g['base']} | {100 * g['student_avg']:.1f} | "
+                f"{100 * g['teacher_avg']:.1f} | {100 * g['privileged_gap']:+.1f} | "
+                f"{100 * g['opsd_gain_mean']:+.1f} [{100 * g['opsd_gain_ci95'][0]:+.1f}, "
+                f"{100 * g['opsd_gain_ci95'][1]:+.1f}] |"
+                for g in gaps
+            ),
+            "",
+            f"Threshold: {threshold_text}. (`privileged_gap_threshold` in results.json.)",
+            "",
+        ]
+    out = out_dir / f"{stem}.md"
+    out.write_text("\n".join(lines))
+    return out
 
 
-# -------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------- main
+def _paths(cache: Path, plan: Plan) -> dict[str, Path]:
+    """The family's data files (train in its reference style and the own-style control, the
+    held-out and validation problems in both styles)."""
+    from benchmarks.toy_reasoning.task import FAMILIES, make_splits, write_jsonl
+
+    train, validation, heldout = make_splits(
+        seed=0,
+        n_train=plan.n_train,
+        n_validation=plan.n_validation,
+        n_heldout=plan.n_heldout,
+        family=FAMILIES[plan.family],
+    )
+    data = cache / "data" / plan.family
+    paths = {}
+    for style in ("worked", "foreign"):
+        paths[f"train-{style}"] = write_jsonl(train, data / f"train-{style}.jsonl", style)
+        paths[f"validation-{style}"] = write_jsonl(
+            validation, data / f"validation-{style}.jsonl", style
+        )
+        paths[f"heldout-{style}"] = write_jsonl(heldout, data / f"heldout-{style}.jsonl", style)
+    return paths
+
+
+def _run_tasks(
+    plan: Plan, bases: dict[str, str], paths: dict[str, Path], tune: bool
+) -> list[RunTask]:
+    style = plan.reference_style
+    eval_path = str(paths["validation-worked" if tune else "heldout-worked"])
+    main_train = str(paths[f"train-{style}"])
+    tasks: list[RunTask] = []
+    if tune:
+        for method, rates in plan.tune_grid:
+            for rate in rates:
+                lrs = tuple((m, rate if m == method else lr) for m, lr in plan.learning_rates)
+                tasks.append(
+                    RunTask(
+                        replace(plan, learning_rates=lrs),
+                        f"{method} lr {rate:g}",
+                        method,
+                        plan.tune_seed,
+                        bases["main"],
+                        main_train,
+                        eval_path,
+                        eval_points=(plan.steps,),
+                    )
+                )
+        return tasks
+    for seed in plan.seeds:
+        for method in plan.methods:
+            tasks.append(
+                RunTask(
+                    plan,
+                    method,
+                    method,
+                    seed,
+                    bases["main"],
+                    main_train,
+                    eval_path,
+                    (),
+                    plan.eval_points,
+                )
+            )
+        for name, overrides in plan.ablations:
+            points = plan.eval_points if name in plan.curve_ablations else plan.ablation_eval_points
+            tasks.append(
+                RunTask(
+                    plan,
+                    name,
+                    "opsd",
+                    seed,
+                    bases["main"],
+                    main_train,
+                    eval_path,
+                    overrides,
+                    points,
+                )
+            )
+        for method in plan.control_methods:
+            tasks.append(
+                RunTask(
+                    plan,
+                    f"{method} {CONTROL}",
+                    method,
+                    seed,
+                    bases["main"],
+                    str(paths["train-worked"]),
+                    eval_path,
+                    (),
+                    plan.ablation_eval_points,
+                )
+            )
+        if plan.capacity:
+            tasks.append(
+                RunTask(
+                    plan,
+                    CAPACITY,
+                    "opsd",
+                    seed,
+                    bases["capacity"],
+                    main_train,
+                    eval_path,
+                    (),
+                    plan.ablation_eval_points,
+                )
+            )
+    return tasks
+
+
+_COST = {"grpo": 3.0, "opsd": 1.5, "sft": 1.0}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="OPSD only, 1 seed, 2 eval points.")
+    parser.add_argument("--quick", action="store_true", help="OPSD only, 1 seed, chains family.")
+    parser.add_argument(
+        "--family", default=None, help="Comma-separated families (default chains,carries)."
+    )
     parser.add_argument("--seeds", type=int, default=None, help="Number of seeds (0, 1, ...).")
     parser.add_argument("--no-ablations", action="store_true")
-    parser.add_argument(
-        "--redraw",
-        action="store_true",
-        help="Rewrite results.md/png from results.json (or results-quick.* with --quick).",
-    )
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps (reduced runs).")
     parser.add_argument(
         "--methods", default=None, help="Comma-separated subset of opsd,sft,grpo (default all)."
     )
     parser.add_argument(
         "--tune", action="store_true", help="Only the learning-rate grid, on the tune seed."
     )
+    parser.add_argument(
+        "--base-steps",
+        type=int,
+        default=None,
+        help="Pretraining steps of every base (smoke tests only: such bases are not calibrated).",
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="Base model cache.")
     parser.add_argument("--out", type=Path, default=HERE, help="Where results.* go.")
     parser.add_argument(
-        "--threads",
+        "--jobs",
         type=int,
-        default=1,
-        help="torch threads (default 1: models this small gain little from more, and several "
-        "threads on busy cores can be an order of magnitude slower).",
+        default=2,
+        help="Worker processes, one torch thread each (default 2; 1 runs in this process).",
     )
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
+    _init_worker(1)
+    from benchmarks.toy_reasoning.base import CAPACITY_BASE, FAMILY_BASES
 
-    import torch
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    from benchmarks.toy_reasoning.base import BaseConfig, build_base
-    from benchmarks.toy_reasoning.task import make_splits, write_jsonl
-    from opsd_engine.data import load_examples
-    from opsd_engine.modeling import load_tokenizer
-
-    if args.redraw:
-        stem = "results-quick" if args.quick else "results"
-        loaded = load_results(args.out / f"{stem}.json")
-        path = write_results(args.out, quick=args.quick, **loaded)
-        print(f"rewrote {path} and {path.with_suffix('.png')}")
-        return 0
-    plan = QUICK if args.quick else Plan()
-    if args.seeds is not None:
-        plan = replace(plan, seeds=tuple(range(args.seeds)))
-    if args.no_ablations:
-        plan = replace(plan, ablations=())
-    if args.methods:
-        plan = replace(plan, methods=tuple(m.strip() for m in args.methods.split(",")))
+    families = (args.family or ("chains" if args.quick else "chains,carries")).split(",")
+    plans = []
+    for family in families:
+        plan = QUICK if args.quick else PLANS[family]
+        if args.quick and family != "chains":
+            plan = replace(
+                PLANS[family],
+                seeds=(0,),
+                methods=("opsd",),
+                ablations=(),
+                control_methods=(),
+                capacity=False,
+            )
+        if args.seeds is not None:
+            plan = replace(plan, seeds=tuple(range(args.seeds)))
+        if args.no_ablations:
+            plan = replace(
+                plan, ablations=(), curve_ablations=(), control_methods=(), capacity=False
+            )
+        if args.methods:
+            plan = replace(plan, methods=tuple(m.strip() for m in args.methods.split(",")))
+        if args.steps:
+            plan = replace(
+                plan,
+                steps=args.steps,
+                eval_points=tuple(
+                    sorted({max(1, args.steps * p // plan.steps) for p in plan.eval_points})
+                ),
+                ablation_eval_points=(args.steps,),
+            )
+        plans.append(plan)
     command = "python -m benchmarks.toy_reasoning.run " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
-
-    log(
-        f"plan: {plan.methods} x seeds {plan.seeds}, {plan.steps} steps; ablations "
-        f"{[a[0] for a in plan.ablations]}"
-    )
-    base_config = BaseConfig()
-    base_dir, cached = build_base(args.cache, base_config, progress=log)
-    pretrain_seconds = json.loads((base_dir / "pretrain.json").read_text())["pretrain_seconds"]
-    log(f"base model: {base_dir} ({'cached' if cached else 'pretrained now'})")
-
-    train, validation, heldout = make_splits(
-        seed=0, n_train=plan.n_train, n_validation=plan.n_validation, n_heldout=plan.n_heldout
-    )
-    data_dir = args.cache / "data"
-    train_path = write_jsonl(train, data_dir / "train.jsonl")
-    validation_path = write_jsonl(validation, data_dir / "validation.jsonl")
-    heldout_path = write_jsonl(heldout, data_dir / "heldout.jsonl")
-    train_examples = load_examples(str(train_path))
-    validation_examples = load_examples(str(validation_path))
-    heldout_examples = load_examples(str(heldout_path))
-
-    # The base, per seed (the evaluation's sampling seed follows the run's seed), and once with
-    # the reference solution in its context (what the OPSD teacher sees).
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(str(base_dir))
-    base_model = AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()
-
-    def base_eval(
-        seed: int, examples: Sequence[Any] = heldout_examples, prompts: Any = None
-    ) -> EvalPoint:
-        return evaluate(
-            base_model,
-            tokenizer,
-            examples,
-            plan,
-            seed=seed,
-            step=0,
-            generated_tokens=0,
-            prompts=prompts,
-        )
-
-    if args.tune:  # on the validation problems, never the held-out ones
-        tune_base = base_eval(plan.tune_seed, validation_examples)
-        log(f"base on validation: avg@{plan.eval_n} {tune_base.avg:.3f}")
-        path = tune(
-            plan,
-            base_dir,
-            train_path,
-            train_examples,
-            validation_examples,
-            tune_base,
-            args.out,
-            log,
-        )
-        print(path.read_text())
-        return 0
-
-    base_points = []
-    for seed in plan.seeds:
-        point = base_eval(seed)
-        base_points.append(point)
-        log(
-            f"base seed {seed}: avg@{plan.eval_n} {point.avg:.3f}  "
-            f"pass@{plan.eval_n} {point.pass_at_k[plan.eval_n]:.3f}"
-        )
-    teacher = base_eval(plan.seeds[0], *teacher_view_examples(heldout_examples))
-    log(f"base with the reference in context: avg@{plan.eval_n} {teacher.avg:.3f}")
-    calibration = {
-        "cached": cached,
-        "pretrain_seconds": pretrain_seconds,
-        "base_config": asdict(base_config),
-        "teacher_avg": teacher.avg,
-        "teacher_pass": teacher.pass_at_k[plan.eval_n],
-    }
-
-    runs: list[tuple[str, str, tuple[tuple[str, Any], ...]]] = [
-        (method, method, ()) for method in plan.methods
-    ]
-    runs += [(name, "opsd", overrides) for name, overrides in plan.ablations]
-    records: list[RunRecord] = []
-    for name, method, overrides in runs:
-        for seed, base_point in zip(plan.seeds, base_points, strict=True):
-            spec = make_spec(plan, method, seed, base_dir, train_path, overrides)
-            log(f"{name} seed {seed}: training")
-            full = name in plan.methods or name in plan.curve_ablations
-            points = plan.eval_points if full else plan.ablation_eval_points
-            record = run_method(
-                plan, name, spec, train_examples, heldout_examples, base_point, log, points
+    args.out.mkdir(parents=True, exist_ok=True)
+    pool = _executor(args.jobs, 1)
+    try:
+        # 1. bases (the longest pretraining first), 2. every evaluation and run, longest first.
+        wanted: dict[tuple[str, str], Any] = {}
+        for plan in plans:
+            wanted[(plan.family, "main")] = FAMILY_BASES[plan.family]
+            if plan.capacity and not args.tune:
+                wanted[(plan.family, "capacity")] = CAPACITY_BASE
+        if args.base_steps:
+            wanted = {
+                k: replace(
+                    v,
+                    steps=args.base_steps,
+                    init_from=v.init_from and replace(v.init_from, steps=args.base_steps),
+                )
+                for k, v in wanted.items()
+            }
+        built: dict[tuple[str, str], tuple[str, bool, float]] = {}
+        # bases that continue another base's pretraining wait for it (no two workers build one)
+        for stage in (False, True):
+            order = sorted(
+                (k for k in wanted if (wanted[k].init_from is not None) == stage),
+                key=lambda k: -wanted[k].steps * wanted[k].hidden_size,
             )
-            log(f"{name} seed {seed}: done in {record.wall_seconds:.0f}s")
-            records.append(record)
+            futures = {k: pool.submit(do_pretrain, str(args.cache), wanted[k]) for k in order}
+            built |= {k: f.result() for k, f in futures.items()}
+        _print(
+            "bases ready: "
+            + ", ".join(f"{k[0]}/{k[1]} {Path(v[0]).name}" for k, v in built.items())
+        )
+
+        jobs: list[tuple[str, Future]] = []
+        evals: dict[tuple[str, str, int], Future] = {}
+        for plan in plans:
+            paths = _paths(args.cache, plan)
+            bases = {
+                which: built[(plan.family, which)][0]
+                for which in ("main", "capacity")
+                if (plan.family, which) in built
+            }
+            tasks = _run_tasks(plan, bases, paths, args.tune)
+            for task in sorted(tasks, key=lambda t: -_COST[t.method]):
+                jobs.append((plan.family, pool.submit(do_run, task)))
+            split = "validation" if args.tune else "heldout"
+            seeds = (plan.tune_seed,) if args.tune else plan.seeds
+            for which, base_dir in bases.items():
+                for seed in seeds:
+                    evals[(plan.family, f"{which}-student", seed)] = pool.submit(
+                        do_base_eval,
+                        BaseEvalTask(
+                            plan, base_dir, str(paths[f"{split}-worked"]), seed, "student"
+                        ),
+                    )
+                for style in ("worked", "foreign") if which == "main" else (plan.reference_style,):
+                    evals[(plan.family, f"{which}-teacher-{style}", seeds[0])] = pool.submit(
+                        do_base_eval,
+                        BaseEvalTask(
+                            plan, base_dir, str(paths[f"{split}-{style}"]), seeds[0], "teacher"
+                        ),
+                    )
+        records = [(family, future.result()) for family, future in jobs]
+        points = {key: future.result() for key, future in evals.items()}
+    finally:
+        pool.shutdown()
+
+    results = []
+    for plan in plans:
+        seeds = (plan.tune_seed,) if args.tune else plan.seeds
+        base = [points[(plan.family, "main-student", s)] for s in seeds]
+        capacity_base = (
+            [points[(plan.family, "capacity-student", s)] for s in seeds]
+            if (plan.family, "capacity-student", seeds[0]) in points
+            else []
+        )
+        main_dir, cached, seconds = built[(plan.family, "main")]
+        teacher = points[(plan.family, f"main-teacher-{plan.reference_style}", seeds[0])]
+        teacher_worked = points[(plan.family, "main-teacher-worked", seeds[0])]
+        calibration: dict[str, Any] = {
+            "cached": cached,
+            "pretrain_seconds": seconds,
+            "base_config": asdict(FAMILY_BASES[plan.family]),
+            "base_dir": Path(main_dir).name,
+            "teacher_avg": teacher.avg,
+            "teacher_pass": teacher.pass_at_k[plan.eval_n],
+            "teacher_avg_worked": teacher_worked.avg,
+            "teacher_pass_worked": teacher_worked.pass_at_k[plan.eval_n],
+        }
+        if capacity_base:
+            cap_teacher = points[
+                (plan.family, f"capacity-teacher-{plan.reference_style}", seeds[0])
+            ]
+            calibration |= {
+                "capacity_config": (
+                    f"{CAPACITY_BASE.num_layers} layer, hidden {CAPACITY_BASE.hidden_size}"
+                ),
+                "capacity_base_config": asdict(CAPACITY_BASE),
+                "capacity_teacher_avg": cap_teacher.avg,
+                "capacity_teacher_pass": cap_teacher.pass_at_k[plan.eval_n],
+            }
+        family_records = [r for family, r in records if family == plan.family]
+        by_seed = {p_seed: p for p_seed, p in zip(seeds, base, strict=True)}
+        cap_by_seed = dict(zip(seeds, capacity_base, strict=False))
+        for record in family_records:
+            start = cap_by_seed[record.seed] if record.name == CAPACITY else by_seed[record.seed]
+            record.points.insert(0, replace(start, seconds=0.0))
+        results.append(FamilyResult(plan, calibration, base, family_records, capacity_base))
 
     total = time.perf_counter() - started
+    if args.tune:
+        for result in results:
+            _write_tuning(args.out, result, command.strip())
+        return 0
     out = write_results(
         args.out,
-        plan,
+        results,
         command=command.strip(),
-        calibration=calibration,
-        base=base_points,
-        records=records,
         total_seconds=total,
         quick=args.quick,
+        jobs=args.jobs,
     )
     print(out.read_text())
-    log(f"wrote {out} and {out.with_suffix('.png')} in {total / 60:.1f} min")
+    _print(f"wrote {out} in {total / 60:.1f} min")
     return 0
+
+
+def _write_tuning(out_dir: Path, result: FamilyResult, command: str) -> Path:
+    """The tuning table: final validation accuracy per method x learning rate, tune seed."""
+    plan = result.plan
+    n = plan.eval_n
+    rows = [
+        (r.method, r.spec["optim"]["learning_rate"], r.final.avg, r.final.pass_at_k[n])
+        for r in sorted(result.records, key=lambda r: (r.method, r.spec["optim"]["learning_rate"]))
+    ]
+    lines = [
+        f"# Learning-rate tuning, family `{plan.family}` (seed {plan.tune_seed}, validation "
+        "problems)",
+        "",
+        f"Command: `{command}`; {plan.steps} steps x {plan.problems_per_step} problems; accuracy "
+        f"on the {plan.n_validation} validation problems (disjoint from training and from the "
+        f"held-out problems of results.md), seed {plan.tune_seed} (not a reported seed); base "
+        f"avg@{n} {100 * result.base[0].avg:.1f}. The run uses, per method, the rate with the "
+        "highest validation avg@n.",
+        "",
+        f"| method | lr | validation avg@{n} | pass@{n} |",
+        "|---|---|---|---|",
+        *(f"| {m} | {r:g} | {100 * a:.1f} | {100 * p:.1f} |" for m, r, a, p in rows),
+        "",
+    ]
+    path = out_dir / f"tuning-{plan.family}.md"
+    path.write_text("\n".join(lines))
+    print(path.read_text())
+    return path
 
 
 if __name__ == "__main__":

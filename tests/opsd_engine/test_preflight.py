@@ -8,6 +8,7 @@ a warn by construction; the gap's pass/warn logic is tested on its own with give
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,12 @@ def test_rollout_tokenization_flags_prompts_that_merge_with_the_rollout(tokenize
 
 
 def test_privileged_gap_threshold() -> None:
-    assert PRIVILEGED_GAP_THRESHOLD == 0.10
+    # the constant is the toy replication's capacity-run threshold, rounded to a point
+    results = Path(__file__).parents[2] / "benchmarks" / "toy_reasoning" / "results.json"
+    measured = json.loads(results.read_text())["privileged_gap_threshold"]["value"]
+    assert round(measured, 2) == PRIVILEGED_GAP_THRESHOLD
+    assert check_privileged_gap(0.40, 0.60, None, PRIVILEGED_GAP_THRESHOLD).status == "warn"
+    assert check_privileged_gap(0.40, 0.65, None, PRIVILEGED_GAP_THRESHOLD).status == "pass"
     passed = check_privileged_gap(0.38, 0.97, (0.45, 0.73), PRIVILEGED_GAP_THRESHOLD)
     assert passed.status == "pass" and passed.details["gap"] == pytest.approx(0.59)
     small = check_privileged_gap(0.40, 0.45, None, PRIVILEGED_GAP_THRESHOLD)
