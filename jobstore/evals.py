@@ -12,14 +12,15 @@ whose message was lost is sent again (:meth:`EvalQueries.resend_stale_queued_eva
 
 The table is defined on :data:`jobstore.tables.metadata` (the migrations create it: revisions
 ``0002_evals``, ``0003_eval_attempts``, ``0005_eval_progress``). Rows are deleted with their
-job (``ON DELETE CASCADE``).
+job (``ON DELETE CASCADE``). The columns and the lease queries it shares with the pre-flights
+are :mod:`jobstore.leased_tasks`'s; this module adds the results and the Idempotency-Key.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -27,55 +28,31 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from jobstore.ids import new_id
+from jobstore.leased_tasks import TASK_STATUSES, LeasedTasks, task_table, utc_now
 from jobstore.records import (
     FAILED,
     QUEUED,
-    RUNNING,
     SUCCEEDED,
     IdempotencyConflict,
     JobError,
     JobNotFound,
+    stored_error,
 )
-from jobstore.tables import JSONDoc, UTCDateTime, metadata
+from jobstore.tables import JSONDoc
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session
 
-EVAL_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+EVAL_STATUSES: tuple[str, ...] = TASK_STATUSES
 EVAL_TERMINAL_STATUSES: frozenset[str] = frozenset({SUCCEEDED, FAILED})
 EVAL_MAX_ATTEMPTS = 3
 
-_eval_status_list = ", ".join(f"'{s}'" for s in EVAL_STATUSES)
-
-evals = sa.Table(
+evals = task_table(
     "evals",
-    metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("tenant_id", sa.String(40), sa.ForeignKey("tenants.id"), nullable=False),
-    sa.Column(
-        "job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
-    ),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("config", JSONDoc, nullable=False),
     sa.Column("results", JSONDoc, nullable=True),
-    sa.Column("error_code", sa.String(64), nullable=True),
-    sa.Column("error_message", sa.Text(), nullable=True),
-    sa.Column("error_category", sa.String(16), nullable=True),
-    sa.Column("lease_owner", sa.String(200), nullable=True),
-    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
-    sa.Column("created_at", UTCDateTime(), nullable=False),
-    sa.Column("started_at", UTCDateTime(), nullable=True),
-    sa.Column("finished_at", UTCDateTime(), nullable=True),
-    sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1")),
-    sa.Column("resent_at", UTCDateTime(), nullable=True),
     sa.Column("idempotency_key", sa.String(255), nullable=True),
     sa.Column("request_hash", sa.String(128), nullable=True),
-    # the running eval's progress {"role", "done", "total", "samples", "seconds",
-    # "samples_per_s"}, kept once it finished (revision 0005_eval_progress)
-    sa.Column("progress", JSONDoc, nullable=True),
-    sa.CheckConstraint(f"status IN ({_eval_status_list})", name="status"),
-    sa.Index(None, "job_id", "created_at"),
     sa.Index(None, "tenant_id", "created_at"),
     sa.Index(None, "tenant_id", "idempotency_key", unique=True),
 )
@@ -109,13 +86,6 @@ class EvalRecord:
 
 def _eval_record(row: Row[Any]) -> EvalRecord:
     m = row._mapping
-    error = None
-    if m["error_code"] is not None:
-        error = JobError(
-            code=m["error_code"],
-            message=m["error_message"] or "",
-            category=m["error_category"] or "system",
-        )
     return EvalRecord(
         id=m["id"],
         tenant_id=m["tenant_id"],
@@ -123,7 +93,7 @@ def _eval_record(row: Row[Any]) -> EvalRecord:
         status=m["status"],
         config=dict(m["config"] or {}),
         results=dict(m["results"]) if m["results"] is not None else None,
-        error=error,
+        error=stored_error(m),
         lease_owner=m["lease_owner"],
         lease_expires_at=m["lease_expires_at"],
         created_at=m["created_at"],
@@ -134,8 +104,7 @@ def _eval_record(row: Row[Any]) -> EvalRecord:
     )
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+_TASKS = LeasedTasks(evals, "eval")
 
 
 class EvalQueries:
@@ -177,7 +146,7 @@ class EvalQueries:
                 job_id=job_id,
                 status=QUEUED,
                 config=config,
-                created_at=_now(),
+                created_at=utc_now(),
                 idempotency_key=idempotency_key,
                 request_hash=request_hash if idempotency_key is not None else None,
             )
@@ -212,19 +181,16 @@ class EvalQueries:
 
     def get_eval(self, eval_id: str, tenant_id: str | None = None) -> EvalRecord | None:
         """The eval, or ``None`` if it does not exist (or belongs to another tenant)."""
-        query = sa.select(evals).where(evals.c.id == eval_id)
-        if tenant_id is not None:
-            query = query.where(evals.c.tenant_id == tenant_id)
+        query = _TASKS.select(evals.c.id == eval_id, tenant_id=tenant_id)
         with self._read() as session:
             row = session.execute(query).first()
         return None if row is None else _eval_record(row)
 
     def list_evals(self, job_id: str, *, tenant_id: str | None = None) -> list[EvalRecord]:
         """The job's evals, oldest first."""
-        query = sa.select(evals).where(evals.c.job_id == job_id)
-        if tenant_id is not None:
-            query = query.where(evals.c.tenant_id == tenant_id)
-        query = query.order_by(evals.c.created_at, evals.c.id)
+        query = _TASKS.select(evals.c.job_id == job_id, tenant_id=tenant_id).order_by(
+            evals.c.created_at, evals.c.id
+        )
         with self._read() as session:
             return [_eval_record(row) for row in session.execute(query)]
 
@@ -242,94 +208,39 @@ class EvalQueries:
         when the eval is finished, running under a live lease of another worker, or out of
         attempts (the reaper fails it).
         """
-        now = _now()
-        lost = sa.and_(
-            evals.c.status == RUNNING,
-            evals.c.lease_expires_at < sa.literal(now, UTCDateTime()),
-        )
-        claimable = sa.or_(evals.c.status == QUEUED, sa.and_(lost, evals.c.attempt < max_attempts))
         with self._write() as session:
-            row = session.execute(
-                sa.update(evals)
-                .where(evals.c.id == eval_id, claimable)
-                .values(
-                    status=RUNNING,
-                    lease_owner=worker_id,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    started_at=sa.func.coalesce(evals.c.started_at, sa.literal(now, UTCDateTime())),
-                    progress=None,  # a new attempt samples from the start
-                    attempt=sa.case((lost, evals.c.attempt + 1), else_=evals.c.attempt),
-                )
-                .returning(*evals.c)
-            ).first()
+            row = _TASKS.claim(
+                session, eval_id, worker_id, lease_seconds=lease_seconds, max_attempts=max_attempts
+            )
         return None if row is None else _eval_record(row)
 
     def renew_eval_lease(self, eval_id: str, worker_id: str, *, lease_seconds: float) -> bool:
         """Extend the lease of a running eval held by ``worker_id``; False if it lost it."""
         with self._write() as session:
-            result = session.execute(
-                sa.update(evals)
-                .where(
-                    evals.c.id == eval_id,
-                    evals.c.status == RUNNING,
-                    evals.c.lease_owner == worker_id,
-                )
-                .values(lease_expires_at=_now() + timedelta(seconds=lease_seconds))
-                .returning(evals.c.id)
-            ).first()
-        return result is not None
+            return _TASKS.renew_lease(session, eval_id, worker_id, lease_seconds=lease_seconds)
 
     def set_eval_progress(self, eval_id: str, worker_id: str, progress: dict[str, Any]) -> bool:
         """Record a running eval's progress (lease owner only); False if it is not its own."""
-        return self._set_eval(
-            [evals.c.id == eval_id, evals.c.status == RUNNING, evals.c.lease_owner == worker_id],
-            progress=progress,
-        )
+        with self._write() as session:
+            return _TASKS.update(session, _TASKS.held_by(eval_id, worker_id), progress=progress)
 
     def finish_eval(
         self, eval_id: str, *, results: dict[str, Any], worker_id: str | None = None
     ) -> bool:
         """running -> succeeded with ``results`` (only for the lease owner if ``worker_id``)."""
-        where = [evals.c.id == eval_id, evals.c.status == RUNNING]
-        if worker_id is not None:
-            where.append(evals.c.lease_owner == worker_id)
-        return self._set_eval(
-            where,
-            status=SUCCEEDED,
-            results=results,
-            finished_at=_now(),
-            lease_expires_at=None,
-        )
+        with self._write() as session:
+            return _TASKS.finish(session, eval_id, worker_id, results=results)
 
     def discard_unqueued_eval(self, eval_id: str) -> bool:
         """Delete an eval whose message could not be sent, if it is still ``queued`` and never
         started (the submission is answered 503 and leaves nothing behind)."""
         with self._write() as session:
-            deleted = session.execute(
-                sa.delete(evals)
-                .where(
-                    evals.c.id == eval_id,
-                    evals.c.status == QUEUED,
-                    evals.c.started_at.is_(None),
-                )
-                .returning(evals.c.id)
-            ).first()
-        return deleted is not None
+            return _TASKS.discard_unqueued(session, eval_id)
 
     def fail_eval(self, eval_id: str, *, error: JobError, worker_id: str | None = None) -> bool:
         """queued|running -> failed with ``error`` (only for the lease owner if ``worker_id``)."""
-        where = [evals.c.id == eval_id, evals.c.status.in_((QUEUED, RUNNING))]
-        if worker_id is not None:
-            where.append(evals.c.lease_owner == worker_id)
-        return self._set_eval(
-            where,
-            status=FAILED,
-            error_code=error.code,
-            error_message=error.message,
-            error_category=error.category,
-            finished_at=_now(),
-            lease_expires_at=None,
-        )
+        with self._write() as session:
+            return _TASKS.fail(session, eval_id, error, worker_id)
 
     def requeue_lost_evals(
         self, *, now: datetime | None = None, max_attempts: int = EVAL_MAX_ATTEMPTS
@@ -341,40 +252,8 @@ class EvalQueries:
         ``worker_lost`` (a worker that dies on every try, out of memory for instance, must not be
         retried for ever).
         """
-        now = now or _now()
-        expired = [
-            evals.c.status == RUNNING,
-            evals.c.lease_expires_at < sa.literal(now, UTCDateTime()),
-        ]
         with self._write() as session:
-            requeued = session.execute(
-                sa.update(evals)
-                .where(*expired, evals.c.attempt < max_attempts)
-                .values(
-                    status=QUEUED,
-                    attempt=evals.c.attempt + 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    resent_at=now,
-                )
-                .returning(evals.c.id)
-            ).all()
-            session.execute(
-                sa.update(evals)
-                .where(*expired, evals.c.attempt >= max_attempts)
-                .values(
-                    status=FAILED,
-                    error_code="worker_lost",
-                    error_message=(
-                        f"the worker running this eval was lost on each of its {max_attempts} "
-                        "attempts (killed, out of memory, or the machine went away)"
-                    ),
-                    error_category="system",
-                    finished_at=now,
-                    lease_expires_at=None,
-                )
-            )
-        return sorted(row.id for row in requeued)
+            return _TASKS.requeue_lost(session, now=now or utc_now(), max_attempts=max_attempts)
 
     def resend_stale_queued_evals(
         self, *, older_than: timedelta, now: datetime | None = None
@@ -384,23 +263,5 @@ class EvalQueries:
         Marks each as re-sent now (so it is returned at most once per ``older_than``) and returns
         the ids for the caller to enqueue again; a duplicate message is skipped by the claim.
         """
-        now = now or _now()
-        last_sent = sa.func.coalesce(evals.c.resent_at, evals.c.created_at)
         with self._write() as session:
-            rows = session.execute(
-                sa.update(evals)
-                .where(
-                    evals.c.status == QUEUED,
-                    last_sent < sa.literal(now - older_than, UTCDateTime()),
-                )
-                .values(resent_at=now)
-                .returning(evals.c.id)
-            ).all()
-        return sorted(row.id for row in rows)
-
-    def _set_eval(self, where: list[sa.ColumnElement[bool]], **values: Any) -> bool:
-        with self._write() as session:
-            row = session.execute(
-                sa.update(evals).where(*where).values(**values).returning(evals.c.id)
-            ).first()
-        return row is not None
+            return _TASKS.resend_stale_queued(session, older_than=older_than, now=now or utc_now())

@@ -11,14 +11,15 @@ running pre-flight under a lease; a redelivered message may take over one whose 
 (:meth:`PreflightQueries.requeue_lost_preflights`; ``failed`` with ``worker_lost`` after
 ``max_attempts``) and sends a queued one whose message may be lost again
 (:meth:`PreflightQueries.resend_stale_queued_preflights`). Rows are deleted with their job
-(``ON DELETE CASCADE``). The table is created by the migration ``0006_preflight``.
+(``ON DELETE CASCADE``). The table is created by the migration ``0006_preflight``; its
+columns and lease queries are those of every sub-task (:mod:`jobstore.leased_tasks`).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -26,43 +27,23 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from jobstore.ids import new_id
-from jobstore.records import FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobNotFound
-from jobstore.tables import JSONDoc, UTCDateTime, metadata
+from jobstore.leased_tasks import TASK_STATUSES, LeasedTasks, task_table, utc_now
+from jobstore.records import (
+    QUEUED,
+    JobError,
+    JobNotFound,
+    stored_error,
+)
+from jobstore.tables import JSONDoc
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session
 
-PREFLIGHT_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+PREFLIGHT_STATUSES: tuple[str, ...] = TASK_STATUSES
 PREFLIGHT_MAX_ATTEMPTS = 3
 
-_status_list = ", ".join(f"'{s}'" for s in PREFLIGHT_STATUSES)
-
-preflights = sa.Table(
-    "preflights",
-    metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("tenant_id", sa.String(40), sa.ForeignKey("tenants.id"), nullable=False),
-    sa.Column(
-        "job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
-    ),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("config", JSONDoc, nullable=False),
-    sa.Column("report", JSONDoc, nullable=True),
-    sa.Column("progress", JSONDoc, nullable=True),
-    sa.Column("error_code", sa.String(64), nullable=True),
-    sa.Column("error_message", sa.Text(), nullable=True),
-    sa.Column("error_category", sa.String(16), nullable=True),
-    sa.Column("lease_owner", sa.String(200), nullable=True),
-    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
-    sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1")),
-    sa.Column("created_at", UTCDateTime(), nullable=False),
-    sa.Column("started_at", UTCDateTime(), nullable=True),
-    sa.Column("finished_at", UTCDateTime(), nullable=True),
-    sa.Column("resent_at", UTCDateTime(), nullable=True),
-    sa.CheckConstraint(f"status IN ({_status_list})", name="status"),
-    sa.Index(None, "job_id", "created_at"),
-)
+preflights = task_table("preflights", sa.Column("report", JSONDoc, nullable=True))
 
 
 @dataclass(frozen=True)
@@ -83,13 +64,6 @@ class PreflightRecord:
 
 def _record(row: Row[Any]) -> PreflightRecord:
     m = row._mapping
-    error = None
-    if m["error_code"] is not None:
-        error = JobError(
-            code=m["error_code"],
-            message=m["error_message"] or "",
-            category=m["error_category"] or "system",
-        )
     return PreflightRecord(
         id=m["id"],
         tenant_id=m["tenant_id"],
@@ -98,7 +72,7 @@ def _record(row: Row[Any]) -> PreflightRecord:
         config=dict(m["config"] or {}),
         report=dict(m["report"]) if m["report"] is not None else None,
         progress=dict(m["progress"]) if m["progress"] is not None else None,
-        error=error,
+        error=stored_error(m),
         attempt=m["attempt"],
         created_at=m["created_at"],
         started_at=m["started_at"],
@@ -106,8 +80,7 @@ def _record(row: Row[Any]) -> PreflightRecord:
     )
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+_TASKS = LeasedTasks(preflights, "pre-flight")
 
 
 class PreflightQueries:
@@ -129,7 +102,7 @@ class PreflightQueries:
             "job_id": job_id,
             "status": QUEUED,
             "config": config,
-            "created_at": _now(),
+            "created_at": utc_now(),
         }
         try:
             with self._write() as session:
@@ -144,9 +117,7 @@ class PreflightQueries:
         self, preflight_id: str, *, tenant_id: str | None = None
     ) -> PreflightRecord | None:
         """The pre-flight, or ``None`` (also when it belongs to another tenant)."""
-        query = sa.select(preflights).where(preflights.c.id == preflight_id)
-        if tenant_id is not None:
-            query = query.where(preflights.c.tenant_id == tenant_id)
+        query = _TASKS.select(preflights.c.id == preflight_id, tenant_id=tenant_id)
         with self._read() as connection:
             row = connection.execute(query).first()
         return None if row is None else _record(row)
@@ -155,9 +126,7 @@ class PreflightQueries:
         self, job_id: str, *, tenant_id: str | None = None, limit: int = 100
     ) -> list[PreflightRecord]:
         """The job's most recent ``limit`` pre-flights, oldest first."""
-        query = sa.select(preflights).where(preflights.c.job_id == job_id)
-        if tenant_id is not None:
-            query = query.where(preflights.c.tenant_id == tenant_id)
+        query = _TASKS.select(preflights.c.job_id == job_id, tenant_id=tenant_id)
         query = query.order_by(preflights.c.created_at.desc(), preflights.c.id.desc()).limit(limit)
         with self._read() as connection:
             rows = connection.execute(query).all()
@@ -167,13 +136,8 @@ class PreflightQueries:
         self, job_id: str, *, tenant_id: str | None = None
     ) -> PreflightRecord | None:
         """The job's most recent pre-flight, or ``None``."""
-        query = sa.select(preflights).where(preflights.c.job_id == job_id)
-        if tenant_id is not None:
-            query = query.where(preflights.c.tenant_id == tenant_id)
-        query = query.order_by(preflights.c.created_at.desc(), preflights.c.id.desc()).limit(1)
-        with self._read() as connection:
-            row = connection.execute(query).first()
-        return None if row is None else _record(row)
+        latest = self.list_preflights(job_id, tenant_id=tenant_id, limit=1)
+        return latest[0] if latest else None
 
     def claim_preflight(
         self,
@@ -185,104 +149,50 @@ class PreflightQueries:
     ) -> PreflightRecord | None:
         """queued -> running for ``worker_id``, or a takeover of a running one whose lease
         expired (``attempt + 1``, while attempts are left); ``None`` when not claimable."""
-        now = _now()
-        lost = sa.and_(
-            preflights.c.status == RUNNING,
-            preflights.c.lease_expires_at < sa.literal(now, UTCDateTime()),
-        )
-        claimable = sa.or_(
-            preflights.c.status == QUEUED, sa.and_(lost, preflights.c.attempt < max_attempts)
-        )
         with self._write() as session:
-            row = session.execute(
-                sa.update(preflights)
-                .where(preflights.c.id == preflight_id, claimable)
-                .values(
-                    status=RUNNING,
-                    lease_owner=worker_id,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    started_at=sa.func.coalesce(
-                        preflights.c.started_at, sa.literal(now, UTCDateTime())
-                    ),
-                    progress=None,
-                    attempt=sa.case((lost, preflights.c.attempt + 1), else_=preflights.c.attempt),
-                )
-                .returning(*preflights.c)
-            ).first()
+            row = _TASKS.claim(
+                session,
+                preflight_id,
+                worker_id,
+                lease_seconds=lease_seconds,
+                max_attempts=max_attempts,
+            )
         return None if row is None else _record(row)
 
     def renew_preflight_lease(
         self, preflight_id: str, worker_id: str, *, lease_seconds: float
     ) -> bool:
         """Extend the lease of a running pre-flight held by ``worker_id``; False if it lost it."""
-        return self._set_preflight(
-            [
-                preflights.c.id == preflight_id,
-                preflights.c.status == RUNNING,
-                preflights.c.lease_owner == worker_id,
-            ],
-            lease_expires_at=_now() + timedelta(seconds=lease_seconds),
-        )
+        with self._write() as session:
+            return _TASKS.renew_lease(session, preflight_id, worker_id, lease_seconds=lease_seconds)
 
     def set_preflight_progress(
         self, preflight_id: str, worker_id: str, progress: dict[str, Any]
     ) -> bool:
         """Record a running pre-flight's progress (lease owner only)."""
-        return self._set_preflight(
-            [
-                preflights.c.id == preflight_id,
-                preflights.c.status == RUNNING,
-                preflights.c.lease_owner == worker_id,
-            ],
-            progress=progress,
-        )
+        with self._write() as session:
+            return _TASKS.update(
+                session, _TASKS.held_by(preflight_id, worker_id), progress=progress
+            )
 
     def finish_preflight(
         self, preflight_id: str, *, report: dict[str, Any], worker_id: str
     ) -> bool:
         """running -> succeeded with ``report`` (lease owner only)."""
-        return self._set_preflight(
-            [
-                preflights.c.id == preflight_id,
-                preflights.c.status == RUNNING,
-                preflights.c.lease_owner == worker_id,
-            ],
-            status=SUCCEEDED,
-            report=report,
-            finished_at=_now(),
-            lease_expires_at=None,
-        )
+        with self._write() as session:
+            return _TASKS.finish(session, preflight_id, worker_id, report=report)
 
     def fail_preflight(
         self, preflight_id: str, *, error: JobError, worker_id: str | None = None
     ) -> bool:
         """queued|running -> failed with ``error`` (lease owner only if ``worker_id``)."""
-        where = [preflights.c.id == preflight_id, preflights.c.status.in_((QUEUED, RUNNING))]
-        if worker_id is not None:
-            where.append(preflights.c.lease_owner == worker_id)
-        return self._set_preflight(
-            where,
-            status=FAILED,
-            error_code=error.code,
-            error_message=error.message,
-            error_category=error.category,
-            finished_at=_now(),
-            lease_expires_at=None,
-        )
+        with self._write() as session:
+            return _TASKS.fail(session, preflight_id, error, worker_id)
 
     def discard_unqueued_preflight(self, preflight_id: str) -> bool:
         """Delete a pre-flight whose message could not be sent (still queued, never started)."""
         with self._write() as session:
-            deleted = session.execute(
-                sa.delete(preflights)
-                .where(
-                    preflights.c.id == preflight_id,
-                    preflights.c.status == QUEUED,
-                    preflights.c.started_at.is_(None),
-                )
-                .returning(preflights.c.id)
-            ).first()
-        return deleted is not None
+            return _TASKS.discard_unqueued(session, preflight_id)
 
     def requeue_lost_preflights(
         self, *, now: datetime | None = None, max_attempts: int = PREFLIGHT_MAX_ATTEMPTS
@@ -290,63 +200,13 @@ class PreflightQueries:
         """Running pre-flights whose lease expired before ``now``: ``queued`` again with
         ``attempt + 1`` (ids returned, for the caller to enqueue), or ``failed`` with
         ``worker_lost`` on the last attempt."""
-        now = now or _now()
-        expired = [
-            preflights.c.status == RUNNING,
-            preflights.c.lease_expires_at < sa.literal(now, UTCDateTime()),
-        ]
         with self._write() as session:
-            requeued = session.execute(
-                sa.update(preflights)
-                .where(*expired, preflights.c.attempt < max_attempts)
-                .values(
-                    status=QUEUED,
-                    attempt=preflights.c.attempt + 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    resent_at=now,
-                )
-                .returning(preflights.c.id)
-            ).all()
-            session.execute(
-                sa.update(preflights)
-                .where(*expired, preflights.c.attempt >= max_attempts)
-                .values(
-                    status=FAILED,
-                    error_code="worker_lost",
-                    error_message=(
-                        f"the worker running this pre-flight was lost on each of its "
-                        f"{max_attempts} attempts (killed, out of memory, or the machine went away)"
-                    ),
-                    error_category="system",
-                    finished_at=now,
-                    lease_expires_at=None,
-                )
-            )
-        return sorted(row.id for row in requeued)
+            return _TASKS.requeue_lost(session, now=now or utc_now(), max_attempts=max_attempts)
 
     def resend_stale_queued_preflights(
         self, *, older_than: timedelta, now: datetime | None = None
     ) -> list[str]:
         """Queued pre-flights not created or re-sent within ``older_than`` (their message may be
         lost): marked re-sent now, ids returned for the caller to enqueue again."""
-        now = now or _now()
-        last_sent = sa.func.coalesce(preflights.c.resent_at, preflights.c.created_at)
         with self._write() as session:
-            rows = session.execute(
-                sa.update(preflights)
-                .where(
-                    preflights.c.status == QUEUED,
-                    last_sent < sa.literal(now - older_than, UTCDateTime()),
-                )
-                .values(resent_at=now)
-                .returning(preflights.c.id)
-            ).all()
-        return sorted(row.id for row in rows)
-
-    def _set_preflight(self, where: list[sa.ColumnElement[bool]], **values: Any) -> bool:
-        with self._write() as session:
-            row = session.execute(
-                sa.update(preflights).where(*where).values(**values).returning(preflights.c.id)
-            ).first()
-        return row is not None
+            return _TASKS.resend_stale_queued(session, older_than=older_than, now=now or utc_now())

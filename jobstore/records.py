@@ -7,6 +7,7 @@ states never change.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -77,6 +78,18 @@ class JobError:
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message, "category": self.category}
+
+
+def stored_error(row: Mapping[str, Any]) -> JobError | None:
+    """The error of a row with ``error_code``, ``error_message`` and ``error_category`` columns
+    (jobs, evals, pre-flights); ``None`` when ``error_code`` is null."""
+    if row["error_code"] is None:
+        return None
+    return JobError(
+        code=row["error_code"],
+        message=row["error_message"] or "",
+        category=row["error_category"] or "system",
+    )
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ from jobstore.records import (
     StoreError,
     TenantNotFound,
     TenantRecord,
+    stored_error,
 )
 from jobstore.tables import (
     JSONDoc,
@@ -139,13 +140,6 @@ def _tenant_record(row: Row[Any]) -> TenantRecord:
 
 def _job_record(row: Row[Any]) -> JobRecord:
     m = row._mapping
-    error = None
-    if m["error_code"] is not None:
-        error = JobError(
-            code=m["error_code"],
-            message=m["error_message"] or "",
-            category=m["error_category"] or "system",
-        )
     return JobRecord(
         id=m["id"],
         tenant_id=m["tenant_id"],
@@ -158,7 +152,7 @@ def _job_record(row: Row[Any]) -> JobRecord:
         lease_expires_at=m["lease_expires_at"],
         progress_step=m["progress_step"],
         total_steps=m["total_steps"],
-        error=error,
+        error=stored_error(m),
         adapter_uri=m["adapter_uri"],
         idempotency_key=m["idempotency_key"],
         created_at=m["created_at"],

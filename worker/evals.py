@@ -34,15 +34,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from jobstore.records import SUCCEEDED, JobError
 from opsd_service.settings import ServiceSettings
 from worker import prometheus as worker_metrics
+from worker.subtasks import TaskLease, log_failure
 
 log = logging.getLogger("opsd.worker")
 
@@ -70,41 +71,6 @@ class AdapterRef:
     name: str  # immutable name on the inference server
 
 
-# ------------------------------------------------------------------------------------ lease
-class _EvalLease:
-    """Renews the eval's lease from a daemon thread; `lost` is set when another worker took it."""
-
-    def __init__(self, store: Any, eval_id: str, worker_id: str, lease_seconds: float) -> None:
-        self.store, self.eval_id, self.worker_id = store, eval_id, worker_id
-        self.lease_seconds = lease_seconds
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="eval-lease", daemon=True)
-
-    def __enter__(self) -> _EvalLease:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
-            try:
-                owned = self.store.renew_eval_lease(
-                    self.eval_id, self.worker_id, lease_seconds=self.lease_seconds
-                )
-            except Exception as exc:  # the database is away for a moment: try again later
-                worker_metrics.lease_renewed("error")
-                log.warning("eval %s: lease renewal failed: %s", self.eval_id, exc)
-                continue
-            worker_metrics.lease_renewed("ok" if owned else "lost")
-            if not owned:
-                self.lost.set()
-                return
-
-
 # ----------------------------------------------------------------------------------- runner
 def run_eval(
     eval_id: str,
@@ -122,7 +88,14 @@ def run_eval(
     log.info("eval %s of job %s claimed by %s", eval_id, record.job_id, worker_id)
     progress = EvalProgressReport(store, record, worker_id)
     worker_metrics.job_started(eval_id, "eval")
-    with _EvalLease(store, eval_id, worker_id, lease_seconds) as lease, _finished_metrics():
+    lease = TaskLease(
+        "eval",
+        eval_id,
+        partial(store.renew_eval_lease, eval_id, worker_id, lease_seconds=lease_seconds),
+        lease_seconds,
+        on_renewal=worker_metrics.lease_renewed,
+    )
+    with lease, _finished_metrics():
         try:
             from opsd_engine.access import enforcing
             from worker.access import tenant_guard
@@ -133,13 +106,7 @@ def run_eval(
             if lease.lost.is_set():
                 return LEASE_LOST
             error = classify_eval_error(exc)
-            log.log(
-                logging.ERROR if error.category == "system" else logging.INFO,
-                "eval %s failed: %s",
-                eval_id,
-                error.message,
-                exc_info=error.category == "system",
-            )
+            log_failure("eval", eval_id, error)
             store.fail_eval(eval_id, error=error, worker_id=worker_id)
             progress.event("eval_failed", f"eval {eval_id} failed: {error.code}", {})
             return "failed"

@@ -20,11 +20,12 @@ pre-flight that finds a failing check still *succeeds* as a run: its report says
 from __future__ import annotations
 
 import logging
-import threading
+from functools import partial
 from typing import Any
 
 from jobstore.records import JobError
 from opsd_service.settings import ServiceSettings
+from worker.subtasks import TaskLease, log_failure
 
 log = logging.getLogger("opsd.worker")
 
@@ -38,42 +39,6 @@ _SETTING_NAMES = (
     "max_new_tokens",
     "min_gap",
 )
-
-
-class _Lease:
-    """Renews the pre-flight's lease from a daemon thread; `lost` is set when it was taken."""
-
-    def __init__(self, store: Any, preflight_id: str, worker_id: str, seconds: float) -> None:
-        self.store, self.preflight_id, self.worker_id, self.seconds = (
-            store,
-            preflight_id,
-            worker_id,
-            seconds,
-        )
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="preflight-lease", daemon=True)
-
-    def __enter__(self) -> _Lease:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
-            try:
-                owned = self.store.renew_preflight_lease(
-                    self.preflight_id, self.worker_id, lease_seconds=self.seconds
-                )
-            except Exception as exc:  # the database is away for a moment: try again later
-                log.warning("preflight %s: lease renewal failed: %s", self.preflight_id, exc)
-                continue
-            if not owned:
-                self.lost.set()
-                return
 
 
 class _Events:
@@ -116,7 +81,10 @@ def run_preflight(
         return SKIPPED
     events = _Events(store, record, worker_id)
     events.event("preflight_started", f"pre-flight {preflight_id} started", dict(record.config))
-    with _Lease(store, preflight_id, worker_id, lease_seconds) as lease:
+    renew = partial(
+        store.renew_preflight_lease, preflight_id, worker_id, lease_seconds=lease_seconds
+    )
+    with TaskLease("preflight", preflight_id, renew, lease_seconds) as lease:
         try:
             report, step = compute_preflight(
                 record, store=store, settings=settings, progress=events.progress
@@ -125,13 +93,7 @@ def run_preflight(
             if lease.lost.is_set():
                 return LEASE_LOST
             error = classify_preflight_error(exc)
-            log.log(
-                logging.ERROR if error.category == "system" else logging.INFO,
-                "preflight %s failed: %s",
-                preflight_id,
-                error.message,
-                exc_info=error.category == "system",
-            )
+            log_failure("preflight", preflight_id, error)
             store.fail_preflight(preflight_id, error=error, worker_id=worker_id)
             events.event(
                 "preflight_failed",

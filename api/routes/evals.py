@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.concurrency import run_in_threadpool
 
 from api.datasets import check_dataset, eval_dataset
 from api.deps import Settings, Store, Tenant, in_store, tenant_job
@@ -27,8 +26,7 @@ from api.errors import APIError
 from api.resources import job_gpus
 from api.routes.jobs import IDEMPOTENCY_KEY_PATTERN, check_queue_quota, find_unstorable_text
 from api.schemas import ErrorResponse, EvalProgressOut, JobErrorOut
-
-log = logging.getLogger("opsd.api")
+from api.subtasks import enqueue_or_take_back, progress_or_none
 
 EvalStatus = Literal["queued", "running", "succeeded", "failed"]
 _EVAL_ID = re.compile(r"eval_[A-Za-z0-9]{1,64}")
@@ -129,19 +127,10 @@ def eval_out(record: Any) -> EvalOut:
         config=record.config,
         results=record.results,
         error=JobErrorOut(**record.error.to_dict()) if record.error else None,
-        progress=_progress_out(getattr(record, "progress", None)),
+        progress=progress_or_none(EvalProgressOut, getattr(record, "progress", None)),
         created_at=record.created_at,
         finished_at=record.finished_at,
     )
-
-
-def _progress_out(progress: dict[str, Any] | None) -> EvalProgressOut | None:
-    if not progress:
-        return None
-    try:
-        return EvalProgressOut.model_validate(progress)
-    except ValueError:
-        return None
 
 
 def _with_job_defaults(body: EvalRequest, spec: dict[str, Any]) -> EvalRequest:
@@ -284,17 +273,13 @@ def build_router() -> APIRouter:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
             return eval_out(record)
-        try:
-            await run_in_threadpool(_enqueue_eval, request, record.id, job_gpus(job.spec))
-        except Exception as exc:  # broker down: take the eval back, answer 503
-            log.warning("eval %s: could not enqueue: %s", record.id, exc)
-            if await in_store(request, lambda: store.discard_unqueued_eval(record.id)):
-                raise APIError(
-                    503,
-                    "queue_unavailable",
-                    "the job queue is unavailable; nothing was created, retry later",
-                    headers={"Retry-After": "5"},
-                ) from None
+        await enqueue_or_take_back(
+            request,
+            "eval",
+            record.id,
+            partial(_enqueue_eval, request, record.id, job_gpus(job.spec)),
+            partial(store.discard_unqueued_eval, record.id),
+        )
         return eval_out(record)
 
     @router.get(

@@ -12,20 +12,18 @@ like a missing one.
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import Store, Tenant, in_store, tenant_job
 from api.errors import APIError
 from api.routes.jobs import check_queue_quota
 from api.schemas import ErrorResponse, JobErrorOut
-
-log = logging.getLogger("opsd.api")
+from api.subtasks import enqueue_or_take_back, progress_or_none
 
 PreflightStatus = Literal["queued", "running", "succeeded", "failed"]
 EXAMPLE = {"sample_size": 16, "samples_per_problem": 1, "profile_rollouts": 4}
@@ -85,19 +83,13 @@ class PreflightList(BaseModel):
 
 
 def preflight_out(record: Any) -> PreflightOut:
-    progress = None
-    if record.progress:
-        try:
-            progress = PreflightProgressOut.model_validate(record.progress)
-        except ValueError:
-            progress = None
     return PreflightOut(
         id=record.id,
         job_id=record.job_id,
         status=record.status,
         config=record.config,
         report=record.report,
-        progress=progress,
+        progress=progress_or_none(PreflightProgressOut, record.progress),
         error=JobErrorOut(**record.error.to_dict()) if record.error else None,
         created_at=record.created_at,
         finished_at=record.finished_at,
@@ -166,17 +158,13 @@ def build_router() -> APIRouter:
         record = await in_store(
             request, lambda: store.create_preflight(tenant.id, job.id, config=config)
         )
-        try:
-            await run_in_threadpool(_enqueue_preflight, request, record.id)
-        except Exception as exc:  # broker down: take it back, answer 503
-            log.warning("preflight %s: could not enqueue: %s", record.id, exc)
-            if await in_store(request, lambda: store.discard_unqueued_preflight(record.id)):
-                raise APIError(
-                    503,
-                    "queue_unavailable",
-                    "the job queue is unavailable; nothing was created, retry later",
-                    headers={"Retry-After": "5"},
-                ) from None
+        await enqueue_or_take_back(
+            request,
+            "preflight",
+            record.id,
+            partial(_enqueue_preflight, request, record.id),
+            partial(store.discard_unqueued_preflight, record.id),
+        )
         return preflight_out(record)
 
     @router.get(
