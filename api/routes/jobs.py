@@ -35,6 +35,7 @@ from api.schemas import (
     MetricsOut,
     job_out,
 )
+from api.subtasks import enqueue_or_take_back
 
 log = logging.getLogger("opsd.api")
 MAX_INT32 = 2**31 - 1  # INTEGER columns (steps)
@@ -164,21 +165,14 @@ def build_router(job_spec_model: type) -> APIRouter:
             )
         except IdempotencyConflict as exc:
             raise APIError(409, "idempotency_conflict", str(exc), "Idempotency-Key") from None
-        if created:
-            try:
-                await run_in_threadpool(
-                    enqueue_routed, request.app.state, job.id, spec.resources.gpus
-                )
-            except Exception as exc:  # broker down: take the job back, answer 503
-                log.warning("job %s: could not enqueue: %s", job.id, exc)
-                if await in_store(request, lambda: store.discard_unqueued_job(job.id)):
-                    raise APIError(
-                        503,
-                        "queue_unavailable",
-                        "the job queue is unavailable; nothing was created, retry later",
-                        headers={"Retry-After": "5"},
-                    ) from None
-                # else a worker got it anyway (the reaper re-sent it): it exists and runs
+        if created:  # a broker that is down leaves nothing behind (503)
+            await enqueue_or_take_back(
+                request,
+                "job",
+                job.id,
+                lambda: enqueue_routed(request.app.state, job.id, spec.resources.gpus),
+                lambda: store.discard_unqueued_job(job.id),
+            )
         if not created:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
