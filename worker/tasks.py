@@ -89,6 +89,8 @@ def run_job_task(self: Any, job_id: str, gpus: int | None = None) -> str:
     def next_job(_: str, **kwargs: Any) -> str:
         ran, outcome = run_next_job(int(gpus), **kwargs)
         claimed.append(ran)
+        if ran != job_id:
+            log.info("the turn of job %s ran job %s (class gpu%s)", job_id, ran, gpus)
         return outcome
 
     claimed: list[str | None] = []
