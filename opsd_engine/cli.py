@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def train(
 
     _relaunch_accelerate_cpu()
     from opsd_engine.config import load_spec, parse_spec, spec_to_dict
-    from opsd_engine.local_run import RunInterrupted, StopRequest, run_local
+    from opsd_engine.local_run import RunInterrupted, StopRequest, interrupted_at, run_local
 
     stop = StopRequest(stop_file)
     stop.handle_signals()
@@ -108,7 +109,11 @@ def train(
     except _user_errors() as exc:
         _fail(str(exc))
         return
-    except RunInterrupted as exc:
+    except (RunInterrupted, KeyboardInterrupt) as caught:
+        # The run has stopped: a further Ctrl-C (the second press of "stop at once" arriving
+        # after the first one's graceful stop) must not cut the resume instructions short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        exc = caught if isinstance(caught, RunInterrupted) else interrupted_at(out)
         again = ["opsd", "train", str(spec_file), "--out", str(out), "--resume"]
         if max_steps is not None:
             again += ["--max-steps", str(max_steps)]

@@ -49,6 +49,15 @@ class RunInterrupted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
+def interrupted_at(output_dir: Path) -> RunInterrupted:
+    """The :class:`RunInterrupted` of a run directory as it is now: the last step with metrics
+    (0 when none) and the latest complete checkpoint (None when none)."""
+    rows = read_metrics(output_dir)
+    return RunInterrupted(
+        rows[-1]["step"] if rows else 0, ckpt.latest_checkpoint(output_dir / "checkpoints")
+    )
+
+
 class CtrlC:
     """SIGINT during a run: the first asks the trainer to stop after its current step (it saves
     a checkpoint), the second raises KeyboardInterrupt at once. A callback (`should_stop`)."""
@@ -266,16 +275,19 @@ def run_local(
                 accelerator=accelerator,
             )
         except KeyboardInterrupt:
-            latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
-            rows = read_metrics(output_dir)
-            step = rows[-1]["step"] if rows else 0
+            interrupted = interrupted_at(output_dir)
             if recorder is not None:
                 recorder.on_event(
                     "interrupted",
-                    f"interrupted by Ctrl-C during step {step + 1}",
-                    {"step": step, "checkpoint": str(latest) if latest else None},
+                    f"interrupted by Ctrl-C during step {interrupted.step + 1}",
+                    {
+                        "step": interrupted.step,
+                        "checkpoint": str(interrupted.checkpoint)
+                        if interrupted.checkpoint
+                        else None,
+                    },
                 )
-            raise RunInterrupted(step, latest) from None
+            raise interrupted from None
     if result.status == "cancelled" and interrupt.requested:
         raise RunInterrupted(result.step, result.last_checkpoint)
     return result

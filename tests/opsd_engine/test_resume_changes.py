@@ -182,6 +182,44 @@ def test_ctrl_c_records_interrupted_and_says_how_to_resume(
     assert [r["step"] for r in _rows(out / "metrics.jsonl")] == list(range(1, done + 2))
 
 
+def test_a_second_ctrl_c_while_the_run_winds_down_still_exits_130(
+    tmp_path, tiny_model_dir, tiny_dataset, monkeypatch
+) -> None:
+    """The race CI met: the first Ctrl-C's graceful stop was already over when the second press
+    arrived, while the resume instructions were printed, and the process died of SIGINT (-2).
+    Here the second press lands exactly there, every time."""
+    import threading
+
+    import typer
+
+    spec = _spec_file(tmp_path, tiny_model_dir, tiny_dataset, checkpoint_every=1)
+    out = tmp_path / "run"
+    real_secho = typer.secho
+
+    def secho_with_a_second_press(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second press, while the run winds down
+        return real_secho(*args, **kwargs)
+
+    def first_press() -> None:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(typer, "secho", secho_with_a_second_press)
+    previous = signal.getsignal(signal.SIGINT)
+    presser = threading.Thread(target=first_press, daemon=True)
+    presser.start()
+    try:
+        result = _train(spec, out, "--max-steps", "200")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        presser.join(timeout=5)
+    assert result.exit_code == 130, result.output
+    assert f"resume with: opsd train {spec} --out {out} --resume --max-steps 200" in result.output
+    assert [e["kind"] for e in _events(out)][-1] == "interrupted"
+
+
 # ------------------------------------------------------------------------ checkpoint retention
 def test_keep_last_keeps_the_newest_checkpoints_plus_the_final_one(
     tmp_path, tiny_model_dir, tiny_dataset
