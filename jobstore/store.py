@@ -612,22 +612,28 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries, UsageQueries):
         """queued -> running for ``worker_id`` with a lease; ``None`` if the job is not queued."""
         now = _now()
         with self._write() as session:
-            return self._transition(
-                session,
-                job_id,
-                (QUEUED,),
-                RUNNING,
-                now,
-                lambda job: (
-                    f"claimed by worker {worker_id} (attempt {job.attempt} of {job.max_attempts})"
-                ),
-                values={
-                    "lease_owner": worker_id,
-                    "lease_expires_at": now + timedelta(seconds=lease_seconds),
-                    "started_at": sa.func.coalesce(jobs.c.started_at, _ts(now)),
-                },
-                event_data=lambda job: {"worker_id": worker_id, "attempt": job.attempt},
-            )
+            return self._claim(session, job_id, worker_id, lease_seconds, now)
+
+    def _claim(
+        self, session: Session, job_id: str, worker_id: str, lease_seconds: float, now: datetime
+    ) -> JobRecord | None:
+        """The queued -> running transition of a claim, its lease and its `running` event."""
+        return self._transition(
+            session,
+            job_id,
+            (QUEUED,),
+            RUNNING,
+            now,
+            lambda job: (
+                f"claimed by worker {worker_id} (attempt {job.attempt} of {job.max_attempts})"
+            ),
+            values={
+                "lease_owner": worker_id,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+                "started_at": sa.func.coalesce(jobs.c.started_at, _ts(now)),
+            },
+            event_data=lambda job: {"worker_id": worker_id, "attempt": job.attempt},
+        )
 
     def claim_next_job(
         self,
@@ -688,22 +694,7 @@ class Store(EvalQueries, PreflightQueries, TenancyQueries, UsageQueries):
             picked = session.execute(query).first()
             if picked is None:
                 return None
-            job = self._transition(
-                session,
-                picked.id,
-                (QUEUED,),
-                RUNNING,
-                now,
-                lambda job: (
-                    f"claimed by worker {worker_id} (attempt {job.attempt} of {job.max_attempts})"
-                ),
-                values={
-                    "lease_owner": worker_id,
-                    "lease_expires_at": now + timedelta(seconds=lease_seconds),
-                    "started_at": sa.func.coalesce(jobs.c.started_at, _ts(now)),
-                },
-                event_data=lambda job: {"worker_id": worker_id, "attempt": job.attempt},
-            )
+            job = self._claim(session, picked.id, worker_id, lease_seconds, now)
             session.execute(
                 self._insert(dispatch_turns)
                 .values(tenant_id=picked.tenant_id, gpus=int(gpus), last_dispatched_at=now)
