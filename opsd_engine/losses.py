@@ -140,6 +140,30 @@ def _log_probs(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor
     return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
 
 
+def _checked_log_probs(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """(log p_S, log p_T) at the loss temperature after the arguments' checks (the teacher's
+    detached); ValueError names a bad divergence, beta, temperature or mismatched shapes."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    _validate_beta_temperature(beta, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student/teacher logits shapes differ: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_p_s = _log_probs(student_logits, temperature, dtype)
+    log_p_t = _log_probs(teacher_logits.detach(), temperature, dtype)
+    return log_p_s, log_p_t
+
+
 def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` over the last dim, from log-probabilities."""
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
@@ -173,17 +197,9 @@ def token_divergence(
     Returns:
         ``[..., T]`` float32 divergences (float64 if an input is float64).
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    _validate_beta_temperature(beta, temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student/teacher logits shapes differ: {tuple(student_logits.shape)} vs "
-            f"{tuple(teacher_logits.shape)}"
-        )
-    dtype = compute_dtype(student_logits, teacher_logits)
-    log_p_s = _log_probs(student_logits, temperature, dtype)
-    log_p_t = _log_probs(teacher_logits.detach(), temperature, dtype)
+    log_p_s, log_p_t = _checked_log_probs(
+        student_logits, teacher_logits, divergence=divergence, beta=beta, temperature=temperature
+    )
 
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
         return _kl_from_log_probs(log_p_t, log_p_s)
@@ -214,17 +230,9 @@ def token_divergence_terms(
     ``generalized_jsd_loss``. Single terms can be negative (only their sum is a divergence).
     Arguments, dtype and gradient flow as in :func:`token_divergence`.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    _validate_beta_temperature(beta, temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student/teacher logits shapes differ: {tuple(student_logits.shape)} vs "
-            f"{tuple(teacher_logits.shape)}"
-        )
-    dtype = compute_dtype(student_logits, teacher_logits)
-    log_p_s = _log_probs(student_logits, temperature, dtype)
-    log_p_t = _log_probs(teacher_logits.detach(), temperature, dtype)
+    log_p_s, log_p_t = _checked_log_probs(
+        student_logits, teacher_logits, divergence=divergence, beta=beta, temperature=temperature
+    )
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
         return log_p_t.exp() * (log_p_t - log_p_s)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
