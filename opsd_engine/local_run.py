@@ -24,12 +24,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opsd_engine import checkpoint as ckpt
 from opsd_engine.config import JobSpec, spec_to_dict
 from opsd_engine.events import CallbackList, NullCallbacks, TrainerCallbacks
 from opsd_engine.trainers import TrainResult, run_training
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -242,6 +245,43 @@ def run_local(
 
     output_dir = Path(output_dir)
     accelerator = make_accelerator(spec)
+    try:
+        result = _train_in_group(
+            spec,
+            output_dir,
+            accelerator,
+            resume=resume,
+            progress=progress,
+            extra_callbacks=extra_callbacks,
+            stop=stop,
+        )
+        accelerator.wait_for_everyone()  # every rank is done before the group is taken down
+        return result
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy this rank's process group, if one was formed. A group left to the interpreter's
+    exit can abort the rank ("terminate called without an active exception", exit -6) while the
+    backend's threads are torn down, which fails the launch of a run that had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _train_in_group(
+    spec: JobSpec,
+    output_dir: Path,
+    accelerator: Accelerator,
+    *,
+    resume: bool,
+    progress: bool,
+    extra_callbacks: list[TrainerCallbacks] | None,
+    stop: StopRequest | None,
+) -> TrainResult:
+    """:func:`run_local` once the group has formed."""
     latest = ckpt.latest_checkpoint(output_dir / "checkpoints")
     if not resume and (latest is not None or (output_dir / METRICS_FILE).exists()):
         raise RunDirectoryError(
