@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from opsd_engine.config import spec_to_dict
 from tests.conftest import make_tiny_spec
+from tests.service_fixtures import launch_ports
 
 TIMEOUT_S = 900  # one launch on a slow, shared CI machine; never reached when things work
 # Metrics that are timings or throughputs differ between runs by nature.
@@ -31,9 +32,18 @@ TIMING = ("time_", "tokens_per_s")
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free rendezvous port of this xdist worker's share of the tests' launch ports. Not an
+    ephemeral one: gloo's connections of a group another worker runs meanwhile take ephemeral
+    ports, and one could take this port between the check here and torchrun's bind."""
+    low, high = (int(p) for p in launch_ports().split("-"))
+    for port in range(low, high + 1):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -165,7 +175,8 @@ def test_a_stopped_two_process_run_resumes_exactly(tiny_model_dir, tiny_dataset,
         tmp_path / "spec.json",
         tiny_model_dir,
         tiny_dataset,
-        optim={"batch_size": 1, "grad_accum": 2, "max_steps": 4},
+        # enough steps that the stop, sent after the first one, always lands before the end
+        optim={"batch_size": 1, "grad_accum": 2, "max_steps": 12},
         lora={"r": 4, "alpha": 8, "dropout": 0.1},  # dropout draws from the RNG: restored too
     )
     code, _, err = _finish(_torchrun(spec, tmp_path / "straight"))
@@ -182,14 +193,14 @@ def test_a_stopped_two_process_run_resumes_exactly(tiny_model_dir, tiny_dataset,
     code, out, err = _finish(process)
     assert code == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["status"] == "cancelled" and 1 <= result["step"] < 4
+    assert result["status"] == "cancelled" and 1 <= result["step"] < 12
     assert _events(tmp_path / "stopped")[-1]["kind"] == "cancelled"
     assert [r["step"] for r in _metrics(tmp_path / "stopped")] == list(range(1, result["step"] + 1))
 
     stop_file.unlink()
     code, out, err = _finish(_torchrun(spec, tmp_path / "stopped", "--resume"))
     assert code == 0, err[-3000:]
-    assert [r["step"] for r in _metrics(tmp_path / "stopped")] == [1, 2, 3, 4]
+    assert [r["step"] for r in _metrics(tmp_path / "stopped")] == list(range(1, 13))
     a, b = _adapter(tmp_path / "straight"), _adapter(tmp_path / "stopped")
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -38,7 +38,8 @@ from worker.queue import enqueue_job
 FINAL = {"succeeded", "failed", "cancelled"}
 TIMEOUT_S = 300  # one launch on a slow, shared CI machine; never reached when things work
 TIMING = ("time_", "tokens_per_s")
-STEPS = 5  # enough steps after the first checkpoint for the test to kill a rank mid-run
+STEPS = 8  # enough steps after the first checkpoint for the test to kill a rank mid-run, even
+# on a fast machine (a 2-process tiny step takes ~0.1-0.3 s)
 
 
 @pytest.fixture(scope="module")
