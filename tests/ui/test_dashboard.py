@@ -25,7 +25,11 @@ LIVE_JOB_STEPS = 10
 SCREENSHOT_ENV = "OPSD_DASHBOARD_SCREENSHOT"
 RECORD_STATUSES = """
 window.__statuses = [];
+window.__job = null;
 new MutationObserver(() => {
+  // only the followed job's statuses: a late render of the job shown before counts for nothing
+  const shown = document.getElementById('job-id');
+  if (!window.__job || !shown || shown.textContent !== window.__job) return;
   const node = document.getElementById('job-status');
   const text = node && node.textContent;
   if (text && window.__statuses[window.__statuses.length - 1] !== text) {
@@ -92,7 +96,9 @@ def test_dashboard_follows_a_job_live_to_its_finished_curves(
             created = http.post("/jobs", json=body)
             assert created.status_code == 201, created.text
             job_id = created.json()["id"]
-            page.evaluate(f"window.__statuses = []; location.hash = 'job={job_id}'")
+            page.evaluate(
+                f"window.__statuses = []; window.__job = '{job_id}'; location.hash = 'job={job_id}'"
+            )
             page.wait_for_function(
                 f"() => document.getElementById('job-id').textContent === '{job_id}'"
             )
