@@ -11,14 +11,12 @@ itself (`apply`) under a per-tenant cap of one running job.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from opsd_service.settings import ServiceSettings
-from tests.service_fixtures import fresh_postgres_url
 from tests.worker.helpers import (
     REDIS_TEST_URL,
     ServiceProcess,
@@ -29,13 +27,6 @@ from tests.worker.helpers import (
 from worker.queue import enqueue_job, make_celery
 
 FINAL = {"succeeded", "failed", "cancelled"}
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    url, drop = fresh_postgres_url()
-    yield url
-    drop()
 
 
 def _claimed_at(store: Any, job_id: str) -> Any:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_tiny_spec
-from tests.service_fixtures import fresh_postgres_url, launch_ports
+from tests.service_fixtures import launch_ports
 from tests.worker.helpers import (
     REDIS_TEST_URL,
     ServiceProcess,
@@ -43,25 +43,16 @@ STEPS = 8  # enough steps after the first checkpoint for the test to kill a rank
 
 
 @pytest.fixture(scope="module")
-def group_db() -> Iterator[str]:
-    """A database of this module's own: a turn runs the oldest queued job of its class, so a
-    queued job another test left in a shared database would take this module's turns."""
-    url, drop = fresh_postgres_url()
-    yield url
-    drop()
-
-
-@pytest.fixture(scope="module")
-def store(group_db: str) -> Iterator[Any]:  # one backend: these tests launch processes
+def store(pg_url: str) -> Iterator[Any]:  # one backend: these tests launch processes
     from jobstore import Store
 
-    store = Store(group_db)
+    store = Store(pg_url)
     yield store
     store.close()
 
 
 @pytest.fixture(scope="module")
-def service(group_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def service(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """`opsd worker --gpus 2` (CPU: 2 gloo processes per job) on Redis and Postgres, rendezvous
     ports in the tests' range; yields (artifacts root, a sending Celery app, the worker)."""
     from opsd_service.settings import ServiceSettings
@@ -71,7 +62,7 @@ def service(group_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     flush_redis()
     values: dict[str, Any] = {
         "home": root / "home",
-        "database_url": group_db,
+        "database_url": pg_url,
         "broker_url": REDIS_TEST_URL,
         "artifacts_uri": str(root / "artifacts"),
         "queue": f"opsd-groups-{uuid.uuid4().hex[:8]}",
